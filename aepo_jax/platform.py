@@ -1,0 +1,64 @@
+"""Host-device set-up that must happen before jax initialises its backends.
+
+On a machine with only CPUs, a mesh such as ``--mesh=8x1`` needs 8 devices. XLA can split the
+host into N virtual devices with ``--xla_force_host_platform_device_count=N``, but only if the flag
+is in ``XLA_FLAGS`` before the first jax backend call. Entry points (``python -m aepo_jax.train``,
+the server, tools) call :func:`setup_host_devices` with the requested mesh before importing jax.
+The flag only affects the CPU ("host") platform, so it is harmless on GPU and TPU hosts.
+
+This module deliberately imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+_FLAG = "--xla_force_host_platform_device_count"
+
+
+def parse_mesh_spec(spec: str) -> tuple[int, int]:
+    """Parse ``"DxT"`` into ``(D, T)``; raise ValueError naming the field on bad input."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(spec))
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"mesh: expected 'DxT' with positive integers (e.g. '8x1', '4x2'), got {spec!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def mesh_spec_from_argv(argv: list[str] | None = None) -> str | None:
+    """Find ``--mesh=DxT`` / ``--mesh DxT`` in argv without a full parse (jax is not imported yet)."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, a in enumerate(argv):
+        if a.startswith("--mesh="):
+            return a.split("=", 1)[1]
+        if a == "--mesh" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def setup_host_devices(mesh_spec: str | None) -> int:
+    """Make at least D*T host devices visible if jax has not initialised yet.
+
+    Returns the number of host devices requested (1 when nothing was changed).
+    """
+    if not mesh_spec:
+        return 1
+    d, t = parse_mesh_spec(mesh_spec)
+    n = d * t
+    if n <= 1:
+        return 1
+    if "jax" in sys.modules:
+        # Too late to change XLA flags if a backend exists; make_mesh will report the mismatch.
+        try:
+            import jax  # noqa: PLC0415
+
+            if jax._src.xla_bridge.backends_are_initialized():  # type: ignore[attr-defined]
+                return n
+        except Exception:  # pragma: no cover - best effort
+            return n
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _FLAG in flags:
+        return n
+    os.environ["XLA_FLAGS"] = (flags + f" {_FLAG}={n}").strip()
+    return n
