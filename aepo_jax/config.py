@@ -200,8 +200,10 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     p = Path(path)
+    if p.resolve() in _seen:
+        raise ConfigError(f"config file {p}: include cycle through {[str(x) for x in _seen]}")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
@@ -210,7 +212,14 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {p}: invalid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: top level must be a mapping, got {type(data).__name__}")
-    return data
+    # ``include: base.yaml`` (or a list) pulls in other files, relative to this one; this file wins.
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = deep_merge(merged, load_yaml(p.parent / inc, _seen=(_seen or ()) + (p.resolve(),)))
+    return deep_merge(merged, data)
 
 
 def parse_overrides(argv: list[str], *, aliases: dict[str, str] | None = None) -> tuple[str | None, dict]:

@@ -58,3 +58,14 @@ def test_aliases_dashes_and_help():
     text = help_text(Outer, prog="t")
     for key in flat_keys(Outer):
         assert f"--{key}=" in text
+
+
+def test_yaml_include(tmp_path):
+    (tmp_path / "base.yaml").write_text("inner:\n  lr: 2.0e-6\n  steps: 3\n")
+    (tmp_path / "run.yaml").write_text("include: base.yaml\ninner:\n  steps: 9\n")
+    cfg = build_config(Outer, ["--config", str(tmp_path / "run.yaml")])
+    assert cfg.inner.lr == 2e-6 and cfg.inner.steps == 9
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        build_config(Outer, ["--config", str(tmp_path / "a.yaml")])

@@ -1,0 +1,235 @@
+"""The trainer's configuration tree (plain data, validated once at start-up).
+
+Every option is listed, with its default, by ``python -m aepo_jax.train --help``. The defaults are
+the built-in toy run (a tiny model on the built-in arithmetic task, CPU-friendly); the YAML files in
+``configs/`` set the paper's values (Table 4 of arXiv 2510.08141) and name their source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from aepo_jax.config import ConfigError
+
+METHODS = ("aepo", "grpo", "entropy_reg", "entropy_adv", "ablation_eq2", "ablation_eq3", "reinforce")
+
+
+def _help(text: str):
+    return {"help": text}
+
+
+@dataclass
+class ModelSection:
+    """Policy model: a local Hugging Face directory (qwen2 / qwen3 / llama)."""
+
+    path: str = field(default="", metadata=_help("HF model dir; empty = the built-in toy base model (built once, cached)"))
+    dtype: str = field(default="float32", metadata=_help("parameter dtype: float32 | bfloat16"))
+    compute_dtype: str = field(default="", metadata=_help("activation dtype; empty = same as dtype"))
+    remat: bool = field(default=False, metadata=_help("rematerialise each decoder layer in the backward pass"))
+    logprob_chunk: int = field(default=256, metadata=_help("sequence chunk of the log-prob/entropy head"))
+
+
+@dataclass
+class DataSection:
+    """Training prompts (JSONL or Parquet; verl / EasyR1 layouts)."""
+
+    train_files: list[str] = field(default_factory=list, metadata=_help("files; empty = the built-in toy task"))
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    template: str = field(default="auto", metadata=_help("auto | chat | plain"))
+    max_prompt_length: int = 128
+    prompts_per_step: int = field(default=16, metadata=_help("prompts per RL step (the paper's batch size, 512)"))
+    shuffle: bool = True
+    seed: int = 0
+    skip_bad_rows: bool = field(default=False, metadata=_help("skip and count bad rows instead of failing"))
+
+
+@dataclass
+class RolloutSection:
+    """Sampling through SGLang's HTTP API (external servers or the embedded one)."""
+
+    urls: list[str] = field(default_factory=list, metadata=_help("SGLang server URLs; empty = start the embedded server"))
+    n: int = field(default=8, metadata=_help("samples per prompt, G"))
+    max_new_tokens: int = 48
+    temperature: float = field(default=1.0, metadata=_help("temperature of the GRPO rollout (the paper's 1.0)"))
+    top_p: float = 1.0
+    top_k: int = -1
+    request_timeout_s: float = 600.0
+    max_retries: int = 3
+    startup_timeout_s: float = 300.0
+    sync_dir: str = field(default="", metadata=_help("where weights are written for the servers; empty = /dev/shm or tmp"))
+    server_args: str = field(default="", metadata=_help("extra args for the embedded server"))
+
+
+@dataclass
+class ControllerSection:
+    """AEPO's entropy controller: T = T_high if H < target else T_low."""
+
+    target: float = field(default=0.5, metadata=_help("entropy target H (nats/token)"))
+    schedule: str = field(default="constant", metadata=_help("constant | linear | cosine | piecewise"))
+    target_end: float = field(default=-1.0, metadata=_help("end value for linear/cosine; <0 = same as target"))
+    schedule_steps: int = field(default=0, metadata=_help("length of linear/cosine schedules; 0 = train.steps"))
+    piecewise: str = field(default="", metadata=_help("piecewise targets 'step:value,step:value'"))
+    t_high: float = 1.2
+    t_low: float = 0.8
+    budget_up: int = field(default=60, metadata=_help("positive samples kept per step when raising entropy"))
+    budget_down: int = field(default=30, metadata=_help("positive samples kept per step when lowering entropy"))
+    estimator: str = field(default="full", metadata=_help("full (exact token entropy) | sampled (-log pi of sampled token)"))
+    dead_band: float = field(default=0.0, metadata=_help("keep the previous T while |H - target| <= dead_band; 0 = off"))
+
+
+@dataclass
+class AlgorithmSection:
+    """Method, AEPO reading, loss settings."""
+
+    method: str = field(default="aepo", metadata=_help("|".join(METHODS)))
+    reading: str = field(default="paper", metadata=_help("paper (Eq. 1, explicit alpha) | mix (authors' code)"))
+    reward: str = field(default="auto", metadata=_help("auto | math | exact | module:function"))
+    reg_prompt_fraction: float = field(default=0.25, metadata=_help("share of the step's prompts given a temperature rollout"))
+    reg_samples_per_prompt: int = field(default=0, metadata=_help("samples per prompt in the temperature rollout; 0 = rollout.n"))
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_dual: float = field(default=0.0, metadata=_help("dual-clip constant (3.0 in DAPO/verl); 0 = off"))
+    alpha: float = field(default=1.0, metadata=_help("weight of AEPO's REINFORCE term (paper reading)"))
+    entropy_coef: float = field(default=0.015, metadata=_help("Entropy-Reg lambda"))
+    adv_beta: float = field(default=0.4, metadata=_help("Entropy-Adv beta"))
+    adv_kappa: float = field(default=2.0, metadata=_help("Entropy-Adv kappa"))
+    agg: str = field(default="seq-mean-token-mean", metadata=_help("seq-mean-token-mean (Eq. 1) | token-mean"))
+    controller: ControllerSection = field(default_factory=ControllerSection)
+
+
+@dataclass
+class OptimSection:
+    """AdamW via optax."""
+
+    lr: float = 1e-3
+    schedule: str = field(default="constant", metadata=_help("constant | cosine | linear (after warm-up)"))
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = field(default=1.0, metadata=_help("global-norm clip; 0 = off"))
+
+
+@dataclass
+class TrainSection:
+    """The loop."""
+
+    steps: int = 40
+    mini_batch_prompts: int = field(default=0, metadata=_help("prompts per update; 0 = all prompts of the step (one update)"))
+    epochs: int = field(default=1, metadata=_help("passes over each step's batch"))
+    micro_batch_size: int = field(default=0, metadata=_help("samples per gradient-accumulation micro-batch; 0 = none"))
+    seed: int = 0
+    mesh: str = field(default="1x1", metadata=_help("DxT: D-way data/FSDP x T-way tensor parallel"))
+    run_dir: str = "runs/aepo-toy"
+    resume: bool = field(default=True, metadata=_help("continue from the run dir's latest checkpoint"))
+
+
+@dataclass
+class CheckpointSection:
+    """Orbax checkpoints in RUN_DIR/checkpoints."""
+
+    every: int = 10
+    keep: int = 3
+
+
+@dataclass
+class LoggingSection:
+    """Where metrics go (metrics.jsonl always)."""
+
+    tensorboard: bool = True
+    console: bool = True
+    wandb_project: str = ""
+    wandb_name: str = ""
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+# Short spellings accepted on the command line (``--mesh=8x1`` == ``--train.mesh=8x1``).
+ALIASES = {
+    "mesh": "train.mesh",
+    "run_dir": "train.run_dir",
+    "steps": "train.steps",
+    "seed": "train.seed",
+    "method": "algorithm.method",
+}
+
+
+def _one_of(key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
+
+
+def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
+    """Start-up checks that need no model or data; raise ConfigError naming the key and numbers."""
+    a, c = cfg.algorithm, cfg.algorithm.controller
+    _one_of("algorithm.method", a.method, METHODS)
+    _one_of("algorithm.reading", a.reading, ("paper", "mix"))
+    _one_of("algorithm.agg", a.agg, ("seq-mean-token-mean", "token-mean"))
+    _one_of("algorithm.controller.schedule", c.schedule, ("constant", "linear", "cosine", "piecewise"))
+    _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
+    _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
+    _one_of("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
+    _one_of("data.template", cfg.data.template, ("auto", "chat", "plain"))
+    positive = {
+        "train.steps": cfg.train.steps,
+        "rollout.n": cfg.rollout.n,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "data.prompts_per_step": cfg.data.prompts_per_step,
+        "data.max_prompt_length": cfg.data.max_prompt_length,
+        "train.epochs": cfg.train.epochs,
+        "model.logprob_chunk": cfg.model.logprob_chunk,
+        "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {v}")
+    if not 0.0 <= a.reg_prompt_fraction <= 1.0:
+        raise ConfigError(f"config key 'algorithm.reg_prompt_fraction' must be in [0, 1], got {a.reg_prompt_fraction}")
+    if c.t_high <= 0 or c.t_low <= 0:
+        raise ConfigError(f"config keys 'algorithm.controller.t_high/t_low' must be > 0, got {c.t_high}/{c.t_low}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    mbp = cfg.train.mini_batch_prompts or cfg.data.prompts_per_step
+    if cfg.data.prompts_per_step % mbp:
+        raise ConfigError(
+            f"config key 'train.mini_batch_prompts' ({mbp}) must divide data.prompts_per_step ({cfg.data.prompts_per_step})"
+        )
+    if data_axis_size is not None:
+        samples_per_mb = mbp * cfg.rollout.n
+        if samples_per_mb % data_axis_size:
+            raise ConfigError(
+                f"a mini-batch of {samples_per_mb} samples (train.mini_batch_prompts={mbp} x rollout.n={cfg.rollout.n}) "
+                f"does not divide over the mesh's data axis of size {data_axis_size} (train.mesh={cfg.train.mesh})"
+            )
+        mbs = cfg.train.micro_batch_size
+        if mbs:
+            if samples_per_mb % mbs:
+                raise ConfigError(
+                    f"config key 'train.micro_batch_size' ({mbs}) must divide the mini-batch of {samples_per_mb} samples"
+                )
+            if mbs % data_axis_size:
+                raise ConfigError(
+                    f"config key 'train.micro_batch_size' ({mbs}) does not divide over the data axis of size {data_axis_size}"
+                )
+    return cfg
+
+
+def field_names(section) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
