@@ -1,0 +1,414 @@
+"""Async client for SGLang's native HTTP API (real SGLang servers, sglang-router, or ours).
+
+    client = RolloutClient(["http://127.0.0.1:30000", "http://127.0.0.1:30001"])
+    await client.wait_healthy(deadline_s=300)
+    samples = await client.generate(prompt_ids, n=8, sampling_params={"max_new_tokens": 256},
+                                    seed=step, temperature=1.0)   # samples[i][j]: prompt i, sample j
+    await client.update_weights_from_disk("/dev/shm/.../v12", weight_version="12")
+
+* Each sample is one row of a batched ``POST /generate`` body (``input_ids`` as a list of lists,
+  one ``sampling_params`` dict per row with its own ``sampling_seed``), so a run is reproducible and
+  the server's ``n`` fan-out (which shares one seed on real SGLang) is never used.
+* Requests go round robin over the URLs (or to one sglang-router URL), at most ``max_inflight``
+  at a time per server. Connection errors, timeouts and 5xx answers are retried with exponential
+  backoff on the next live server; a server that refuses connections is set aside and re-probed
+  with ``GET /health``. A 4xx is the caller's fault and raises at once with SGLang's error body.
+* Nothing is dropped silently: ``generate`` returns exactly ``n`` samples for every prompt or raises
+  :class:`RolloutError` naming the request, the servers tried and the last error. Samples whose
+  finish reason is ``abort`` (e.g. the server was paused) are re-sent too.
+* Weight updates go to ``weight_update_urls`` (default: the generation URLs); sglang-router has no
+  weight-update route, so with a router pass the workers' URLs there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+log = logging.getLogger("aepo_jax.rollout.client")
+
+# Keys a caller may put in sampling_params (SGLang's own list; a typo fails here, before any HTTP).
+from aepo_jax.rollout.protocol import SAMPLING_PARAM_KEYS  # noqa: E402
+
+_INT64_MASK = (1 << 63) - 1
+
+
+class RolloutError(RuntimeError):
+    """Generation (or a control call) could not be completed on any server."""
+
+
+class ServerRequestError(RolloutError):
+    """A server refused a request (4xx): a bad request, never retried."""
+
+    def __init__(self, url: str, status: int, body: Any):
+        super().__init__(f"{url} answered {status}: {body}")
+        self.url, self.status, self.body = url, status, body
+
+
+@dataclass
+class Sample:
+    """One generated sequence."""
+
+    prompt_index: int
+    sample_index: int
+    output_ids: list[int]
+    logprobs: list[float] | None  # per output token (see the server's log-prob convention)
+    finish_reason: dict
+    weight_version: str | None
+    seed: int
+    text: str | None = None
+    server: str = ""
+    meta_info: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def finish_type(self) -> str:
+        return (self.finish_reason or {}).get("type", "")
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_type == "length"
+
+
+def sample_seed(base_seed: int, prompt_index: int, sample_index: int) -> int:
+    """Deterministic 63-bit seed of one sample: a hash of (base, prompt, sample)."""
+    h = hashlib.blake2b(f"{int(base_seed)}:{int(prompt_index)}:{int(sample_index)}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & _INT64_MASK
+
+
+@dataclass
+class ClientConfig:
+    timeout_s: float = 600.0  # one HTTP request (a whole batch of generations)
+    connect_timeout_s: float = 10.0
+    max_retries: int = 5  # per request, across servers
+    backoff_s: float = 0.5  # first retry delay; doubles each time
+    max_backoff_s: float = 10.0
+    batch_size: int = 64  # sequences per /generate body
+    max_inflight: int = 2  # concurrent /generate bodies per server
+    dead_recheck_s: float = 5.0  # how soon a server set aside is probed again
+
+
+class RolloutClient:
+    def __init__(self, urls: str | Sequence[str], *, weight_update_urls: Sequence[str] | None = None,
+                 config: ClientConfig | None = None, **overrides):
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        if not urls:
+            raise ValueError("urls: at least one server URL is required")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.weight_update_urls = [u.rstrip("/") for u in (weight_update_urls or self.urls)]
+        cfg = config or ClientConfig()
+        for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise TypeError(f"RolloutClient: unknown option {k!r}")
+            setattr(cfg, k, v)
+        self.config = cfg
+        self._rr = itertools.cycle(range(len(self.urls)))
+        self._dead_until: dict[str, float] = {}
+        self._session = None
+        self._session_loop = None
+        self._sems: dict[str, asyncio.Semaphore] = {}
+        self._rid_counter = itertools.count()
+        self._client_id = hashlib.blake2b(repr((id(self), time.time())).encode(), digest_size=4).hexdigest()
+
+    # ------------------------------------------------------------------ session
+    def _get_session(self):
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            # A session is bound to its event loop; asyncio.run() per call needs a fresh one.
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s, sock_connect=self.config.connect_timeout_s),
+                connector=aiohttp.TCPConnector(limit=0))
+            self._session_loop = loop
+            self._sems = {u: asyncio.Semaphore(self.config.max_inflight) for u in self.urls}
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    # ------------------------------------------------------------------ low-level HTTP
+    async def _request(self, method: str, url: str, path: str, json_body: Any = None,
+                       timeout_s: float | None = None) -> tuple[int, Any]:
+        import aiohttp
+
+        session = self._get_session()
+        kw = {}
+        if timeout_s is not None:
+            kw["timeout"] = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.config.connect_timeout_s)
+        async with session.request(method, url + path, json=json_body, **kw) as resp:
+            raw = await resp.read()
+            ctype = resp.headers.get("Content-Type", "")
+            if "json" in ctype and raw:
+                import json
+
+                try:
+                    return resp.status, json.loads(raw)
+                except ValueError:
+                    pass
+            return resp.status, raw.decode("utf-8", "replace")
+
+    def _live_urls(self) -> list[str]:
+        now = time.monotonic()
+        return [u for u in self.urls if self._dead_until.get(u, 0.0) <= now]
+
+    def _next_url(self, avoid: str | None = None) -> str:
+        live = self._live_urls() or list(self.urls)  # all set aside: try them anyway
+        for _ in range(len(self.urls)):
+            u = self.urls[next(self._rr)]
+            if u in live and (u != avoid or len(live) == 1):
+                return u
+        return live[0]
+
+    async def _post_with_retries(self, path: str, body: dict, what: str) -> tuple[str, Any]:
+        """POST to a live server, retrying connection errors / timeouts / 5xx on the next one."""
+        import aiohttp
+
+        cfg = self.config
+        errors: list[str] = []
+        url = None
+        for attempt in range(cfg.max_retries + 1):
+            url = self._next_url(avoid=url)
+            sem = self._sems.get(url) or asyncio.Semaphore(cfg.max_inflight)
+            try:
+                async with sem:
+                    status, data = await self._request("POST", url, path, body)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError) as e:
+                errors.append(f"{url}: {type(e).__name__}: {e}")
+                self._dead_until[url] = time.monotonic() + cfg.dead_recheck_s
+                log.warning("%s: %s failed on %s (%s); retrying elsewhere", what, path, url, errors[-1])
+            else:
+                if status < 400:
+                    self._dead_until.pop(url, None)
+                    return url, data
+                if status < 500:
+                    raise ServerRequestError(url, status, data)
+                errors.append(f"{url}: HTTP {status}: {str(data)[:500]}")
+                log.warning("%s: %s on %s answered %s; retrying", what, path, url, status)
+            if attempt < cfg.max_retries:
+                await asyncio.sleep(min(cfg.backoff_s * (2 ** attempt), cfg.max_backoff_s))
+        raise RolloutError(f"{what}: {path} failed after {cfg.max_retries + 1} attempts on "
+                           f"{sorted(set(e.split(': ')[0] for e in errors))}; last error: {errors[-1]}")
+
+    # ------------------------------------------------------------------ health
+    async def health(self, url: str, timeout_s: float = 5.0) -> bool:
+        try:
+            status, _ = await self._request("GET", url, "/health", timeout_s=timeout_s)
+            return status == 200
+        except Exception:
+            return False
+
+    async def wait_healthy(self, deadline_s: float = 300.0, poll_s: float = 0.5, urls: Sequence[str] | None = None) -> None:
+        """Wait until every server answers ``GET /health`` with 200; TimeoutError names the others."""
+        urls = list(urls or dict.fromkeys(self.urls + self.weight_update_urls))
+        t_end = time.monotonic() + deadline_s
+        pending = set(urls)
+        while True:
+            ok = await asyncio.gather(*(self.health(u, timeout_s=min(5.0, max(deadline_s, 0.1))) for u in pending))
+            pending -= {u for u, good in zip(list(pending), ok) if good}
+            if not pending:
+                for u in urls:
+                    self._dead_until.pop(u, None)
+                return
+            if time.monotonic() >= t_end:
+                raise TimeoutError(f"servers not healthy after {deadline_s:.0f}s: {sorted(pending)}")
+            await asyncio.sleep(poll_s)
+
+    # ------------------------------------------------------------------ generation
+    def build_generate_bodies(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        n: int = 1,
+        sampling_params: dict | None = None,
+        seeds: Sequence[Sequence[int]] | None = None,
+        seed: int | None = None,
+        temperature: float | None = None,
+        return_logprob: bool = True,
+    ) -> list[tuple[list[tuple[int, int]], dict]]:
+        """The /generate bodies for a rollout: [(the (prompt, sample) of each row, body)]."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        sp = dict(sampling_params or {})
+        bad = [k for k in sp if k not in SAMPLING_PARAM_KEYS]
+        if bad:
+            raise ValueError(f"sampling_params: unknown key {bad[0]!r} (SGLang accepts: {', '.join(SAMPLING_PARAM_KEYS)})")
+        if "n" in sp or "sampling_seed" in sp:
+            raise ValueError("sampling_params: pass n= and seeds/seed= to generate(), not 'n'/'sampling_seed'")
+        if temperature is not None:
+            sp["temperature"] = float(temperature)
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt_ids[{i}] is empty")
+        if seeds is not None:
+            if len(seeds) != len(prompts) or any(len(s) != n for s in seeds):
+                raise ValueError(f"seeds must be [num_prompts={len(prompts)}][n={n}]")
+        rows: list[tuple[int, int, int]] = []
+        for i in range(len(prompts)):
+            for j in range(n):
+                if seeds is not None:
+                    s = int(seeds[i][j])
+                elif seed is not None:
+                    s = sample_seed(seed, i, j)
+                else:
+                    s = None
+                rows.append((i, j, s))
+        out = []
+        bs = max(1, self.config.batch_size)
+        for k in range(0, len(rows), bs):
+            chunk = rows[k:k + bs]
+            body = {
+                "input_ids": [prompts[i] for i, _, _ in chunk],
+                "sampling_params": [dict(sp, **({"sampling_seed": s} if s is not None else {})) for _, _, s in chunk],
+                "rid": [f"aepo-{self._client_id}-{next(self._rid_counter)}" for _ in chunk],
+                "return_logprob": bool(return_logprob),
+                "stream": False,
+            }
+            out.append(([(i, j) for i, j, _ in chunk], body))
+        return out
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        n: int = 1,
+        sampling_params: dict | None = None,
+        seeds: Sequence[Sequence[int]] | None = None,
+        *,
+        seed: int | None = None,
+        temperature: float | None = None,
+        return_logprob: bool = True,
+        max_abort_retries: int = 3,
+    ) -> list[list[Sample]]:
+        """``n`` samples for every prompt: ``result[i][j]`` is prompt i, sample j.
+
+        Seeds: ``seeds[i][j]`` explicitly, or ``seed`` (a base, e.g. the training step) from
+        which each sample's seed is hashed; with neither the server draws them. ``temperature``
+        overrides ``sampling_params["temperature"]`` for this call."""
+        bodies = self.build_generate_bodies(prompt_ids, n, sampling_params, seeds, seed, temperature, return_logprob)
+        results: list[list[Sample | None]] = [[None] * n for _ in range(len(prompt_ids))]
+
+        async def run(idx: int, rows, body):
+            what = f"generate batch {idx} ({len(rows)} sequences)"
+            for attempt in range(max_abort_retries + 1):
+                url, data = await self._post_with_retries("/generate", body, what)
+                if not isinstance(data, list) or len(data) != len(rows):
+                    raise RolloutError(f"{what}: {url} returned {type(data).__name__} of "
+                                       f"{len(data) if isinstance(data, list) else '?'} items, expected {len(rows)}")
+                aborted = []
+                for (i, j), sp, obj in zip(rows, body["sampling_params"], data):
+                    s = _to_sample(i, j, obj, sp.get("sampling_seed"), url)
+                    if s.finish_type == "abort":
+                        aborted.append(((i, j), sp))
+                    else:
+                        results[i][j] = s
+                if not aborted:
+                    return
+                log.warning("%s: %d sequences aborted on %s; re-sending", what, len(aborted), url)
+                rows = [r for r, _ in aborted]
+                body = dict(body, input_ids=[list(prompt_ids[i]) for i, _ in rows],
+                            sampling_params=[sp for _, sp in aborted],
+                            rid=[f"aepo-{self._client_id}-{next(self._rid_counter)}" for _ in rows])
+                await asyncio.sleep(min(self.config.backoff_s * (2 ** attempt), self.config.max_backoff_s))
+            raise RolloutError(f"{what}: {len(rows)} sequences still aborted after {max_abort_retries + 1} tries")
+
+        await asyncio.gather(*(run(k, rows, body) for k, (rows, body) in enumerate(bodies)))
+        missing = [(i, j) for i, r in enumerate(results) for j, s in enumerate(r) if s is None]
+        if missing:  # cannot happen unless a code path above is wrong: never return fewer samples
+            raise RolloutError(f"generate: {len(missing)} samples missing, first {missing[:5]}")
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ control
+    async def _post_each(self, urls: Sequence[str], path: str, body: dict | None, timeout_s: float | None = None) -> dict[str, tuple[int, Any]]:
+        import aiohttp
+
+        async def one(u):
+            try:
+                return u, await self._request("POST", u, path, body if body is not None else {}, timeout_s=timeout_s)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                return u, (0, f"{type(e).__name__}: {e}")
+
+        return dict(await asyncio.gather(*(one(u) for u in urls)))
+
+    async def update_weights_from_disk(self, model_path: str, weight_version: str | None = None, *,
+                                       flush_cache: bool = True, abort_all_requests: bool = False,
+                                       timeout_s: float | None = None) -> dict[str, Any]:
+        """``POST /update_weights_from_disk`` on every weight-update URL; raise unless all succeed."""
+        body: dict[str, Any] = {"model_path": model_path, "flush_cache": flush_cache,
+                                "abort_all_requests": abort_all_requests}
+        if weight_version is not None:
+            body["weight_version"] = str(weight_version)
+        res = await self._post_each(self.weight_update_urls, "/update_weights_from_disk", body, timeout_s)
+        bad = {u: r for u, r in res.items() if r[0] != 200 or not (isinstance(r[1], dict) and r[1].get("success"))}
+        if bad:
+            raise RolloutError(f"update_weights_from_disk({model_path!r}, version={weight_version!r}) failed on "
+                               + "; ".join(f"{u}: HTTP {s}: {str(b)[:300]}" for u, (s, b) in bad.items()))
+        return {u: r[1] for u, r in res.items()}
+
+    async def model_info(self, urls: Sequence[str] | None = None) -> dict[str, dict]:
+        urls = list(urls or self.weight_update_urls)
+
+        async def one(u):
+            status, data = await self._request("GET", u, "/model_info", timeout_s=30.0)
+            if status != 200 or not isinstance(data, dict):
+                raise RolloutError(f"{u}/model_info answered {status}: {str(data)[:300]}")
+            return u, data
+
+        return dict(await asyncio.gather(*(one(u) for u in urls)))
+
+    async def weight_versions(self, urls: Sequence[str] | None = None) -> dict[str, str | None]:
+        return {u: d.get("weight_version") for u, d in (await self.model_info(urls)).items()}
+
+    async def server_info(self, url: str | None = None) -> dict:
+        u = url or self.urls[0]
+        status, data = await self._request("GET", u, "/server_info", timeout_s=30.0)
+        if status != 200:
+            raise RolloutError(f"{u}/server_info answered {status}: {str(data)[:300]}")
+        return data
+
+    async def flush_cache(self) -> dict[str, int]:
+        return {u: r[0] for u, r in (await self._post_each(self.weight_update_urls, "/flush_cache", None)).items()}
+
+    async def pause_generation(self, mode: str = "abort") -> None:
+        await self._post_each(self.weight_update_urls, "/pause_generation", {"mode": mode})
+
+    async def continue_generation(self) -> None:
+        await self._post_each(self.weight_update_urls, "/continue_generation", {})
+
+    async def abort_all(self) -> None:
+        await self._post_each(self.weight_update_urls, "/abort_request", {"abort_all": True})
+
+
+def _to_sample(i: int, j: int, obj: Any, seed: int | None, url: str) -> Sample:
+    if not isinstance(obj, dict) or "meta_info" not in obj:
+        raise RolloutError(f"{url}: malformed /generate item for prompt {i} sample {j}: {str(obj)[:300]}")
+    meta = obj["meta_info"]
+    ids = obj.get("output_ids")
+    if ids is None:
+        raise RolloutError(f"{url}: /generate item for prompt {i} sample {j} has no output_ids "
+                           "(real SGLang: do not launch with a detokenizer-only mode)")
+    lps = meta.get("output_token_logprobs")
+    logprobs = None
+    if lps is not None:
+        logprobs = [float(e[0]) if e[0] is not None else float("nan") for e in lps]
+        if ids and [int(e[1]) for e in lps] != [int(t) for t in ids]:
+            raise RolloutError(f"{url}: output_token_logprobs token ids differ from output_ids (prompt {i} sample {j})")
+    return Sample(prompt_index=i, sample_index=j, output_ids=[int(t) for t in ids], logprobs=logprobs,
+                  finish_reason=meta.get("finish_reason") or {}, weight_version=meta.get("weight_version"),
+                  seed=seed if seed is not None else -1, text=obj.get("text"), server=url, meta_info=meta)
+
+
+def run_sync(coro):
+    """Run a client coroutine from synchronous code (a fresh event loop per call is fine)."""
+    return asyncio.run(coro)

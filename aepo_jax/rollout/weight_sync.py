@@ -1,0 +1,103 @@
+"""Learner parameters -> every inference server, through SGLang's ``/update_weights_from_disk``.
+
+One code path for the embedded server and real SGLang:
+
+1. ``save_pretrained(model, sync_dir/weights_v<version>, dtype)``: an HF checkpoint (config.json +
+   safetensors + generation_config + tokenizer files), written file by file to a temporary name
+   and renamed. ``sync_dir`` defaults to ``/dev/shm/aepo_jax_sync_<pid>`` when /dev/shm exists (a
+   RAM disk: no disk I/O), else the system temp dir. Servers on *other* machines cannot read the
+   learner's /dev/shm: give them a shared ``sync_dir`` (NFS, Lustre, a mounted bucket).
+2. ``POST /update_weights_from_disk {"model_path", "weight_version", "flush_cache": true}`` to every
+   server (``client.weight_update_urls``; sglang-router has no such route, so list the workers).
+3. ``GET /model_info`` on every server: each must report the new ``weight_version``; anything else
+   raises :class:`WeightSyncError`.
+
+Older ``weights_v*`` directories of this sync dir are removed once every server has the new one
+(``keep`` most recent are kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+@dataclass
+class SyncResult:
+    weight_version: str
+    path: str
+    save_s: float
+    update_s: float
+    verify_s: float
+    servers: list[str]
+
+    @property
+    def total_s(self) -> float:
+        return self.save_s + self.update_s + self.verify_s
+
+    def metrics(self) -> dict[str, float]:
+        return {"timing_s/sync_save": self.save_s, "timing_s/sync_update": self.update_s,
+                "timing_s/sync_verify": self.verify_s, "timing_s/sync": self.total_s}
+
+
+def default_sync_dir() -> str:
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(base, f"aepo_jax_sync_{os.getpid()}")
+
+
+def _safe_version(v: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", v)
+
+
+def _prune(sync_dir: str, keep_paths: set[str], keep: int) -> None:
+    try:
+        entries = [os.path.join(sync_dir, e) for e in os.listdir(sync_dir) if e.startswith("weights_v")]
+    except FileNotFoundError:
+        return
+    entries.sort(key=lambda p: os.path.getmtime(p), reverse=True)
+    for p in entries[keep:]:
+        if p not in keep_paths:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+async def sync_weights_async(model, client, weight_version: str | int, sync_dir: str | None = None, *,
+                             dtype: Any = None, keep: int = 1, source_dir: str | None = None,
+                             timeout_s: float | None = None) -> SyncResult:
+    """Save ``model`` and make every server of ``client`` serve it as ``weight_version``."""
+    from aepo_jax.models import save_pretrained
+
+    version = str(weight_version)
+    sync_dir = os.path.abspath(sync_dir or default_sync_dir())
+    os.makedirs(sync_dir, exist_ok=True)
+    path = os.path.join(sync_dir, f"weights_v{_safe_version(version)}")
+    if dtype is None:  # the learner's own dtype: the server then reproduces its log-probs exactly
+        dtype = getattr(model, "param_dtype", "float32")
+    t0 = time.perf_counter()
+    kw = {} if source_dir is None else {"source_dir": source_dir}
+    await asyncio.to_thread(save_pretrained, model, path, dtype, **kw)
+    t1 = time.perf_counter()
+    await client.update_weights_from_disk(path, version, flush_cache=True, timeout_s=timeout_s)
+    t2 = time.perf_counter()
+    versions = await client.weight_versions()
+    wrong = {u: v for u, v in versions.items() if v != version}
+    if wrong:
+        raise WeightSyncError(f"after update_weights_from_disk({path!r}) these servers report another "
+                              f"weight_version than {version!r}: {wrong}")
+    t3 = time.perf_counter()
+    _prune(sync_dir, {path}, max(1, keep))
+    return SyncResult(version, path, t1 - t0, t2 - t1, t3 - t2, sorted(versions))
+
+
+def sync_weights_to_sampler(model, client, weight_version: str | int, sync_dir: str | None = None, **kw) -> SyncResult:
+    """Synchronous wrapper of :func:`sync_weights_async` (runs its own event loop)."""
+    return asyncio.run(sync_weights_async(model, client, weight_version, sync_dir, **kw))
