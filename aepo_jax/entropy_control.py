@@ -1,0 +1,336 @@
+"""AEPO's entropy controller: pick the sampling temperature and positive-sample budget from entropy.
+
+Paper (Section 4.2): ``T = T_low + (T_high - T_low) * 1[H(pi_old) < H_target]`` with T_high = 1.2,
+T_low = 0.8; Table 4: 60 positive temperature samples per step when raising entropy, 30 when
+lowering. Beyond the paper (which says AEPO can follow an arbitrary target): the target may be a
+schedule over steps (:class:`TargetSchedule`: constant, linear, cosine, piecewise), and the hard
+switch may be replaced by a dead band (off by default).
+
+The controller is host-side Python (NumPy only, no jax); its whole state is a small dict
+(:meth:`EntropyController.to_dict` / :meth:`EntropyController.from_dict`) that the trainer
+checkpoints, so a resumed run continues with the same temperature (the authors' code restarts
+from entropy 0, i.e. T_high, after a resume).
+
+Typical use per training step::
+
+    d = ctl.decide(step)                   # Decision(temperature, budget, target, mode, ...)
+    ... draw temperature samples at d.temperature, keep <= d.budget positives (select_positives) ...
+    ... update ...
+    ctl.observe(entropy_full=m["actor/entropy_full"], entropy_sampled=m["actor/entropy_nll"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "ControllerConfig",
+    "ControllerState",
+    "Decision",
+    "EntropyController",
+    "TargetSchedule",
+    "select_positives",
+]
+
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "piecewise")
+ESTIMATORS = ("full", "sampled")
+BAND_MODES = ("hold", "idle")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSchedule:
+    """Entropy target as a function of the training step.
+
+    constant:  ``value``.
+    linear:    ``start`` at ``begin_step`` -> ``end`` at ``end_step``, constant outside.
+    cosine:    same end points, half-cosine in between.
+    piecewise: ``points`` = ((step, value), ...) sorted by step; each value holds from its step
+               until the next point (the first value also before its step).
+
+    String form (for configs / command lines)::
+
+        "0.5" | "constant:0.5" | "linear:1.0:0.25:0:500" | "cosine:1.0:0.25:0:500"
+        | "piecewise:0=0.75,100=0.5,300=0.25"
+    """
+
+    kind: str = "constant"
+    value: float = 0.5
+    start: float = 0.0
+    end: float = 0.0
+    begin_step: int = 0
+    end_step: int = 0
+    points: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"TargetSchedule.kind: expected one of {SCHEDULE_KINDS}, got {self.kind!r}")
+        if self.kind in ("linear", "cosine") and not self.end_step > self.begin_step:
+            raise ValueError(
+                f"TargetSchedule: {self.kind} needs end_step > begin_step, got {self.begin_step}..{self.end_step}"
+            )
+        if self.kind == "piecewise":
+            if not self.points:
+                raise ValueError("TargetSchedule.points: piecewise needs at least one (step, value) point")
+            steps = [int(s) for s, _ in self.points]
+            if steps != sorted(steps) or len(set(steps)) != len(steps):
+                raise ValueError(f"TargetSchedule.points: steps must be strictly increasing, got {steps}")
+            object.__setattr__(self, "points", tuple((int(s), float(v)) for s, v in self.points))
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return float(self.value)
+        if self.kind == "piecewise":
+            value = self.points[0][1]
+            for s, v in self.points:
+                if step >= s:
+                    value = v
+            return float(value)
+        frac = min(max((step - self.begin_step) / (self.end_step - self.begin_step), 0.0), 1.0)
+        if self.kind == "cosine":
+            frac = 0.5 * (1.0 - math.cos(math.pi * frac))
+        return float(self.start + (self.end - self.start) * frac)
+
+    @classmethod
+    def parse(cls, spec: str | float | Mapping[str, Any]) -> "TargetSchedule":
+        """Build from a number, a string (see class doc) or a dict (``to_dict`` output)."""
+        if isinstance(spec, Mapping):
+            return cls.from_dict(spec)
+        if isinstance(spec, (int, float)):
+            return cls(kind="constant", value=float(spec))
+        s = str(spec).strip()
+        try:
+            if ":" not in s:
+                return cls(kind="constant", value=float(s))
+            kind, rest = s.split(":", 1)
+            kind = kind.strip()
+            if kind == "constant":
+                return cls(kind="constant", value=float(rest))
+            if kind in ("linear", "cosine"):
+                a, b, c, d = rest.split(":")
+                return cls(kind=kind, start=float(a), end=float(b), begin_step=int(c), end_step=int(d))
+            if kind == "piecewise":
+                pts = []
+                for item in rest.split(","):
+                    st, v = item.split("=")
+                    pts.append((int(st), float(v)))
+                return cls(kind="piecewise", points=tuple(pts))
+        except ValueError as e:
+            if "TargetSchedule" in str(e):
+                raise
+            raise ValueError(f"entropy target: cannot parse {spec!r} ({e}); see TargetSchedule's doc") from None
+        raise ValueError(f"entropy target: unknown schedule kind in {spec!r}; expected one of {SCHEDULE_KINDS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["points"] = [list(p) for p in self.points]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TargetSchedule":
+        d = dict(d)
+        d["points"] = tuple(tuple(p) for p in d.get("points", ()))
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    """Controller settings (defaults: the paper's Table 4).
+
+    estimator: which observed entropy drives the switch: ``full`` (full-distribution entropy, the
+      paper's H, Section 3.2) or ``sampled`` (-log pi(o_t), what the authors' code uses).
+    dead_band: half-width of a band around the target; 0 = the paper's hard switch. Inside the band
+      ``band_mode`` decides: ``hold`` keeps the previous direction (hysteresis), ``idle`` draws no
+      temperature samples (budget 0, T = 1) until entropy leaves the band.
+    initial_entropy: entropy assumed before the first observation; None = raise first (the
+      authors' code starts from entropy 0, so its first step uses T_high).
+    """
+
+    target: TargetSchedule = TargetSchedule()
+    t_high: float = 1.2
+    t_low: float = 0.8
+    budget_raise: int = 60
+    budget_lower: int = 30
+    estimator: str = "full"
+    dead_band: float = 0.0
+    band_mode: str = "hold"
+    initial_entropy: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.target, TargetSchedule):
+            object.__setattr__(self, "target", TargetSchedule.parse(self.target))
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"ControllerConfig.estimator: expected one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.band_mode not in BAND_MODES:
+            raise ValueError(f"ControllerConfig.band_mode: expected one of {BAND_MODES}, got {self.band_mode!r}")
+        if not (self.t_low > 0 and self.t_high > 0):
+            raise ValueError(f"ControllerConfig: temperatures must be > 0, got t_low={self.t_low}, t_high={self.t_high}")
+        if not self.t_high >= self.t_low:
+            raise ValueError(f"ControllerConfig: t_high ({self.t_high}) must be >= t_low ({self.t_low})")
+        if self.budget_raise < 0 or self.budget_lower < 0:
+            raise ValueError(
+                f"ControllerConfig: budgets must be >= 0, got raise={self.budget_raise}, lower={self.budget_lower}"
+            )
+        if not self.dead_band >= 0:
+            raise ValueError(f"ControllerConfig.dead_band: expected >= 0, got {self.dead_band}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target"] = self.target.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ControllerConfig":
+        d = dict(d)
+        d["target"] = TargetSchedule.parse(d.get("target", TargetSchedule().to_dict()))
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class ControllerState:
+    """Everything the controller remembers (checkpoint this)."""
+
+    entropy_full: float | None = None
+    entropy_sampled: float | None = None
+    mode: str | None = None  # last decision: "raise" | "lower" | "idle"
+    temperature: float | None = None
+    budget: int | None = None
+    target: float | None = None
+    step: int | None = None  # step of the last decision
+    num_observations: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    step: int
+    temperature: float
+    budget: int
+    target: float
+    entropy: float | None  # the signal the decision used (None before any observation)
+    mode: str  # "raise" | "lower" | "idle"
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "aepo/temperature": self.temperature,
+            "aepo/budget": float(self.budget),
+            "aepo/target": self.target,
+            "aepo/entropy_signal": float("nan") if self.entropy is None else self.entropy,
+            "aepo/raising": 1.0 if self.mode == "raise" else 0.0,
+        }
+
+
+class EntropyController:
+    """Temperature / budget controller with a serialisable state."""
+
+    def __init__(self, config: ControllerConfig | None = None, state: ControllerState | None = None):
+        self.config = config or ControllerConfig()
+        self.state = state or ControllerState()
+
+    # -- signal
+    def observe(self, *, entropy_full: float | None = None, entropy_sampled: float | None = None) -> None:
+        """Record the current policy's measured entropy (either or both estimators)."""
+        for name, v in (("entropy_full", entropy_full), ("entropy_sampled", entropy_sampled)):
+            if v is not None and not math.isfinite(float(v)):
+                raise ValueError(f"observe: {name} is not finite ({v})")
+        if entropy_full is None and entropy_sampled is None:
+            raise ValueError("observe: pass entropy_full and/or entropy_sampled")
+        if entropy_full is not None:
+            self.state.entropy_full = float(entropy_full)
+        if entropy_sampled is not None:
+            self.state.entropy_sampled = float(entropy_sampled)
+        self.state.num_observations += 1
+
+    def signal(self) -> float | None:
+        s = self.state.entropy_full if self.config.estimator == "full" else self.state.entropy_sampled
+        if s is None and self.state.num_observations > 0:
+            raise ValueError(
+                f"controller: estimator={self.config.estimator!r} but only the other estimator was observed; "
+                f"pass entropy_{'full' if self.config.estimator == 'full' else 'sampled'} to observe()"
+            )
+        return s if s is not None else self.config.initial_entropy
+
+    # -- decision
+    def decide(self, step: int) -> Decision:
+        """Temperature and budget for the temperature samples of ``step``."""
+        cfg = self.config
+        target = cfg.target(step)
+        h = self.signal()
+        if h is None:
+            mode = "raise"
+        elif cfg.dead_band <= 0:
+            mode = "raise" if h < target else "lower"
+        elif h < target - cfg.dead_band:
+            mode = "raise"
+        elif h > target + cfg.dead_band:
+            mode = "lower"
+        elif cfg.band_mode == "idle":
+            mode = "idle"
+        else:  # hold: keep the previous direction; with none yet, use the hard switch
+            prev = self.state.mode
+            mode = prev if prev in ("raise", "lower") else ("raise" if h < target else "lower")
+        if mode == "raise":
+            temperature, budget = cfg.t_high, cfg.budget_raise
+        elif mode == "lower":
+            temperature, budget = cfg.t_low, cfg.budget_lower
+        else:
+            temperature, budget = 1.0, 0
+        st = self.state
+        st.mode, st.temperature, st.budget, st.target, st.step = mode, temperature, budget, target, int(step)
+        return Decision(int(step), float(temperature), int(budget), float(target), h, mode)
+
+    # -- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "state": dataclasses.asdict(self.state)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EntropyController":
+        if "config" not in d or "state" not in d:
+            raise ValueError(f"EntropyController.from_dict: expected keys 'config' and 'state', got {sorted(d)}")
+        return cls(ControllerConfig.from_dict(d["config"]), ControllerState(**d["state"]))
+
+
+def select_positives(
+    rewards: Sequence[float] | np.ndarray,
+    budget: int,
+    *,
+    rule: str = "reward",
+    group_ids: Sequence[int] | np.ndarray | None = None,
+    threshold: float = 0.05,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Indices of at most ``budget`` positive temperature samples (possibly none: never raises for 0).
+
+    rule ``reward`` (paper): R > 0. Rule ``group_adv`` (authors' code): GRPO advantage within the
+    sample's temperature group > ``threshold``; with binary rewards this drops groups in which
+    every sample is correct. Kept in batch order (the authors take the first k) unless ``rng`` is
+    given, then a random subset.
+    """
+    r = np.asarray(rewards, np.float64)
+    if r.ndim != 1:
+        raise ValueError(f"rewards: expected a 1-D array, got shape {r.shape}")
+    if budget < 0:
+        raise ValueError(f"budget: expected >= 0, got {budget}")
+    if rule == "reward":
+        ok = r > 0
+    elif rule == "group_adv":
+        if group_ids is None:
+            raise ValueError("group_ids: required for rule='group_adv'")
+        g = np.asarray(group_ids)
+        if g.shape != r.shape:
+            raise ValueError(f"group_ids: expected shape {r.shape}, got {g.shape}")
+        adv = np.zeros_like(r)
+        for gid in np.unique(g):
+            sel = g == gid
+            x = r[sel]
+            if x.size > 1 and not np.all(x == x[0]):
+                adv[sel] = (x - x.mean()) / (x.std(ddof=1) + 1e-6)
+        ok = adv > threshold
+    else:
+        raise ValueError(f"rule: expected 'reward' or 'group_adv', got {rule!r}")
+    idx = np.flatnonzero(ok)
+    if rng is not None:
+        idx = np.sort(rng.permutation(idx)[:budget])
+    return idx[:budget]
