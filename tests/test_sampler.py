@@ -1,0 +1,242 @@
+"""The JAX sampler: greedy == argmax of the full forward, seeds, exact sampling distributions
+(chi-square), log-probs against the learner's forward, stops and lengths, weight swaps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from aepo_jax.rollout.testing import make_tiny_model_dir
+
+VOCAB = 320
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # initializer_range 0.3: peaked next-token distributions, so temperature is visible.
+    return make_tiny_model_dir(str(tmp_path_factory.mktemp("sampler_model")), seed=0, vocab_size=VOCAB,
+                               init_std=0.3, eos_token_id=EOS)
+
+
+@pytest.fixture(scope="module")
+def sampler(model_dir):
+    from aepo_jax.rollout.sampler import Sampler, SamplerConfig
+
+    cfg = SamplerConfig(max_batch=512, batch_buckets=(8, 512), prompt_buckets=(16,), gen_buckets=(16,))
+    return Sampler.from_pretrained(model_dir, dtype="float32", config=cfg)
+
+
+_FWD = {}
+
+
+def _full_logits(sampler, ids, pad_to=32):
+    """The learner's view: one full forward of prompt+output, float32 logits [L, V].
+
+    Right-padded to a fixed length (causal: padding after the sequence changes nothing before
+    it) so one compiled forward serves every call."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if "fn" not in _FWD:
+        _FWD["fn"] = jax.jit(lambda st, x: nnx.merge(sampler._graphdef, st)(x))
+    x = np.zeros((1, pad_to), np.int32)
+    x[0, :len(ids)] = ids
+    out = _FWD["fn"](sampler._weights[0], jnp.asarray(x))
+    return np.asarray(out[0, :len(ids)], np.float64)
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _chi2_pvalue(counts, probs, min_expected=5.0):
+    """Pearson chi-square goodness of fit, bins with small expectation pooled; Wilson-Hilferty p."""
+    n = counts.sum()
+    exp = probs * n
+    big = exp >= min_expected
+    obs = np.append(counts[big], counts[~big].sum())
+    ex = np.append(exp[big], exp[~big].sum())
+    keep = ex > 0
+    obs, ex = obs[keep], ex[keep]
+    # counts that land where the expectation is exactly 0 make the fit impossible
+    if counts[probs == 0].sum() > 0:
+        return 0.0
+    stat = float(((obs - ex) ** 2 / ex).sum())
+    k = len(obs) - 1
+    z = ((stat / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+PROMPTS = [(1, 17, 33, 48), (5, 9), (1, 200, 201, 202, 203, 204, 205, 206, 207), (99,)]
+
+
+def test_greedy_equals_argmax_of_full_forward(sampler):
+    from aepo_jax.rollout.sampler import SamplingRequest
+
+    reqs = [SamplingRequest(input_ids=p, max_new_tokens=12, temperature=0.0, ignore_eos=True) for p in PROMPTS]
+    res = sampler.generate(reqs)
+    for p, r in zip(PROMPTS, res):
+        ids = list(p)
+        for _ in range(12):  # argmax decoding with a full forward each step
+            ids.append(int(np.argmax(_full_logits(sampler, ids)[-1])))
+        assert r.output_ids == ids[len(p):], (p, r.output_ids, ids[len(p):])
+        assert r.finish_reason == {"type": "length", "length": 12}
+        # greedy returns temperature-1 log-probs (SGLang)
+        np.testing.assert_allclose(r.logprobs, r.logprobs_t1, atol=1e-6)
+
+
+def test_seeds_reproducible_and_batch_independent(sampler):
+    from aepo_jax.rollout.sampler import SamplingRequest
+
+    def req(seed, prompt=PROMPTS[0], **kw):
+        kw = {"temperature": 1.0, **kw}
+        return SamplingRequest(input_ids=prompt, max_new_tokens=10, seed=seed, ignore_eos=True, **kw)
+
+    alone = sampler.generate([req(7)])[0]
+    again = sampler.generate([req(7)])[0]
+    assert alone.output_ids == again.output_ids
+    # same seed in a different batch (other prompts, other lengths, other settings around it)
+    mixed = sampler.generate([req(1, PROMPTS[2]), req(3, PROMPTS[1], top_p=0.5), req(7),
+                              req(9, PROMPTS[3], temperature=0.0)])
+    assert mixed[2].output_ids == alone.output_ids
+    np.testing.assert_allclose(mixed[2].logprobs, alone.logprobs, atol=1e-5)
+    outs = {tuple(sampler.generate([req(s)])[0].output_ids) for s in range(6)}
+    assert len(outs) >= 5, "different seeds should give different samples"
+    # the same request twice in one batch with the same seed gives the same output too
+    dup = sampler.generate([req(11), req(11)])
+    assert dup[0].output_ids == dup[1].output_ids
+    # seed=None draws a fresh seed and records it; replaying it reproduces the sample
+    fresh = sampler.generate([req(None)])[0]
+    assert sampler.generate([req(fresh.seed)])[0].output_ids == fresh.output_ids
+
+
+def _first_token_probs(logits, temperature, top_p=1.0, top_k=None, min_p=0.0):
+    p = np.exp(_log_softmax(logits / temperature))
+    keep = np.ones_like(p, bool)
+    order = np.argsort(-p)
+    if top_k is not None:
+        keep[order[top_k:]] = False
+    if top_p < 1.0:
+        cs = np.cumsum(p[order])
+        m = int(np.sum(cs - p[order] < top_p))  # smallest prefix with mass >= top_p
+        keep[order[m:]] = False
+    if min_p > 0:
+        keep &= p >= min_p * p.max()
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+CASES = [dict(temperature=0.5), dict(temperature=1.0), dict(temperature=1.5),
+         dict(temperature=1.0, top_p=0.8), dict(temperature=1.2, top_k=7), dict(temperature=1.0, min_p=0.05)]
+
+
+def test_first_token_distribution_chi_square(sampler):
+    from aepo_jax.rollout.sampler import SamplingRequest
+
+    prompt = (1, 17, 33, 48)
+    logits = _full_logits(sampler, list(prompt))[-1]
+    n = 3072
+    reqs = []
+    for c, case in enumerate(CASES):
+        reqs += [SamplingRequest(input_ids=prompt, max_new_tokens=1, seed=100_000 * c + i, **case) for i in range(n)]
+    res = sampler.generate(reqs)
+    firsts = np.array([r.output_ids[0] for r in res]).reshape(len(CASES), n)
+    for c, case in enumerate(CASES):
+        kw = {k: v for k, v in case.items() if k != "temperature"}
+        probs = _first_token_probs(logits, case["temperature"], **kw)
+        counts = np.bincount(firsts[c], minlength=VOCAB).astype(float)
+        p = _chi2_pvalue(counts, probs)
+        assert p > 1e-3, (case, p)
+        # the support of a truncated distribution is respected exactly
+        assert np.all(probs[firsts[c]] > 0), case
+    # the test has power: T=1.0 samples do not fit the T=0.5 distribution, nor the untruncated
+    # T=1.0 samples the top_p=0.8 one
+    assert _chi2_pvalue(np.bincount(firsts[1], minlength=VOCAB).astype(float),
+                        _first_token_probs(logits, 0.5)) < 1e-6
+    assert _chi2_pvalue(np.bincount(firsts[1], minlength=VOCAB).astype(float),
+                        _first_token_probs(logits, 1.0, top_p=0.8)) < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_learner_forward(sampler, temperature):
+    from aepo_jax.rollout.sampler import SamplingRequest
+
+    reqs = [SamplingRequest(input_ids=p, max_new_tokens=12, temperature=temperature, seed=5 + i,
+                            ignore_eos=True, top_p=0.9 if i == 1 else 1.0) for i, p in enumerate(PROMPTS)]
+    for p, r in zip(PROMPTS, sampler.generate(reqs)):
+        full = list(p) + r.output_ids
+        logits = _full_logits(sampler, full)[len(p) - 1:-1]  # positions that predicted each output
+        idx = np.arange(len(r.output_ids))
+        lp_t = _log_softmax(logits / temperature)[idx, r.output_ids]
+        lp_1 = _log_softmax(logits)[idx, r.output_ids]
+        np.testing.assert_allclose(r.logprobs, lp_t, atol=1e-4)
+        np.testing.assert_allclose(r.logprobs_t1, lp_1, atol=1e-4)
+
+
+def test_stops_lengths_and_ignore_eos(sampler):
+    from aepo_jax.rollout.sampler import SamplingRequest
+
+    p = PROMPTS[0]
+    ref = sampler.generate([SamplingRequest(input_ids=p, max_new_tokens=12, temperature=0.0, ignore_eos=True)])[0]
+    stop_tok = ref.output_ids[3]
+    first = ref.output_ids.index(stop_tok)
+    res = sampler.generate([
+        SamplingRequest(input_ids=p, max_new_tokens=12, temperature=0.0, stop_token_ids=(stop_tok,)),
+        SamplingRequest(input_ids=p, max_new_tokens=12, temperature=0.0, stop_token_ids=(stop_tok,), ignore_eos=True),
+        SamplingRequest(input_ids=p, max_new_tokens=3, temperature=0.0, ignore_eos=True),
+        SamplingRequest(input_ids=p, max_new_tokens=0, temperature=0.0),
+        SamplingRequest(input_ids=p, max_new_tokens=first + 1, temperature=0.0, stop_token_ids=(stop_tok,)),
+    ])
+    # the stop token is included in output_ids; finish reason names it
+    assert res[0].output_ids == ref.output_ids[:first + 1]
+    assert res[0].finish_reason == {"type": "stop", "matched": stop_tok}
+    # ignore_eos disables every token stop, stop_token_ids included (SGLang)
+    assert res[1].output_ids == ref.output_ids and res[1].finish_reason["type"] == "length"
+    assert res[2].output_ids == ref.output_ids[:3] and res[2].finish_reason == {"type": "length", "length": 3}
+    assert res[3].output_ids == [] and res[3].finish_reason == {"type": "length", "length": 0}
+    # a stop token on the last allowed position is a stop, not a length finish
+    assert res[4].finish_reason == {"type": "stop", "matched": stop_tok}
+    # the model's EOS stops generation unless ignore_eos
+    assert sampler.eos_token_ids == (EOS,)
+
+
+def test_bad_requests_raise_naming_the_request(sampler):
+    from aepo_jax.rollout.sampler import SamplingRequest
+
+    ok = SamplingRequest(input_ids=(1, 2), max_new_tokens=1)
+    for bad, word in [(SamplingRequest(input_ids=(), max_new_tokens=1), "input_ids"),
+                      (SamplingRequest(input_ids=(VOCAB,), max_new_tokens=1), "vocabulary"),
+                      (SamplingRequest(input_ids=(1,), max_new_tokens=-1), "max_new_tokens"),
+                      (SamplingRequest(input_ids=(1,), top_p=0.0), "top_p"),
+                      (SamplingRequest(input_ids=(1,), temperature=-1.0), "temperature"),
+                      (SamplingRequest(input_ids=(1,), max_new_tokens=10_000), "context")]:
+        with pytest.raises(ValueError, match=word) as e:
+            sampler.generate([ok, bad])
+        assert "request 1" in str(e.value)
+
+
+def test_load_weights_swaps_and_rejects_other_shapes(sampler, model_dir, tmp_path):
+    from aepo_jax.rollout.sampler import SamplingRequest
+
+    req = [SamplingRequest(input_ids=PROMPTS[0], max_new_tokens=8, temperature=0.0, ignore_eos=True)]
+    before = sampler.generate(req)[0].output_ids
+    other = make_tiny_model_dir(str(tmp_path / "other"), seed=1, vocab_size=VOCAB, init_std=0.3, eos_token_id=EOS)
+    wrong = make_tiny_model_dir(str(tmp_path / "wrong"), seed=1, vocab_size=VOCAB, hidden_size=32,
+                                num_heads=2, num_kv_heads=1, eos_token_id=EOS)
+    try:
+        sampler.load_weights(other, weight_version="v1")
+        assert sampler.weight_version == "v1"
+        after = sampler.generate(req)[0].output_ids
+        assert after != before
+        with pytest.raises(Exception):
+            sampler.load_weights(wrong, weight_version="v2")
+        assert sampler.weight_version == "v1"  # failed swap: old weights and version stay
+        assert sampler.generate(req)[0].output_ids == after
+    finally:
+        sampler.load_weights(model_dir, weight_version="default")
+    assert sampler.generate(req)[0].output_ids == before
