@@ -367,3 +367,106 @@ def test_read_only_manager_cannot_save_and_keeps_tmp_dirs(tmp_path):
         assert w.latest_step() == 1
         w.save(2, _state())
         assert w.all_steps() == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/export_hf.py: checkpoint params -> a Hugging Face directory transformers loads.
+# ---------------------------------------------------------------------------------------------
+
+EXPORT_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "export_hf.py")
+
+
+def _tiny_hf_base(out_dir):
+    import torch
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 64)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(out_dir)
+    cfg = T.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    T.Qwen2ForCausalLM(cfg).save_pretrained(out_dir)
+    return out_dir
+
+
+def _load_export_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_hf", EXPORT_TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_export_hf_logits_equal_the_learners(tmp_path):
+    pytest.importorskip("aepo_jax.models")
+    import jax
+    import optax
+    import torch
+    import transformers as T
+    from flax import nnx
+
+    from aepo_jax.models import load_pretrained
+
+    base = _tiny_hf_base(str(tmp_path / "base"))
+    graphdef, params0 = nnx.split(load_pretrained(base))
+    rng = np.random.default_rng(0)
+    # "trained" weights: every tensor moved away from the base model's
+    params1 = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32), params0)
+    ids = np.array([[1, 5, 9, 30, 2, 7, 40], [1, 3, 3, 60, 61, 62, 4]], np.int32)
+    mask = np.ones_like(ids)
+    learner_logits = {s: np.asarray(nnx.merge(graphdef, p)(ids, attention_mask=mask)) for s, p in ((2, params0), (4, params1))}
+    run = tmp_path / "run"
+    with CheckpointManager(run / "checkpoints") as m:
+        for s, p in ((2, params0), (4, params1)):
+            m.save(s, {"params": p, "opt_state": optax.adamw(1e-3).init(p), "rng": jax.random.key(s)}, {"it": b"x"})
+    (run / "config.yaml").write_text(f"model:\n  path: {base}\nrollout:\n  urls: []\n")
+
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, EXPORT_TOOL, "--checkpoint", str(run), "--out", str(out), "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exported step 4" in r.stdout
+    hf = T.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = hf(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(got, learner_logits[4], atol=2e-5, rtol=1e-5)
+    assert np.abs(learner_logits[4] - learner_logits[2]).max() > 1e-2  # the check above could fail
+    for fn in ("tokenizer.json", "tokenizer_config.json"):  # the base model's tokenizer travels along
+        assert (out / fn).read_bytes() == (tmp_path / "base" / fn).read_bytes()
+
+    # RUN/STEP picks an older step; bfloat16 halves the weights and still loads
+    tool = _load_export_tool()
+    step, written = tool.export(run / "2", tmp_path / "hf2", dtype="bfloat16")
+    assert step == 2 and "model.safetensors" in written
+    hf2 = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got2 = hf2(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got2, learner_logits[2], atol=5e-2)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf2" / "model.safetensors"), framework="numpy") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+
+
+def test_export_hf_errors_name_the_problem(tmp_path):
+    pytest.importorskip("aepo_jax.models")
+    tool = _load_export_tool()
+    run = tmp_path / "run"
+    with CheckpointManager(run / "checkpoints") as m:
+        m.save(1, {"params": {"embed": {"value": np.zeros((64, 32), np.float32)}}})
+    with pytest.raises(tool.ExportError, match=r"config.yaml not found; pass --model-path"):
+        tool.export(run, tmp_path / "o")
+    (run / "config.yaml").write_text("model:\n  path: ''\n")
+    with pytest.raises(tool.ExportError, match="has no model.path"):
+        tool.export(run, tmp_path / "o")
+    base = _tiny_hf_base(str(tmp_path / "base"))
+    with pytest.raises(tool.ExportError, match=r"missing from the checkpoint: layers/0/attn/.*"):
+        tool.export(run, tmp_path / "o", model_path=base)
+    r = subprocess.run([sys.executable, EXPORT_TOOL, "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no checkpoints under" in r.stderr
+    assert not (tmp_path / "o").exists()
