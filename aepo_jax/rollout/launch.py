@@ -54,10 +54,10 @@ class ServerProcess:
         self.stop()
 
 
-def launch_server(model_path: str, *, port: int | None = None, host: str = "127.0.0.1",
-                  extra_args: list[str] | tuple[str, ...] = (), env: dict | None = None,
-                  wait_s: float = 300.0, log_path: str | None = None) -> ServerProcess:
-    """``python -m aepo_jax.rollout.server`` in a subprocess; returns once ``/health`` is 200."""
+def start_server(model_path: str, *, port: int | None = None, host: str = "127.0.0.1",
+                 extra_args: list[str] | tuple[str, ...] = (), env: dict | None = None,
+                 log_path: str | None = None) -> ServerProcess:
+    """Start ``python -m aepo_jax.rollout.server`` in a subprocess without waiting for it."""
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "aepo_jax.rollout.server", "--model-path", str(model_path),
            "--host", host, "--port", str(port), *extra_args]
@@ -65,7 +65,38 @@ def launch_server(model_path: str, *, port: int | None = None, host: str = "127.
     e.update(env or {})
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=e, stdout=out, stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL)
-    sp = ServerProcess(proc, f"http://{host}:{port}", log_path)
+    if log_path:
+        out.close()  # the child holds its own descriptor
+    return ServerProcess(proc, f"http://{host}:{port}", log_path)
+
+
+def launch_server(model_path: str, *, port: int | None = None, host: str = "127.0.0.1",
+                  extra_args: list[str] | tuple[str, ...] = (), env: dict | None = None,
+                  wait_s: float = 300.0, log_path: str | None = None) -> ServerProcess:
+    """``python -m aepo_jax.rollout.server`` in a subprocess; returns once ``/health`` is 200."""
+    sp = start_server(model_path, port=port, host=host, extra_args=extra_args, env=env, log_path=log_path)
+    wait_healthy(sp, wait_s)
+    return sp
+
+
+def launch_servers(model_path: str, count: int, *, wait_s: float = 300.0, log_dir: str | None = None,
+                   **kw) -> list[ServerProcess]:
+    """Start ``count`` servers at once (their start-ups overlap), then wait for all of them."""
+    sps = [start_server(model_path, log_path=os.path.join(log_dir, f"server{i}.log") if log_dir else None, **kw)
+           for i in range(count)]
+    try:
+        for sp in sps:
+            wait_healthy(sp, wait_s)
+    except BaseException:
+        for sp in sps:
+            sp.kill()
+        raise
+    return sps
+
+
+def wait_healthy(sp: ServerProcess, wait_s: float) -> None:
+    proc = sp.proc
+    cmd = proc.args
     t_end = time.monotonic() + wait_s
     while time.monotonic() < t_end:
         if proc.poll() is not None:
@@ -73,7 +104,7 @@ def launch_server(model_path: str, *, port: int | None = None, host: str = "127.
         try:
             with urllib.request.urlopen(sp.url + "/health", timeout=2) as r:
                 if r.status == 200:
-                    return sp
+                    return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)

@@ -108,6 +108,7 @@ class ServerArgs:
     random_seed: int | None = None
     prompt_buckets: tuple[int, ...] = ()
     gen_buckets: tuple[int, ...] = ()
+    batch_buckets: tuple[int, ...] = ()
     warmup: bool = True
     served_model_name: str | None = None
     extra: dict = field(default_factory=dict)
@@ -144,8 +145,8 @@ class EmbeddedServer:
         a = self.args
         with open(os.path.join(a.model_path, "config.json")) as f:
             self._model_cfg = json.load(f)
-        cfg = SamplerConfig(max_batch=a.max_batch,
-                            batch_buckets=tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < a.max_batch) + (a.max_batch,),
+        bb = a.batch_buckets or tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < a.max_batch) + (a.max_batch,)
+        cfg = SamplerConfig(max_batch=a.max_batch, batch_buckets=bb,
                             prompt_buckets=a.prompt_buckets, gen_buckets=a.gen_buckets)
         self.sampler = Sampler.from_pretrained(a.model_path, dtype=a.dtype, mesh=a.mesh, config=cfg,
                                                context_len=a.context_length)
@@ -675,6 +676,7 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     p.add_argument("--random-seed", type=int, default=None, help="seeds the draws of requests without sampling_seed")
     p.add_argument("--prompt-buckets", default="", help="comma-separated prompt length buckets")
     p.add_argument("--gen-buckets", default="", help="comma-separated generation length buckets")
+    p.add_argument("--batch-buckets", default="", help="comma-separated batch size buckets (default: powers of 2)")
     p.add_argument("--skip-server-warmup", action="store_true")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--log-level", default="warning")
@@ -687,7 +689,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
                       skip_tokenizer_init=a.skip_tokenizer_init, weight_version=a.weight_version,
                       context_length=a.context_length, max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms,
                       random_seed=a.random_seed, prompt_buckets=_int_list(a.prompt_buckets),
-                      gen_buckets=_int_list(a.gen_buckets), warmup=not a.skip_server_warmup,
+                      gen_buckets=_int_list(a.gen_buckets), batch_buckets=_int_list(a.batch_buckets),
+                      warmup=not a.skip_server_warmup,
                       served_model_name=a.served_model_name)
 
 

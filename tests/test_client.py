@@ -1,0 +1,234 @@
+"""The async SGLang client against real embedded-server subprocesses: seeded n-sample rollouts,
+round robin, 4xx vs 5xx, health deadline, and a server killed mid-rollout."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from aepo_jax.rollout.testing import load_sglang_api_types, make_tiny_model_dir
+
+VOCAB = 256
+SERVER_ARGS = ["--max-batch", "8", "--batch-buckets", "8", "--prompt-buckets", "16",
+               "--gen-buckets", "16", "--skip-tokenizer-init"]
+PROMPTS = [[1 + i, 3 + 2 * i, 7, 11 + i] for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model_dir(str(tmp_path_factory.mktemp("client_model")), seed=0, vocab_size=VOCAB,
+                               init_std=0.3, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir, tmp_path_factory):
+    from aepo_jax.rollout.launch import launch_servers
+
+    sps = launch_servers(model_dir, 2, extra_args=SERVER_ARGS, wait_s=240,
+                         log_dir=str(tmp_path_factory.mktemp("client_logs")))
+    yield sps
+    for sp in sps:
+        sp.stop()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def _client(urls, **kw):
+    from aepo_jax.rollout.client import RolloutClient
+
+    kw = {"batch_size": 8, "backoff_s": 0.05, **kw}
+    return RolloutClient(urls, **kw)
+
+
+SP = {"max_new_tokens": 10, "ignore_eos": True}
+
+
+def _ids(result):
+    return [[s.output_ids for s in row] for row in result]
+
+
+def test_seeded_n_samples_reproducible_across_servers(servers):
+    from aepo_jax.rollout.client import sample_seed
+
+    async def go():
+        async with _client([s.url for s in servers]) as c:
+            await c.wait_healthy(30)
+            r1 = await c.generate(PROMPTS, n=4, sampling_params=SP, seed=123, temperature=1.0)
+            r2 = await c.generate(PROMPTS, n=4, sampling_params=SP, seed=123, temperature=1.0)
+        async with _client(servers[1].url) as c:
+            r3 = await c.generate(PROMPTS, n=4, sampling_params=SP, seed=123, temperature=1.0)
+        return r1, r2, r3
+
+    r1, r2, r3 = run(go())
+    assert len(r1) == len(PROMPTS) and all(len(row) == 4 for row in r1)
+    assert _ids(r1) == _ids(r2) == _ids(r3)  # same seeds: same samples, whichever server
+    assert {s.server for row in r1 for s in row} == {s.url for s in servers}  # round robin used both
+    for i, row in enumerate(r1):
+        assert len({tuple(s.output_ids) for s in row}) > 1  # the n samples differ
+        for j, s in enumerate(row):
+            assert (s.prompt_index, s.sample_index, s.seed) == (i, j, sample_seed(123, i, j))
+            assert len(s.output_ids) == 10 and len(s.logprobs) == 10 and s.finish_type == "length"
+            assert s.weight_version == "default" and s.text is None  # --skip-tokenizer-init: no text
+            api = load_sglang_api_types()
+            if api is not None:
+                api.GenerateMetaInfo.from_json_value(s.meta_info)
+
+
+def test_per_call_temperature_and_explicit_seeds(servers):
+    async def go():
+        async with _client(servers[0].url) as c:
+            greedy = await c.generate(PROMPTS[:3], n=3, sampling_params=SP, seed=1, temperature=0.0)
+            seeds = [[10 * i + j for j in range(2)] for i in range(3)]
+            a = await c.generate(PROMPTS[:3], n=2, sampling_params=SP, seeds=seeds, temperature=1.0)
+            b = await c.generate(PROMPTS[:3], n=2, sampling_params=SP, seeds=seeds, temperature=1.0)
+            hot = await c.generate(PROMPTS[:3], n=2, sampling_params=dict(SP, temperature=0.0), seeds=seeds,
+                                   temperature=1.0)
+        return greedy, a, b, hot
+
+    greedy, a, b, hot = run(go())
+    assert all(len({tuple(s.output_ids) for s in row}) == 1 for row in greedy)  # T=0: identical
+    assert _ids(a) == _ids(b) and [[s.seed for s in row] for row in a] == [[0, 1], [10, 11], [20, 21]]
+    assert _ids(hot) == _ids(a)  # the per-call temperature overrides sampling_params
+
+
+def test_bad_request_is_not_retried(servers):
+    from aepo_jax.rollout.client import ServerRequestError
+
+    async def go():
+        async with _client([s.url for s in servers]) as c:
+            with pytest.raises(ServerRequestError) as e:
+                await c.generate(PROMPTS[:1], sampling_params={"top_p": 1.5})
+            return e.value
+
+    err = run(go())
+    assert err.status == 400 and "top_p" in str(err.body)
+    with pytest.raises(ValueError, match="max_tokens"):
+        _client(servers[0].url).build_generate_bodies(PROMPTS[:1], sampling_params={"max_tokens": 3})
+    with pytest.raises(ValueError, match="seeds"):
+        _client(servers[0].url).build_generate_bodies(PROMPTS[:2], n=2, seeds=[[1, 2]])
+
+
+def test_wait_healthy_deadline_names_the_server():
+    from aepo_jax.rollout.launch import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=url):
+        run(_client(url).wait_healthy(deadline_s=1.0, poll_s=0.1))
+    assert time.monotonic() - t0 < 10
+
+
+class FlakyProxy:
+    """Fault injection in front of a real server: the first ``fail`` /generate calls get a 503,
+    later ones are forwarded unchanged."""
+
+    def __init__(self, target: str, fail: int):
+        from aepo_jax.rollout.launch import free_port
+
+        self.target, self.fail, self.calls = target, fail, 0
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _serve(self):
+        import aiohttp
+        from aiohttp import web
+
+        async def handle(request):
+            self.calls += 1
+            if self.calls <= self.fail:
+                return web.json_response({"error": {"message": "injected"}}, status=503)
+            async with aiohttp.ClientSession() as s:
+                async with s.post(self.target + "/generate", data=await request.read(),
+                                  headers={"Content-Type": "application/json"}) as r:
+                    return web.Response(body=await r.read(), status=r.status, content_type="application/json")
+
+        async def main():
+            app = web.Application()
+            app.router.add_post("/generate", handle)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(main())
+
+    def close(self):
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def test_5xx_is_retried_with_backoff(servers):
+    from aepo_jax.rollout.client import RolloutError
+
+    proxy = FlakyProxy(servers[0].url, fail=2)
+    try:
+        async def go(max_retries):
+            async with _client(proxy.url, max_retries=max_retries) as c:
+                return await c.generate(PROMPTS[:2], n=2, sampling_params=SP, seed=5)
+
+        r = run(go(3))
+        assert proxy.calls == 3 and all(len(row) == 2 for row in r)
+        proxy.calls, proxy.fail = 0, 10
+        with pytest.raises(RolloutError, match="HTTP 503"):
+            run(go(2))
+        assert proxy.calls == 3
+    finally:
+        proxy.close()
+
+
+def test_server_killed_mid_rollout_is_survived_then_reported(servers):
+    """Kill one of two servers while it holds requests: every sample still comes back, equal to
+    what an undisturbed run gives (same seeds); a client left with only the dead server fails
+    with a clear error instead of returning fewer samples."""
+    from aepo_jax.rollout.client import RolloutError
+
+    sp = dict(SP, max_new_tokens=14)
+    prompts = [p * 5 for p in PROMPTS]  # 20 tokens: a shape not compiled yet, so requests stay in flight
+
+    async def reference():
+        async with _client(servers[0].url) as c:
+            return await c.generate(prompts, n=2, sampling_params=sp, seed=77)
+
+    async def disturbed(victim):
+        async with _client([s.url for s in servers], batch_size=4) as c:
+            task = asyncio.create_task(c.generate(prompts, n=2, sampling_params=sp, seed=77))
+            deadline = time.monotonic() + 60
+            held = False
+            while time.monotonic() < deadline and not held:  # wait until the victim holds requests
+                try:
+                    st = (await c.server_info(victim.url))["internal_states"][0]
+                    held = st["num_running_reqs"] + st["num_waiting_reqs"] > 0
+                except Exception:
+                    pass
+                await asyncio.sleep(0.01)
+            victim.kill()
+            assert held, "the victim never held a request: the test did not kill it mid-rollout"
+            return await task
+
+    victim = servers[1]
+    got = run(disturbed(victim))
+    assert not victim.alive()
+    assert all(len(row) == 2 for row in got)
+    assert {s.server for row in got for s in row} <= {servers[0].url, victim.url}
+    ref = run(reference())
+    assert _ids(got) == _ids(ref)
+
+    async def only_dead():
+        async with _client(victim.url, max_retries=2) as c:
+            return await c.generate(PROMPTS[:2], n=2, sampling_params=SP, seed=1)
+
+    with pytest.raises(RolloutError, match=victim.url.split("//")[1]):
+        run(only_dead())
