@@ -128,6 +128,15 @@ class RolloutClient:
             self._sems = {u: asyncio.Semaphore(self.config.max_inflight) for u in self.urls}
         return self._session
 
+    async def release_loop_session(self) -> None:
+        """Close the HTTP session if it belongs to the running event loop (before that loop ends)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._session is not None and self._session_loop is loop:
+            await self.close()
+
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
             await self._session.close()
@@ -409,6 +418,16 @@ def _to_sample(i: int, j: int, obj: Any, seed: int | None, url: str) -> Sample:
                   seed=seed if seed is not None else -1, text=obj.get("text"), server=url, meta_info=meta)
 
 
-def run_sync(coro):
-    """Run a client coroutine from synchronous code (a fresh event loop per call is fine)."""
-    return asyncio.run(coro)
+def run_sync(coro, client: RolloutClient | None = None):
+    """Run a client coroutine from synchronous code in a fresh event loop, e.g.
+    ``run_sync(client.generate(...), client)``; the client's session for that loop is closed
+    before the loop ends (pass ``client`` to avoid "Unclosed connector" warnings)."""
+
+    async def main():
+        try:
+            return await coro
+        finally:
+            if client is not None:
+                await client.release_loop_session()
+
+    return asyncio.run(main())

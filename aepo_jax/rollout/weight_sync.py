@@ -100,4 +100,6 @@ async def sync_weights_async(model, client, weight_version: str | int, sync_dir:
 
 def sync_weights_to_sampler(model, client, weight_version: str | int, sync_dir: str | None = None, **kw) -> SyncResult:
     """Synchronous wrapper of :func:`sync_weights_async` (runs its own event loop)."""
-    return asyncio.run(sync_weights_async(model, client, weight_version, sync_dir, **kw))
+    from aepo_jax.rollout.client import run_sync
+
+    return run_sync(sync_weights_async(model, client, weight_version, sync_dir, **kw), client)
