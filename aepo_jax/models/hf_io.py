@@ -1,0 +1,375 @@
+"""Hugging Face checkpoints in and out: ``load_pretrained`` and ``save_pretrained``.
+
+Import reads a local directory (config.json, model.safetensors or shards listed in
+model.safetensors.index.json) tensor by tensor, and each device shard of each parameter is read
+straight from the memory-mapped file into its place (``jax.make_array_from_callback``): the
+host never holds more than one tensor, so a 7B model never needs two copies in host memory.
+
+Export streams the other way: one jitted layout transform per parameter on the devices, an
+asynchronous device->host copy of the next tensor while the current one is written, and
+safetensors files whose headers are planned from shapes up front so that each tensor is written
+the moment it arrives. The same function is the per-step weight sync to SGLang.
+
+One table (:func:`tensor_map`) names every parameter's HF tensors and the layout change both
+ways; import, export and the tests all use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from aepo_jax.models.config import ModelConfig
+from aepo_jax.models.decoder import Decoder, abstract_model, as_dtype, materialize, param_paths, resolve_mesh
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", as transformers writes
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the config: a missing tensor or a shape mismatch."""
+
+
+# --------------------------------------------------------------------------- the name/layout table
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One parameter of ours <-> one or more HF tensors.
+
+    kind: "same" (identical layout), "t" (2-D transpose), "qkv", "qkv_bias", "o", "gate_up".
+    """
+
+    path: tuple  # attribute path in the Decoder, e.g. ("layers", 0, "attn", "qkv")
+    kind: str
+    hf_names: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+
+
+def tensor_map(cfg: ModelConfig) -> list[TensorMap]:
+    """Every parameter of a Decoder with this config, in HF state-dict order."""
+    h, v, i = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    nq, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    out = [TensorMap(("embed",), "same", ("model.embed_tokens.weight",), ((v, h),))]
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        a = p + "self_attn."
+        out.append(TensorMap(("layers", n, "attn_norm"), "same", (p + "input_layernorm.weight",), ((h,),)))
+        out.append(TensorMap(("layers", n, "attn", "qkv"), "qkv",
+                             (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                             ((nq * d, h), (kv * d, h), (kv * d, h))))
+        if cfg.qkv_bias:
+            out.append(TensorMap(("layers", n, "attn", "qkv_bias"), "qkv_bias",
+                                 (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
+                                 ((nq * d,), (kv * d,), (kv * d,))))
+        if cfg.qk_norm:
+            out.append(TensorMap(("layers", n, "attn", "q_norm"), "same", (a + "q_norm.weight",), ((d,),)))
+            out.append(TensorMap(("layers", n, "attn", "k_norm"), "same", (a + "k_norm.weight",), ((d,),)))
+        out.append(TensorMap(("layers", n, "attn", "o"), "o", (a + "o_proj.weight",), ((h, nq * d),)))
+        if cfg.o_bias:
+            out.append(TensorMap(("layers", n, "attn", "o_bias"), "same", (a + "o_proj.bias",), ((h,),)))
+        out.append(TensorMap(("layers", n, "mlp_norm"), "same", (p + "post_attention_layernorm.weight",), ((h,),)))
+        out.append(TensorMap(("layers", n, "mlp", "gate_up"), "gate_up",
+                             (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), ((i, h), (i, h))))
+        out.append(TensorMap(("layers", n, "mlp", "down"), "t", (p + "mlp.down_proj.weight",), ((h, i),)))
+    out.append(TensorMap(("norm",), "same", ("model.norm.weight",), ((h,),)))
+    if not cfg.tie_word_embeddings:
+        out.append(TensorMap(("lm_head",), "t", ("lm_head.weight",), ((v, h),)))
+    return out
+
+
+def _read_block(m: TensorMap, cfg: ModelConfig, get: Callable[[str], Any], index: tuple[slice, ...]) -> np.ndarray:
+    """Our-layout block `index` of parameter m, read from HF tensors (only the rows needed)."""
+    g, d = cfg.num_groups, cfg.head_dim
+    if m.kind == "same":
+        return get(m.hf_names[0])[index]
+    if m.kind == "t":
+        a, b = index
+        return np.asarray(get(m.hf_names[0])[b, a]).T
+    if m.kind == "qkv":  # ours [H, KV, G+2, D] <- q [KV*G*D, H], k/v [KV*D, H]
+        sh, skv, sg, sd = index
+        k0, k1 = skv.start, skv.stop
+        nkv, nh = k1 - k0, sh.stop - sh.start
+        q = np.asarray(get(m.hf_names[0])[k0 * g * d:k1 * g * d, sh]).T.reshape(nh, nkv, g, d)
+        k = np.asarray(get(m.hf_names[1])[k0 * d:k1 * d, sh]).T.reshape(nh, nkv, 1, d)
+        v = np.asarray(get(m.hf_names[2])[k0 * d:k1 * d, sh]).T.reshape(nh, nkv, 1, d)
+        return np.concatenate([q, k, v], axis=2)[:, :, sg, sd]
+    if m.kind == "qkv_bias":  # ours [KV, G+2, D]
+        skv, sg, sd = index
+        k0, k1 = skv.start, skv.stop
+        q = np.asarray(get(m.hf_names[0])[k0 * g * d:k1 * g * d]).reshape(k1 - k0, g, d)
+        k = np.asarray(get(m.hf_names[1])[k0 * d:k1 * d]).reshape(k1 - k0, 1, d)
+        v = np.asarray(get(m.hf_names[2])[k0 * d:k1 * d]).reshape(k1 - k0, 1, d)
+        return np.concatenate([q, k, v], axis=1)[:, sg, sd]
+    if m.kind == "o":  # ours [KV, G, D, H] <- o_proj [H, KV*G*D]
+        skv, sg, sd, sh = index
+        k0, k1 = skv.start, skv.stop
+        w = np.asarray(get(m.hf_names[0])[sh, k0 * g * d:k1 * g * d]).T
+        return w.reshape(k1 - k0, g, d, sh.stop - sh.start)[:, sg, sd, :]
+    if m.kind == "gate_up":  # ours [H, 2, I] <- gate/up [I, H]
+        sh, s2, si = index
+        parts = [np.asarray(get(m.hf_names[j])[si, sh]).T for j in range(2)[s2]]
+        return np.stack(parts, axis=1)
+    raise AssertionError(m.kind)
+
+
+def _to_hf(kind: str, cfg: ModelConfig, dtype: jnp.dtype) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
+    """Jitted our-layout -> HF-layout transform (runs on the devices, before the host copy)."""
+    g, d = cfg.num_groups, cfg.head_dim
+
+    def f(w):
+        w = w.astype(dtype)
+        if kind == "same":
+            return (w,)
+        if kind == "t":
+            return (w.T,)
+        if kind == "qkv":
+            h = w.shape[0]
+            return (w[:, :, :g].reshape(h, -1).T, w[:, :, g].reshape(h, -1).T, w[:, :, g + 1].reshape(h, -1).T)
+        if kind == "qkv_bias":
+            return (w[:, :g].reshape(-1), w[:, g].reshape(-1), w[:, g + 1].reshape(-1))
+        if kind == "o":
+            return (w.reshape(-1, w.shape[-1]).T,)
+        if kind == "gate_up":
+            return (w[:, 0].T, w[:, 1].T)
+        raise AssertionError(kind)
+
+    return jax.jit(f)
+
+
+_TO_HF_CACHE: dict[tuple, Callable] = {}
+
+
+def _to_hf_cached(kind: str, cfg: ModelConfig, dtype: jnp.dtype) -> Callable:
+    key = (kind, cfg.num_groups, cfg.head_dim, jnp.dtype(dtype).name)
+    if key not in _TO_HF_CACHE:
+        _TO_HF_CACHE[key] = _to_hf(kind, cfg, dtype)
+    return _TO_HF_CACHE[key]
+
+
+def _get_path(obj: Any, path: tuple) -> Any:
+    for p in path:
+        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+    return obj
+
+
+# --------------------------------------------------------------------------- import
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """ModelConfig from <path>/config.json (FileNotFoundError / ConfigError naming the file)."""
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: no config.json in the checkpoint directory {path!r}")
+    with open(cfg_path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    try:
+        return ModelConfig.from_hf_dict(d, source_dir=os.path.abspath(path))
+    except ValueError as e:
+        raise type(e)(f"{cfg_path}: {e}") from None
+
+
+def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
+    """Tensor name -> safetensors file, for a single file or an index of shards."""
+    path = os.fspath(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        out = {}
+        for name, fn in weight_map.items():
+            full = os.path.join(path, fn)
+            if not os.path.isfile(full):
+                raise FileNotFoundError(f"{full}: shard named for {name!r} in {index} does not exist")
+            out[name] = full
+        return out
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="numpy") as f:
+            return {k: single for k in f.keys()}
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+
+
+def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any = None, *,
+                    compute_dtype: Any = None, remat: bool = False) -> Decoder:
+    """Load a local HF directory into a Decoder, each tensor straight into its sharding.
+
+    dtype: parameter dtype ("float32" | "bfloat16"); compute_dtype defaults to it.
+    mesh: None (one device) | jax Mesh | "DxT".
+    """
+    from safetensors import safe_open
+
+    cfg = read_config(path)
+    files = checkpoint_files(path)
+    mesh = resolve_mesh(mesh)
+    model = abstract_model(cfg, dtype=as_dtype(dtype), compute_dtype=compute_dtype, remat=remat, mesh=mesh)
+    maps = {m.path: m for m in tensor_map(cfg)}
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, Any] = {}
+
+        def get(name: str):
+            fn = files[name]
+            if fn not in handles:
+                handles[fn] = stack.enter_context(safe_open(fn, framework="numpy"))
+            return handles[fn].get_slice(name)
+
+        # Check every tensor before reading any, so a bad checkpoint fails fast and by name.
+        for m in maps.values():
+            for name, want in zip(m.hf_names, m.hf_shapes):
+                if name not in files:
+                    raise CheckpointError(f"{name}: tensor missing from the checkpoint in {os.fspath(path)!r}")
+                got = tuple(get(name).get_shape())
+                if got != want:
+                    raise CheckpointError(
+                        f"{name}: shape mismatch: checkpoint {files[name]} has {list(got)}, "
+                        f"config.json implies {list(want)}"
+                    )
+        missing = [p for p, _ in param_paths(model) if p not in maps]
+        assert not missing, f"no HF mapping for {missing}"  # the table covers every Param
+        materialize(model, mesh, lambda p, var, idx: _read_block(maps[p], cfg, get, idx))
+    return model
+
+
+# --------------------------------------------------------------------------- export
+def _plan_shards(entries: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: int) -> list[list[int]]:
+    shards: list[list[int]] = [[]]
+    size = 0
+    for j, (_, shape) in enumerate(entries):
+        n = int(np.prod(shape)) * itemsize
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(j)
+        size += n
+    return shards
+
+
+def _host_stream(model: Decoder, maps: list[TensorMap], dtype: jnp.dtype) -> Iterator[np.ndarray]:
+    """HF tensors in order as host numpy arrays; the next parameter's transform and device->host
+    copy are in flight while the caller writes the current one (one parameter of lookahead)."""
+    cfg = model.cfg
+    pending: tuple[jax.Array, ...] | None = None
+    for m in maps:
+        outs = _to_hf_cached(m.kind, cfg, dtype)(_get_path(model, m.path)[...])
+        for o in outs:
+            o.copy_to_host_async()
+        if pending is not None:
+            for o in pending:
+                yield np.asarray(o)
+        pending = outs
+    if pending is not None:
+        for o in pending:
+            yield np.asarray(o)
+
+
+def _write_safetensors(fn: str, names: list[str], shapes: list[tuple[int, ...]], st_dtype: str, itemsize: int,
+                       arrays: Iterator[np.ndarray]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shape in zip(names, shapes):
+        n = int(np.prod(shape)) * itemsize
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    tmp = fn + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for name, shape in zip(names, shapes):
+            a = next(arrays)
+            if tuple(a.shape) != tuple(shape):  # pragma: no cover - table/transform disagreement
+                raise AssertionError(f"{name}: produced {a.shape}, planned {shape}")
+            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+    os.replace(tmp, fn)
+
+
+def save_pretrained(model: Decoder, out_dir: str | os.PathLike, dtype: Any = "bfloat16", *,
+                    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, source_dir: str | os.PathLike | None = None,
+                    copy_tokenizer: bool = True) -> list[str]:
+    """Write an HF checkpoint directory loadable by transformers and SGLang; returns the files written.
+
+    Shards of at most max_shard_size bytes (one file `model.safetensors` when it fits, otherwise
+    `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`), config.json,
+    generation_config.json and the tokenizer files of source_dir (default: the directory the
+    model was loaded from). Files are written to a temporary name and renamed, so a reader never
+    sees half a file.
+    """
+    cfg: ModelConfig = model.cfg
+    dt = as_dtype(dtype)
+    if dt.name not in _ST_DTYPES:
+        raise ValueError(f"dtype: {dtype!r} cannot be exported (use 'float32' or 'bfloat16')")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    maps = tensor_map(cfg)
+    names = [n for m in maps for n in m.hf_names]
+    shapes = [s for m in maps for s in m.hf_shapes]
+    itemsize = dt.itemsize
+    plan = _plan_shards(list(zip(names, shapes)), itemsize, max_shard_size)
+    stream = _host_stream(model, maps, dt)
+    written = []
+    weight_map = {}
+    n_shards = len(plan)
+    for k, idxs in enumerate(plan):
+        fn = "model.safetensors" if n_shards == 1 else f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
+        _write_safetensors(os.path.join(out_dir, fn), [names[j] for j in idxs], [shapes[j] for j in idxs],
+                           _ST_DTYPES[dt.name], itemsize, stream)
+        weight_map.update({names[j]: fn for j in idxs})
+        written.append(fn)
+    index_fn = os.path.join(out_dir, "model.safetensors.index.json")
+    if n_shards > 1:
+        total = sum(int(np.prod(s)) * itemsize for s in shapes)
+        _write_json(index_fn, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written.append("model.safetensors.index.json")
+    # Remove weights of an earlier export into the same directory that this one did not overwrite.
+    for fn in os.listdir(out_dir):
+        stale = fn.startswith("model") and fn.endswith(".safetensors") and fn not in written
+        if stale or (n_shards == 1 and fn == "model.safetensors.index.json"):
+            os.remove(os.path.join(out_dir, fn))
+
+    _write_json(os.path.join(out_dir, "config.json"), cfg.to_hf_dict(dtype=dt.name))
+    written.append("config.json")
+    src = os.fspath(source_dir) if source_dir is not None else cfg.source_dir
+    gen_src = os.path.join(src, "generation_config.json") if src else None
+    if gen_src and os.path.isfile(gen_src):
+        if os.path.abspath(gen_src) != os.path.abspath(os.path.join(out_dir, "generation_config.json")):
+            shutil.copyfile(gen_src, os.path.join(out_dir, "generation_config.json"))
+    else:
+        extra = json.loads(cfg.extra_json)
+        gen = {k: extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if extra.get(k) is not None}
+        _write_json(os.path.join(out_dir, "generation_config.json"), gen)
+    written.append("generation_config.json")
+    if copy_tokenizer and src:
+        for fn in TOKENIZER_FILES:
+            s, d = os.path.join(src, fn), os.path.join(out_dir, fn)
+            if os.path.isfile(s) and os.path.abspath(s) != os.path.abspath(d):
+                shutil.copyfile(s, d)
+                written.append(fn)
+    return written
+
+
+def _write_json(fn: str, obj: Any) -> None:
+    tmp = fn + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, fn)
