@@ -13,7 +13,7 @@ CONFIGS = sorted(str(p) for p in (Path(__file__).parent.parent / "configs").rglo
 @pytest.mark.parametrize("path", CONFIGS)
 def test_every_shipped_config_loads(path):
     cfg = build_config(RunConfig, ["--config", path], aliases=ALIASES)
-    validate(cfg, data_axis_size=int(cfg.train.mesh.split("x")[0]))
+    validate(cfg, data_axis_size=int(cfg.train.mesh.split("x")[0]) if cfg.train.mesh else 1)
     assert cfg.algorithm.method in METHODS
 
 

@@ -36,6 +36,8 @@ class Rollout:
     temperature: float
     reward: float = 0.0
     text: str = ""
+    old_logp: np.ndarray | None = None   # [len(output_ids)] log pi_old at T = 1 (learner's)
+    entropy: np.ndarray | None = None    # [len(output_ids)] full-distribution entropy at T = 1
 
 
 def group_advantages(rewards: np.ndarray, group_ids: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -149,6 +151,7 @@ class Packed:
     attention_mask: np.ndarray  # int32
     position_ids: np.ndarray    # int32
     response_mask: np.ndarray   # float32 [N, R], 1 on real response tokens
+    old_logp: np.ndarray        # float32 [N, R] (0 where unknown / padding)
     advantages: np.ndarray      # float32 [N]
     rewards: np.ndarray         # float32 [N] (binary reward; the REINFORCE weight of reg rows)
     is_reg: np.ndarray          # bool [N]
@@ -166,6 +169,7 @@ def pack(rows: Rows, prompt_len: int, response_len: int, pad_id: int) -> Packed:
     ids = np.full((n, total), pad_id, np.int32)
     attn = np.zeros((n, total), np.int32)
     rmask = np.zeros((n, response_len), np.float32)
+    old = np.zeros((n, response_len), np.float32)
     for i, r in enumerate(rows.rollouts):
         p, o = r.prompt_ids, r.output_ids[:response_len]
         if len(p) > prompt_len:
@@ -175,10 +179,12 @@ def pack(rows: Rows, prompt_len: int, response_len: int, pad_id: int) -> Packed:
         ids[i, prompt_len : prompt_len + len(o)] = o
         attn[i, prompt_len : prompt_len + len(o)] = 1
         rmask[i, : len(o)] = 1.0
+        if r.old_logp is not None:
+            old[i, : len(o)] = r.old_logp[: len(o)]
     pos = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
     adv = np.asarray(rows.advantages, np.float32)
     rewards = np.where(rows.is_reg, adv, np.array([r.reward for r in rows.rollouts], np.float32))
-    return Packed(ids, attn, pos, rmask, adv, rewards.astype(np.float32), rows.is_reg.copy(),
+    return Packed(ids, attn, pos, rmask, old, adv, rewards.astype(np.float32), rows.is_reg.copy(),
                   rows.source.copy(), np.ones(n, bool))
 
 
@@ -194,7 +200,7 @@ def _pad_rows(p: Packed, n_total: int, pad_id: int, *, is_reg: bool) -> Packed:
 
     return Packed(
         grow(p.input_ids, pad_id), grow(p.attention_mask, 0), grow(p.position_ids, 0),
-        grow(p.response_mask, 0.0), grow(p.advantages, 0.0), grow(p.rewards, 0.0),
+        grow(p.response_mask, 0.0), grow(p.old_logp, 0.0), grow(p.advantages, 0.0), grow(p.rewards, 0.0),
         grow(p.is_reg, is_reg), grow(p.source, 1 if is_reg else 0), grow(p.row_valid, False),
     )
 

@@ -66,11 +66,9 @@ class RolloutSection:
 class ControllerSection:
     """AEPO's entropy controller: T = T_high if H < target else T_low."""
 
-    target: float = field(default=0.5, metadata=_help("entropy target H (nats/token)"))
-    schedule: str = field(default="constant", metadata=_help("constant | linear | cosine | piecewise"))
-    target_end: float = field(default=-1.0, metadata=_help("end value for linear/cosine; <0 = same as target"))
-    schedule_steps: int = field(default=0, metadata=_help("length of linear/cosine schedules; 0 = train.steps"))
-    piecewise: str = field(default="", metadata=_help("piecewise targets 'step:value,step:value'"))
+    target: str = field(default="0.5", metadata=_help(
+        "entropy target H (nats/token): a number, or a schedule 'linear:START:END:STEP0:STEP1', "
+        "'cosine:START:END:STEP0:STEP1', 'piecewise:STEP=H,STEP=H,...'"))
     t_high: float = 1.2
     t_low: float = 0.8
     budget_up: int = field(default=60, metadata=_help("positive samples kept per step when raising entropy"))
@@ -123,9 +121,12 @@ class TrainSection:
     epochs: int = field(default=1, metadata=_help("passes over each step's batch"))
     micro_batch_size: int = field(default=0, metadata=_help("samples per gradient-accumulation micro-batch; 0 = none"))
     seed: int = 0
-    mesh: str = field(default="1x1", metadata=_help("DxT: D-way data/FSDP x T-way tensor parallel"))
+    mesh: str = field(default="", metadata=_help("DxT: D-way data/FSDP x T-way tensor parallel; empty = all devices x 1"))
     run_dir: str = "runs/aepo-toy"
     resume: bool = field(default=True, metadata=_help("continue from the run dir's latest checkpoint"))
+    coordinator_address: str = field(default="", metadata=_help("multi-host: host:port of process 0 (empty = auto-detect / single host)"))
+    num_processes: int = field(default=0, metadata=_help("multi-host: number of processes (0 = auto)"))
+    process_id: int = field(default=-1, metadata=_help("multi-host: this process's index (-1 = auto)"))
 
 
 @dataclass
@@ -181,7 +182,12 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
     _one_of("algorithm.method", a.method, METHODS)
     _one_of("algorithm.reading", a.reading, ("paper", "mix"))
     _one_of("algorithm.agg", a.agg, ("seq-mean-token-mean", "token-mean"))
-    _one_of("algorithm.controller.schedule", c.schedule, ("constant", "linear", "cosine", "piecewise"))
+    try:
+        from aepo_jax.entropy_control import TargetSchedule
+
+        TargetSchedule.parse(c.target)
+    except ValueError as e:
+        raise ConfigError(f"config key 'algorithm.controller.target': {e}") from None
     _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
     _one_of("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
