@@ -36,12 +36,14 @@ API
 Guarantees (tested in tests/test_checkpoint.py): a step directory appears only when complete
 (orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it at the end), so SIGKILL at any moment
 leaves the previous or the new checkpoint as latest, never a partial one; old checkpoints are
-deleted only after the new one is finalised; a failed write (e.g. disk full) removes its partial
-directory and keeps the previous checkpoint.
+deleted only after the new one is complete (async: at the next ``save``/``wait``/``close``, so
+``keep_last + 1`` may briefly exist), and vanish atomically (renamed before the recursive delete);
+a failed write (e.g. disk full) removes its partial directory and keeps the previous checkpoint.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import dataclasses
 import logging
@@ -49,6 +51,8 @@ import math
 import os
 import re
 import shutil
+import threading
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -295,7 +299,9 @@ class CheckpointManager:
         self._pending_step: int | None = None
         self._closed = False
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep_last,  # orbax deletes old steps only after the new one is finalised
+            # Retention is ours (_apply_retention): orbax rmtree()s old steps in place, so a kill
+            # mid-delete would leave a half-deleted step listed as a checkpoint.
+            max_to_keep=None,
             enable_async_checkpointing=self.async_save,
             # Partial dirs of a killed run are removed on start. Never by a reader (export running
             # beside a live run must not delete the run's in-progress write).
@@ -308,6 +314,11 @@ class CheckpointManager:
             item_handlers={_STATE: ocp.PyTreeCheckpointHandler(), _EXTRAS: ocp.JsonCheckpointHandler()},
             options=options,
         )
+        # A loop that exits without close() must not lose an async save that is still writing.
+        # Plain atexit runs after concurrent.futures has stopped accepting work (orbax needs it to
+        # finish the write), so prefer threading's earlier exit hook, as concurrent.futures does.
+        register = getattr(threading, "_register_atexit", atexit.register)
+        register(_close_at_exit, weakref.ref(self))
 
     # -- queries ---------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -349,7 +360,30 @@ class CheckpointManager:
             raise CheckpointSaveError(self._failure_message(step, e)) from e
         if self.async_save:
             self._pending_step = step
+        else:
+            self._apply_retention()
         return True
+
+    def _apply_retention(self) -> None:
+        """Delete all but the newest ``keep_last`` complete steps; only after a save is complete.
+
+        Each old step is first renamed to an orbax temporary name (atomic), so it disappears from
+        the step list whole even if the process dies during the slow recursive delete; a leftover
+        is removed by the next writer's start-up clean-up.
+        """
+        old = self.all_steps()[: -self.keep_last]
+        if not old:
+            return
+        if distributed.is_main_process():
+            for s in old:
+                src = self.directory / str(s)
+                dst = self.directory / f"{s}{_TMP_SUFFIX}-deleting"
+                try:
+                    os.rename(src, dst)
+                except FileNotFoundError:
+                    continue
+                shutil.rmtree(dst, ignore_errors=True)
+        self._mngr.reload()
 
     def _gather_extras(self, step: int, extras: Mapping[str, Any] | None) -> dict[str, Any]:
         # Encode locally, then exchange: every process learns whether any process failed, so all
@@ -394,6 +428,8 @@ class CheckpointManager:
             # orbax logs (but does not raise) some finalisation failures: double-check on disk.
             self._recover_from_failed_save(step)
             raise CheckpointSaveError(self._failure_message(step, RuntimeError("step directory was not finalised")))
+        if step is not None:
+            self._apply_retention()
 
     # -- restore -----------------------------------------------------------------------------
     def restore(self, step: int | None = None, target: Any = None, *, partial: bool = False) -> Restored:
@@ -468,6 +504,16 @@ class CheckpointManager:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _close_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
+    mngr = ref()
+    if mngr is None or mngr._closed:
+        return
+    try:
+        mngr.close()
+    except Exception as e:  # noqa: BLE001 - at exit, report instead of raising into atexit
+        log.error("%s", e)
 
 
 def _numpy_restore_args(tree: Any) -> Any:
