@@ -424,7 +424,7 @@ class CheckpointManager:
         except Exception as e:  # noqa: BLE001
             self._recover_from_failed_save(step if step is not None else -1)
             raise CheckpointSaveError(self._failure_message(step if step is not None else -1, e)) from e
-        if step is not None and step not in self._mngr.all_steps(read=True):
+        if step is not None and not (self.directory / str(step)).is_dir():
             # orbax logs (but does not raise) some finalisation failures: double-check on disk.
             self._recover_from_failed_save(step)
             raise CheckpointSaveError(self._failure_message(step, RuntimeError("step directory was not finalised")))
