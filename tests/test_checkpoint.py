@@ -494,3 +494,13 @@ def test_export_hf_errors_name_the_problem(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no checkpoints under" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_extras_of_another_process_count(tmp_path):
+    same = encode_extras({"data": b"it", "controller": {"t": 1.0}})
+    with CheckpointManager(tmp_path) as m:
+        # identical extras on every saving process: any process count may resume
+        assert m._my_extras(5, {"format": 1, "num_processes": 2, "per_process": [same, same]}) == {
+            "data": b"it", "controller": {"t": 1.0}}
+        with pytest.raises(CheckpointError, match="unknown extras format"):
+            m._my_extras(5, {"per_process": [same]})

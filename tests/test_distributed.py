@@ -132,6 +132,13 @@ def test_two_processes_broadcast_gather_global_batch_and_checkpoint(tmp_path):
     assert r1["restored_extras"] == {"iterator": "proc1-state", "shared": 1}
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["3"]
 
+    # One process cannot take over two processes' differing iterator states: a clear refusal.
+    from aepo_jax.trainer.checkpoint import CheckpointError, CheckpointManager
+
+    with CheckpointManager(tmp_path / "ckpt", read_only=True) as m:
+        with pytest.raises(CheckpointError, match="saved by 2 processes .* this run has 1; resume with 2"):
+            m.restore()
+
 
 def test_single_process_shortcuts():
     info = distributed.initialize_distributed()  # nothing configured, no cluster: stays single-process
