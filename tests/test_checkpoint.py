@@ -197,6 +197,9 @@ def test_resolve_checkpoint_paths(tmp_path):
         resolve_checkpoint(run / "5")
     with pytest.raises(NoCheckpointError, match="no checkpoints under"):
         resolve_checkpoint(tmp_path / "elsewhere")
+    numeric_run = tmp_path / "2026"  # a run directory named like a step is still a run directory
+    (numeric_run / "checkpoints").mkdir(parents=True)
+    assert resolve_checkpoint(numeric_run) == (numeric_run / "checkpoints", None)
     step, params = restore_params_numpy(run)
     assert step == 8 and isinstance(params["w"], np.ndarray)
     np.testing.assert_array_equal(params["w"], np.arange(32.0).reshape(8, 4) * 2)

@@ -245,6 +245,8 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, int | None]:
     Accepted: ``RUN_DIR``, ``RUN_DIR/<step>``, ``RUN_DIR/checkpoints``, ``RUN_DIR/checkpoints/<step>``.
     """
     p = Path(path)
+    if (p / CHECKPOINT_SUBDIR).is_dir():  # first: a run directory may itself have a numeric name
+        return p / CHECKPOINT_SUBDIR, None
     if re.fullmatch(r"\d+", p.name):
         step = int(p.name)
         parent = p.parent
@@ -253,8 +255,6 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, int | None]:
             have = sorted(int(c.name) for c in ckpt.iterdir() if _is_step_dir(c)) if ckpt.is_dir() else []
             raise NoCheckpointError(f"checkpoint: step {step} not found in {ckpt} (complete steps there: {have or 'none'})")
         return ckpt, step
-    if (p / CHECKPOINT_SUBDIR).is_dir():
-        return p / CHECKPOINT_SUBDIR, None
     if p.is_dir() and any(_is_step_dir(c) for c in p.iterdir()):
         return p, None
     raise NoCheckpointError(f"checkpoint: no checkpoints under {p} (expected {p / CHECKPOINT_SUBDIR}/<step>/)")
