@@ -179,6 +179,10 @@ def from_dict(cls: type[T], data: dict | None, *, where: str = "", prefix: str =
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in types_:
+            # Name the whole dotted key the user wrote (``a.contrller.target``, not ``a.contrller``).
+            while isinstance(value, dict) and len(value) == 1:
+                (sub, value), = value.items()
+                full = f"{full}.{sub}"
             raise _unknown_key_error(full, valid + [k.rsplit(".", 1)[0] for k in valid], where)
         tp = types_[key]
         if _is_dataclass_type(tp):

@@ -417,10 +417,9 @@ class Trainer:
                                resume_step=self.start_step, total_steps=cfg.train.steps) as logger:
                 if self.is_main:
                     self._start_rollout()
-                    if self.start_step > 0:  # the servers must sample from the restored policy
-                        self._sync(self.start_step)
-                elif self.jax.process_count() > 1 and self.start_step > 0:
-                    self._sync(self.start_step)
+                # The servers must sample from this run's policy: the restored one on a resume, and
+                # the base model on a fresh start (a long-lived server may hold another run's weights).
+                self._sync(self.start_step)
                 for step in range(self.start_step, cfg.train.steps):
                     m = self.train_step(step)
                     if ckpt.should_save(step + 1) or step + 1 == cfg.train.steps:
