@@ -1,0 +1,396 @@
+"""Evaluation: avg@n and unbiased pass@k per benchmark, sampled through SGLang-compatible servers.
+
+    python -m aepo_jax.eval --model-path DIR --data aime24.jsonl,math500.parquet [--n 32] [--k 1,2,4]
+                            [--temperature T] [--top-p P] [--max-new-tokens N] [--urls URL,...]
+
+For every problem, ``n`` responses are sampled (through ``--urls`` of running SGLang servers, or
+the embedded server started as a subprocess), scored by the reward (math-verify in a process pool
+with a wall clock per sample), and summarised per benchmark and averaged over benchmarks:
+
+* ``avg@n``: mean accuracy over the n samples (the pass@1 estimate the paper reports as e.g.
+  AIME24x32);
+* ``pass@k`` for each requested k <= n: the unbiased estimator of Chen et al. (2021),
+  ``1 - C(n-c, k) / C(n, k)`` averaged over problems, computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)``
+  in log space (exact to float precision for n = 1024, where the binomials overflow a float).
+  verl's ``best@k`` bootstrap is biased low (verl PR #7240); this is not that.
+
+Defaults follow the paper's Appendix A (Table 4, evaluation settings): top_p 0.95, 8192 new tokens,
+temperature 0.1 when only pass@1 is asked for and 1.0 for pass@k. The table is printed and the
+numbers are written as JSON (``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("aepo_jax.eval")
+
+# Appendix A of arXiv 2510.08141 (evaluation settings).
+PAPER_TOP_P = 0.95
+PAPER_MAX_NEW_TOKENS = 8192
+PAPER_TEMPERATURE_PASS1 = 0.1
+PAPER_TEMPERATURE_PASSK = 1.0
+
+
+# --- estimators -------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with ``c`` correct among ``n`` samples: ``1 - C(n-c,k)/C(n,k)``.
+
+    Computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` with log1p/expm1, so it stays accurate where
+    the binomials are astronomically large (n = 1024) and where the result is tiny.
+    """
+    for name, v in (("n", n), ("c", c), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"pass_at_k: {name} must be an int, got {v!r}")
+    if n < 1 or not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need n >= 1, 0 <= c <= n, 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0  # every k-subset holds a correct sample
+    if c == 0:
+        return 0.0
+    i = np.arange(n - c + 1, n + 1, dtype=np.float64)
+    return float(-np.expm1(np.sum(np.log1p(-k / i))))
+
+
+def avg_at_n(n: int, c: int) -> float:
+    """Mean accuracy over the n samples of one problem (``c / n``)."""
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"avg_at_n: need n >= 1 and 0 <= c <= n; got n={n}, c={c}")
+    return c / n
+
+
+def default_ks(n: int) -> list[int]:
+    """1, 2, 4, ... up to n (and n itself)."""
+    ks = [1 << p for p in range(int(math.log2(n)) + 1)]
+    return ks if ks[-1] == n else [*ks, n]
+
+
+def parse_ks(spec: str | None, n: int) -> list[int]:
+    if not spec:
+        return default_ks(n)
+    try:
+        ks = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"--k: expected comma-separated integers, got {spec!r}") from None
+    bad = [k for k in ks if not 1 <= k <= n]
+    if bad or not ks:
+        raise ValueError(f"--k: every k must be in [1, n={n}], got {spec!r}")
+    return ks
+
+
+@dataclass
+class BenchmarkResult:
+    name: str
+    num_problems: int
+    n: int
+    avg_at_n: float
+    pass_at_k: dict[int, float]
+    files: list[str] = field(default_factory=list)
+    skipped_rows: int = 0
+    dropped_prompts: int = 0
+    truncated_fraction: float = 0.0
+    reward_timeouts: int = 0
+    reward_crashes: int = 0
+    per_problem_correct: list[int] = field(default_factory=list, repr=False)
+
+
+def summarize(name: str, correct: Sequence[int], n: int, ks: Sequence[int], **extra) -> BenchmarkResult:
+    """Per-benchmark avg@n and pass@k (means over problems) from per-problem correct counts."""
+    correct = [int(c) for c in correct]
+    if not correct:
+        raise ValueError(f"benchmark {name!r}: no problems to summarise")
+    return BenchmarkResult(
+        name=name,
+        num_problems=len(correct),
+        n=n,
+        avg_at_n=float(np.mean([avg_at_n(n, c) for c in correct])),
+        pass_at_k={k: float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in ks},
+        per_problem_correct=correct,
+        **extra,
+    )
+
+
+def average_row(results: Sequence[BenchmarkResult], ks: Sequence[int]) -> dict:
+    """Unweighted mean over benchmarks (the paper's "Average" column)."""
+    return {
+        "avg_at_n": float(np.mean([r.avg_at_n for r in results])),
+        "pass_at_k": {k: float(np.mean([r.pass_at_k[k] for r in results])) for k in ks},
+    }
+
+
+def format_table(results: Sequence[BenchmarkResult], ks: Sequence[int], n: int) -> str:
+    """Plain-text table: one row per benchmark plus the average, values in percent."""
+    head = ["benchmark", "problems", f"avg@{n}"] + [f"pass@{k}" for k in ks]
+    rows = [[r.name, str(r.num_problems), f"{100 * r.avg_at_n:.2f}"] + [f"{100 * r.pass_at_k[k]:.2f}" for k in ks] for r in results]
+    if len(results) > 1:
+        avg = average_row(results, ks)
+        rows.append(["average", str(sum(r.num_problems for r in results)), f"{100 * avg['avg_at_n']:.2f}"]
+                    + [f"{100 * avg['pass_at_k'][k]:.2f}" for k in ks])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# --- benchmarks ---------------------------------------------------------------------------------------
+
+# Canonical names for the usual local files; the field layouts of their common public versions
+# (HuggingFaceH4/MATH-500, openai/gsm8k, AI-MO/aimo-validation-amc, the Qwen2.5-Math evaluation
+# JSONLs, OlympiadBench's final_answer lists, Minerva's boxed solutions) are read by the loader's
+# "auto" keys; --prompt-key/--answer-key override them.
+BENCHMARK_ALIASES = {
+    "aime24": ("aime24", "aime_2024", "aime2024"),
+    "aime25": ("aime25", "aime_2025", "aime2025"),
+    "amc": ("amc23", "amc_23", "amc", "aimo-validation-amc"),
+    "gsm8k": ("gsm8k", "gsm_8k"),
+    "math500": ("math500", "math_500", "math-500"),
+    "minerva": ("minerva_math", "minervamath", "minerva"),
+    "olympiadbench": ("olympiadbench", "olympiad_bench", "olympiad"),
+}
+
+
+def benchmark_name(path: str) -> str:
+    """Canonical benchmark name from a file path (its stem, or its folder for ``test.jsonl``)."""
+    p = Path(path)
+    candidates = [p.stem.lower(), p.parent.name.lower()]
+    for text in candidates:
+        for name, aliases in BENCHMARK_ALIASES.items():
+            if any(a in text for a in aliases):
+                return name
+    return p.stem if p.stem.lower() not in ("test", "train", "validation") else p.parent.name or p.stem
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    model_path: str
+    data: list[str]
+    n: int = 32
+    ks: list[int] = field(default_factory=list)  # empty = 1, 2, 4, ..., n
+    temperature: float | None = None  # None = 0.1 if ks == [1] else 1.0 (Appendix A)
+    top_p: float = PAPER_TOP_P
+    max_new_tokens: int = PAPER_MAX_NEW_TOKENS
+    urls: list[str] = field(default_factory=list)  # empty = start the embedded server
+    reward: str = "auto"  # auto = exact match for the toy task, math otherwise
+    reward_workers: int = 2
+    reward_timeout_s: float = 10.0
+    prompt_key: str = "auto"
+    answer_key: str = "auto"
+    template: str = "auto"
+    instruction: str | None = None  # None = the default \boxed{} instruction
+    max_prompt_length: int = 4096
+    strict: bool = False  # True: a bad row is an error; False: skipped, counted and reported
+    seed: int = 0
+    output: str = "eval_results.json"
+    samples_output: str = ""  # JSONL of every response and its score; empty = not written
+    server_args: str = ""
+    startup_timeout_s: float = 600.0
+
+    def resolved_temperature(self) -> float:
+        if self.temperature is not None:
+            return self.temperature
+        return PAPER_TEMPERATURE_PASS1 if self.ks == [1] else PAPER_TEMPERATURE_PASSK
+
+
+def _load_benchmark(spec: str, tokenizer, cfg: EvalConfig):
+    from aepo_jax.data import DatasetConfig, PromptConfig, load_problems, tokenize_problems, toy_problems  # noqa: PLC0415
+    from aepo_jax.data.prompts import DEFAULT_INSTRUCTION  # noqa: PLC0415
+
+    if spec in ("toy", "toy:test"):
+        name, problems, skipped = "toy", toy_problems("test", seed=cfg.seed), 0
+    else:
+        problems, stats = load_problems(
+            spec, DatasetConfig(prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, skip_bad_rows=not cfg.strict)
+        )
+        name, skipped = benchmark_name(spec), stats.skipped
+    instruction = DEFAULT_INSTRUCTION if cfg.instruction is None else cfg.instruction
+    examples, pstats = tokenize_problems(
+        problems, tokenizer, PromptConfig(template=cfg.template, instruction=instruction, max_prompt_length=cfg.max_prompt_length)
+    )
+    if not examples:
+        raise ValueError(f"{spec}: no usable problems ({skipped} bad rows, {pstats.dropped_too_long} prompts too long)")
+    return name, examples, skipped, pstats.dropped_too_long
+
+
+def _context_limit(model_path: str) -> int | None:
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("max_position_embeddings")
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Sample, score and summarise every benchmark; returns the JSON-able report."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from aepo_jax.rewards import RewardPool  # noqa: PLC0415
+    from aepo_jax.rollout.client import RolloutClient, run_sync  # noqa: PLC0415
+
+    if cfg.n < 1:
+        raise ValueError(f"--n must be >= 1, got {cfg.n}")
+    ks = cfg.ks or default_ks(cfg.n)
+    cfg.ks = ks
+    temperature = cfg.resolved_temperature()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    benches = [_load_benchmark(spec, tokenizer, cfg) for spec in cfg.data]
+    context = _context_limit(cfg.model_path)
+
+    server = None
+    urls = list(cfg.urls)
+    if not urls:
+        from aepo_jax.rollout.launch import launch_server  # noqa: PLC0415
+
+        log.info("starting the embedded server for %s", cfg.model_path)
+        server = launch_server(cfg.model_path, extra_args=cfg.server_args.split(), wait_s=cfg.startup_timeout_s)
+        urls = [server.url]
+    results: list[BenchmarkResult] = []
+    samples_file = open(cfg.samples_output, "w") if cfg.samples_output else None  # noqa: SIM115
+    try:
+        client = RolloutClient(urls)
+        run_sync(client.wait_healthy(deadline_s=cfg.startup_timeout_s), client)
+        for (name, examples, skipped, dropped), spec in zip(benches, cfg.data):
+            reward = cfg.reward if cfg.reward != "auto" else ("toy" if name == "toy" else "math")
+            t0 = time.time()
+            correct, truncated = [], 0
+            max_new = cfg.max_new_tokens
+            if context:
+                longest = max(len(e.prompt_ids) for e in examples)
+                if longest + max_new > context:
+                    max_new = max(1, context - longest)
+                    log.warning("%s: max_new_tokens %d exceeds the model's context %d; using %d",
+                                name, cfg.max_new_tokens, context, max_new)
+            sp = {"max_new_tokens": max_new, "top_p": cfg.top_p}
+            samples = run_sync(
+                client.generate([e.prompt_ids for e in examples], n=cfg.n, sampling_params=sp,
+                                seed=cfg.seed, temperature=temperature, return_logprob=False),
+                client,
+            )
+            texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for row in samples for s in row]
+            truncated = sum(s.truncated for row in samples for s in row)
+            answers = [e.answer for e in examples for _ in range(cfg.n)]
+            workers = 0 if reward in ("toy", "exact_match") else cfg.reward_workers
+            with RewardPool(reward, num_workers=workers, timeout_s=cfg.reward_timeout_s) as pool:
+                scored = pool.score(texts, answers)
+            scores = scored.scores.reshape(len(examples), cfg.n)
+            correct = [int((row > 0.5).sum()) for row in scores]
+            if samples_file:
+                for i, e in enumerate(examples):
+                    for j in range(cfg.n):
+                        samples_file.write(json.dumps({"benchmark": name, "uid": e.uid, "answer": e.answer,
+                                                       "response": texts[i * cfg.n + j], "score": float(scores[i, j]),
+                                                       "status": scored.status[i * cfg.n + j]}) + "\n")
+            res = summarize(name, correct, cfg.n, ks, files=[spec], skipped_rows=skipped, dropped_prompts=dropped,
+                            truncated_fraction=truncated / max(1, len(texts)),
+                            reward_timeouts=scored.timeouts, reward_crashes=scored.crashes)
+            results.append(res)
+            log.info("%s: %d problems x %d samples in %.1f s, avg@%d %.4f", name, len(examples), cfg.n,
+                     time.time() - t0, cfg.n, res.avg_at_n)
+    finally:
+        if samples_file:
+            samples_file.close()
+        if server is not None:
+            server.stop()
+    report = {
+        "model_path": cfg.model_path,
+        "settings": {"n": cfg.n, "ks": ks, "temperature": temperature, "top_p": cfg.top_p,
+                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "urls": cfg.urls or ["embedded"]},
+        "benchmarks": {r.name: _result_json(r) for r in results},
+        "average": average_row(results, ks),
+        "table": format_table(results, ks, cfg.n),
+    }
+    return report
+
+
+def _result_json(r: BenchmarkResult) -> dict:
+    d = asdict(r)
+    d["pass_at_k"] = {str(k): v for k, v in r.pass_at_k.items()}
+    return d
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m aepo_jax.eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True, help="HF model directory (tokenizer and, for the embedded server, weights)")
+    p.add_argument("--data", required=True, help="comma-separated JSONL/JSON/Parquet files, or 'toy' (the built-in task's test split)")
+    p.add_argument("--n", type=int, default=32, help="samples per problem (default 32)")
+    p.add_argument("--k", default="", help="comma-separated k for pass@k (default 1,2,4,...,n)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"default {PAPER_TEMPERATURE_PASS1} when --k is 1, else {PAPER_TEMPERATURE_PASSK} (paper, App. A)")
+    p.add_argument("--top-p", type=float, default=PAPER_TOP_P)
+    p.add_argument("--max-new-tokens", type=int, default=PAPER_MAX_NEW_TOKENS)
+    p.add_argument("--urls", default="", help="comma-separated running SGLang server URLs; empty = embedded server")
+    p.add_argument("--reward", default="auto", help="auto | math | exact_match | module:function")
+    p.add_argument("--reward-workers", type=int, default=2)
+    p.add_argument("--reward-timeout", type=float, default=10.0, help="wall clock per sample (s)")
+    p.add_argument("--prompt-key", default="auto", help="field of the problem (dotted for nested)")
+    p.add_argument("--answer-key", default="auto", help="field of the answer (e.g. reward_model.ground_truth)")
+    p.add_argument("--template", default="auto", choices=("auto", "chat", "plain"))
+    p.add_argument("--instruction", default=None, help="appended to each problem; default asks for \\boxed{}")
+    p.add_argument("--max-prompt-length", type=int, default=4096)
+    p.add_argument("--strict", action="store_true", help="fail on a bad row instead of skipping and counting it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="eval_results.json")
+    p.add_argument("--samples-output", default="", help="JSONL with every response and its score")
+    p.add_argument("--server-args", default="", help="extra arguments for the embedded server")
+    return p
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> EvalConfig:
+    a = build_parser().parse_args(argv)
+    return EvalConfig(
+        model_path=a.model_path,
+        data=[s.strip() for s in a.data.split(",") if s.strip()],
+        n=a.n,
+        ks=parse_ks(a.k, a.n),
+        temperature=a.temperature,
+        top_p=a.top_p,
+        max_new_tokens=a.max_new_tokens,
+        urls=[u.strip() for u in a.urls.split(",") if u.strip()],
+        reward=a.reward,
+        reward_workers=a.reward_workers,
+        reward_timeout_s=a.reward_timeout,
+        prompt_key=a.prompt_key,
+        answer_key=a.answer_key,
+        template=a.template,
+        instruction=a.instruction,
+        max_prompt_length=a.max_prompt_length,
+        strict=a.strict,
+        seed=a.seed,
+        output=a.output,
+        samples_output=a.samples_output,
+        server_args=a.server_args,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = run_eval(cfg)
+    print(report["table"])
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
