@@ -206,8 +206,12 @@ def _build_generate_fn(graphdef, vocab_size: int):
         pos = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
         cache = model.init_cache(b, tlen)
         cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, gen_len), jnp.bool_)], axis=1)
-        logits, cache = model.decode(prompt_ids, pos, cache, 0, cache_mask)
-        logits = logits[:, -1]
+        # Prefill all but the last prompt token without using their logits (XLA drops the LM
+        # head for them: [B, P, V] logits would be GBs at a 150k vocabulary), then the last one.
+        if plen > 1:
+            _, cache = model.decode(prompt_ids[:, :-1], pos[:, :-1], cache, 0, cache_mask)
+        logits, cache = model.decode(prompt_ids[:, -1:], pos[:, -1:], cache, plen - 1, cache_mask)
+        logits = logits[:, 0]
 
         out_tok = jnp.zeros((b, gen_len), jnp.int32)
         out_lpt = jnp.zeros((b, gen_len), jnp.float32)

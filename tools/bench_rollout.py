@@ -1,0 +1,142 @@
+"""Rollout throughput: the embedded server (over HTTP, through RolloutClient) vs transformers
+``generate()`` (torch CPU) on the same random Qwen2 model, plus the time of one full weight sync.
+
+    flock /tmp/aepo_heavy.lock /work/venv/bin/python tools/bench_rollout.py [--prompts 32] [--new-tokens 128]
+
+Both sides generate exactly ``prompts x new_tokens`` tokens (EOS ignored) at temperature 1 with
+no top-k/top-p, one timed run each after an untimed warm-up (our warm-up includes the jit
+compile, reported separately). The last line is JSON with the figures and ``ratio`` (ours over
+transformers' tokens/s), measured side by side in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+def build_model(out_dir: str, layers: int, hidden: int, heads: int, kv_heads: int, inter: int, vocab: int) -> str:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                      eos_token_id=2, bos_token_id=1, pad_token_id=0, tie_word_embeddings=False,
+                      torch_dtype="float32")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(out_dir, safe_serialization=True)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": 2, "bos_token_id": 1, "pad_token_id": 0}, f)
+    return out_dir
+
+
+def bench_transformers(model_dir: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids[:4], **{**kw, "max_new_tokens": 8, "min_new_tokens": 8,
+                                   "attention_mask": torch.ones_like(ids[:4])})  # warm-up
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)
+        dt = time.perf_counter() - t0
+    gen = out.shape[1] - ids.shape[1]
+    assert gen == new_tokens, f"transformers generated {gen} tokens per row, expected {new_tokens}"
+    n = ids.shape[0] * gen
+    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "torch_threads": torch.get_num_threads()}
+
+
+async def bench_ours(url: str, model_dir: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    from aepo_jax.models import load_pretrained
+    from aepo_jax.rollout.client import RolloutClient
+    from aepo_jax.rollout.weight_sync import sync_weights_async
+
+    sp = {"max_new_tokens": new_tokens, "ignore_eos": True, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
+    async with RolloutClient(url, batch_size=len(prompts), timeout_s=1800) as client:
+        await client.wait_healthy(600)
+        t0 = time.perf_counter()
+        await client.generate(prompts, n=1, sampling_params=sp, seed=0, temperature=1.0)  # compile + run
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = await client.generate(prompts, n=1, sampling_params=sp, seed=1, temperature=1.0)
+        dt = time.perf_counter() - t0
+        n = sum(len(s.output_ids) for row in out for s in row)
+        assert n == len(prompts) * new_tokens, f"server generated {n} tokens, expected {len(prompts) * new_tokens}"
+        learner = load_pretrained(model_dir, dtype="float32")
+        sync = await sync_weights_async(learner, client, "bench-1")
+        import shutil
+
+        shutil.rmtree(os.path.dirname(sync.path), ignore_errors=True)
+    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "first_call_s_incl_compile": warm,
+            "sync": {"total_s": sync.total_s, "save_s": sync.save_s, "update_s": sync.update_s,
+                     "verify_s": sync.verify_s, "path": sync.path}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=1408)
+    p.add_argument("--vocab", type=int, default=32000)
+    a = p.parse_args()
+
+    import numpy as np
+
+    from aepo_jax.rollout.launch import launch_server
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, a.vocab, size=(a.prompts, a.prompt_len)).tolist()
+    with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
+        model_dir = build_model(os.path.join(tmp, "model"), a.layers, a.hidden, a.heads, a.kv_heads,
+                                a.intermediate, a.vocab)
+        bucket = lambda n: 1 << max(4, (n - 1).bit_length())  # noqa: E731
+        args = ["--max-batch", str(a.prompts), "--batch-buckets", str(a.prompts),
+                "--prompt-buckets", str(bucket(a.prompt_len)), "--gen-buckets", str(bucket(a.new_tokens)),
+                "--skip-server-warmup"]
+        server = launch_server(model_dir, extra_args=args, wait_s=600, log_path=os.path.join(tmp, "server.log"))
+        try:
+            ours = asyncio.run(bench_ours(server.url, model_dir, prompts, a.new_tokens))
+        finally:
+            server.stop()
+        theirs = bench_transformers(model_dir, prompts, a.new_tokens)
+    print(f"embedded server (HTTP): {ours['tokens']} tokens in {ours['seconds']:.2f}s = "
+          f"{ours['tokens_per_s']:.0f} tok/s (first call incl. compile {ours['first_call_s_incl_compile']:.1f}s)")
+    print(f"transformers generate : {theirs['tokens']} tokens in {theirs['seconds']:.2f}s = "
+          f"{theirs['tokens_per_s']:.0f} tok/s ({theirs['torch_threads']} torch threads)")
+    print(f"weight sync (save + update_weights_from_disk + verify): {ours['sync']['total_s']:.2f}s "
+          f"(save {ours['sync']['save_s']:.2f}s, update {ours['sync']['update_s']:.2f}s, "
+          f"verify {ours['sync']['verify_s']:.3f}s)")
+    result = {
+        "bench": "rollout",
+        "model": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads,
+                  "intermediate": a.intermediate, "vocab": a.vocab},
+        "prompts": a.prompts, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "temperature": 1.0,
+        "ours_tokens_per_s": round(ours["tokens_per_s"], 1),
+        "transformers_tokens_per_s": round(theirs["tokens_per_s"], 1),
+        "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
+        "ours_first_call_s": round(ours["first_call_s_incl_compile"], 2),
+        "weight_sync_s": round(ours["sync"]["total_s"], 3),
+        "weight_sync_save_s": round(ours["sync"]["save_s"], 3),
+        "weight_sync_update_s": round(ours["sync"]["update_s"], 3),
+        "weight_sync_verify_s": round(ours["sync"]["verify_s"], 4),
+        "cpu_count": os.cpu_count(),
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
