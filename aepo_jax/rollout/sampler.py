@@ -277,6 +277,7 @@ class Sampler:
         self.config = config or SamplerConfig()
         self.dtype = dtype if dtype is not None else getattr(model, "param_dtype", "float32")
         self.model_path = model_path
+        self.mesh = None  # new weights are loaded onto this mesh (from_pretrained's)
         self._graphdef, state = nnx.split(model)
         self._weights = (state, "default")  # replaced atomically as one tuple
         self._fn = _build_generate_fn(self._graphdef, self.vocab_size)
@@ -291,8 +292,10 @@ class Sampler:
         from aepo_jax.models import load_pretrained
 
         model = load_pretrained(path, dtype=dtype, mesh=mesh)
-        return cls(model, eos_token_ids=read_eos_token_ids(path), context_len=context_len,
-                   config=config, dtype=dtype, model_path=path)
+        s = cls(model, eos_token_ids=read_eos_token_ids(path), context_len=context_len,
+                config=config, dtype=dtype, model_path=path)
+        s.mesh = mesh
+        return s
 
     # ---------------------------------------------------------------- weights
     @property
@@ -312,7 +315,7 @@ class Sampler:
 
         from aepo_jax.models import load_pretrained
 
-        model = load_pretrained(path, dtype=self.dtype, mesh=mesh)
+        model = load_pretrained(path, dtype=self.dtype, mesh=mesh if mesh is not None else self.mesh)
         _, new_state = nnx.split(model)
         old_state = self._weights[0]
         old_leaves = jax.tree_util.tree_leaves_with_path(old_state)
