@@ -128,6 +128,8 @@ def _build_generate_fn(graphdef, vocab_size: int):
     def truncation_threshold(p, top_k, top_p):
         """Largest t with count(p >= t) >= top_k OR mass(p >= t) >= top_p, exact (bit bisection).
 
+        p may be unnormalised (then top_p is the mass to reach, i.e. top_p * sum(p)).
+
         The kept set {p >= t} is then top-k-set ∩ top-p-set (ties kept), as SGLang's
         sort-based torch path up to ties."""
         pmax = jnp.max(p, axis=-1)
@@ -173,25 +175,34 @@ def _build_generate_fn(graphdef, vocab_size: int):
         return blk * _BLOCK + j
 
     def sample_step(logits, temps, greedy, top_k, top_p, min_p, need_trunc, keys, step):
-        """logits [B, V] f32 -> (token, logprob at T, logprob at 1)."""
-        lse1 = jax.nn.logsumexp(logits, axis=-1)
+        """logits [B, V] f32 -> (token, logprob at T, logprob at 1).
+
+        Few passes over [B, V] (this runs every decode step): one max, one pass for both
+        normalisers, one for the inverse-CDF block sums; argmax and the top-k/top-p bisection
+        only run when some row needs them."""
         t = jnp.where(greedy, 1.0, temps)
-        scaled = logits / t[:, None]
-        lse_t = jax.nn.logsumexp(scaled, axis=-1)
-        p = jnp.exp(scaled - lse_t[:, None])
-        thr = jax.lax.cond(
-            jnp.any(need_trunc & ~greedy),
-            lambda: jnp.where(need_trunc, truncation_threshold(p, top_k, top_p), 0.0),
-            lambda: jnp.zeros(p.shape[0], jnp.float32),
-        )
-        thr = jnp.maximum(thr, min_p * jnp.max(p, axis=-1))
-        q = jnp.where(p >= thr[:, None], p, 0.0)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        z = logits - m
+        zt = z / t[:, None]
+        s1 = jnp.sum(jnp.exp(z), axis=-1)
+        st = jnp.sum(jnp.exp(zt), axis=-1)
+        et = jnp.exp(zt)  # unnormalised p; p = et / st, max(et) = 1
+
+        def trunc_threshold():  # on the et scale itself: a rescaled threshold could miss a tie by rounding
+            return jnp.where(need_trunc, truncation_threshold(et, top_k, top_p * st), 0.0)
+
+        thr = jax.lax.cond(jnp.any(need_trunc & ~greedy), trunc_threshold,
+                           lambda: jnp.zeros(et.shape[0], jnp.float32))
+        thr = jnp.maximum(thr, min_p)  # min_p * max(p) on the et scale is min_p * 1
+        q = jnp.where(et >= thr[:, None], et, 0.0)
         u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (), jnp.float32))(keys)
         sampled = inverse_cdf(q, u)
-        tok = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
-        lg = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
-        lp1 = lg - lse1
-        lpt = jnp.where(greedy, lp1, lg / t - lse_t)
+        argmax = jax.lax.cond(jnp.any(greedy), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                              lambda: jnp.zeros(logits.shape[0], jnp.int32))
+        tok = jnp.where(greedy, argmax, sampled).astype(jnp.int32)
+        zk = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0]
+        lp1 = zk - jnp.log(s1)
+        lpt = jnp.where(greedy, lp1, zk / t - jnp.log(st))
         return tok, lpt, lp1
 
     def generate(state, prompt_ids, prompt_mask, temps, top_p, top_k, min_p, max_new, stop_ids,
