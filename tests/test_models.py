@@ -303,3 +303,19 @@ def test_config_errors_name_the_field(bad, match):
     d.update(bad)
     with pytest.raises(ConfigError, match=match):
         ModelConfig.from_hf_dict(d)
+
+
+@pytest.mark.slow
+def test_bench_model_runs_and_reports_ratio(capsys):
+    """tools/bench_model.py end to end on a tiny config (the real figures come from running it)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--layers", "1", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--intermediate", "96",
+                    "--vocab", "256", "--batch", "2", "--seq", "32", "--steps", "1"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["ratio"] == res["ratio"] > 0 and last["loss_ours"] == pytest.approx(last["loss_transformers"], abs=1e-3)
