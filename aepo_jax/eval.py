@@ -101,6 +101,10 @@ class BenchmarkResult:
     skipped_rows: int = 0
     dropped_prompts: int = 0
     truncated_fraction: float = 0.0
+    mean_response_tokens: float = 0.0
+    # Mean -log p of the sampled tokens under the sampling distribution: at T = 1 an unbiased
+    # estimate of the policy's token entropy (nats); NaN when the servers return no log-probs.
+    mean_token_nll: float = float("nan")
     reward_timeouts: int = 0
     reward_crashes: int = 0
     per_problem_correct: list[int] = field(default_factory=list, repr=False)
@@ -276,11 +280,15 @@ def run_eval(cfg: EvalConfig) -> dict:
             sp = {"max_new_tokens": max_new, "top_p": cfg.top_p}
             samples = run_sync(
                 client.generate([e.prompt_ids for e in examples], n=cfg.n, sampling_params=sp,
-                                seed=cfg.seed, temperature=temperature, return_logprob=False),
+                                seed=cfg.seed, temperature=temperature, return_logprob=True),
                 client,
             )
             texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for row in samples for s in row]
             truncated = sum(s.truncated for row in samples for s in row)
+            flat = [s for row in samples for s in row]
+            n_tokens = sum(len(s.output_ids) for s in flat)
+            lps = [lp for s in flat if s.logprobs is not None for lp in s.logprobs]
+            nll = float(-np.mean(lps)) if lps and len(lps) == n_tokens else float("nan")
             answers = [e.answer for e in examples for _ in range(cfg.n)]
             workers = 0 if reward in ("toy", "exact_match") else cfg.reward_workers
             with RewardPool(reward, num_workers=workers, timeout_s=cfg.reward_timeout_s) as pool:
@@ -295,6 +303,7 @@ def run_eval(cfg: EvalConfig) -> dict:
                                                        "status": scored.status[i * cfg.n + j]}) + "\n")
             res = summarize(name, correct, cfg.n, ks, files=[spec], skipped_rows=skipped, dropped_prompts=dropped,
                             truncated_fraction=truncated / max(1, len(texts)),
+                            mean_response_tokens=n_tokens / max(1, len(flat)), mean_token_nll=nll,
                             reward_timeouts=scored.timeouts, reward_crashes=scored.crashes)
             results.append(res)
             log.info("%s: %d problems x %d samples in %.1f s, avg@%d %.4f", name, len(examples), cfg.n,
@@ -318,7 +327,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 def _result_json(r: BenchmarkResult) -> dict:
     d = asdict(r)
     d["pass_at_k"] = {str(k): v for k, v in r.pass_at_k.items()}
-    return d
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}  # strict JSON
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,22 +4,31 @@ worked solutions the base model learns from."""
 from __future__ import annotations
 
 import random
+import re
+from collections import Counter
 
 import pytest
 
-from aepo_jax.data import toy_problems, toy_task
+from aepo_jax.data import load_problems, toy_problems, toy_task
 from aepo_jax.data.toy_task import ToyProblem, ToyTaskConfig
 from aepo_jax.rewards import exact_match_reward, math_reward
 
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
 
 def _recompute(text: str) -> int:
-    """Independent of the module: read the words and do the arithmetic here."""
+    """Independent of the module: read the words and follow the links here."""
     words = text.split()
-    value = int(words[2])
-    for w in words[4:-3]:
-        op, x = w[1], int(w[2:])
-        value = {"+": value + x, "-": value - x, "*": value * x}[op] % 10
-    return value
+    current = int(words[2])
+    table = {}
+    for w in words[7:-1]:
+        m = re.fullmatch(f"({'|'.join(NAMES)})({'|'.join(NAMES)})", w)
+        table[NAMES.index(m.group(1))] = NAMES.index(m.group(2))
+    for _ in range(20):
+        if current not in table:
+            return current
+        current = table[current]
+    raise AssertionError(f"cycle in {text}")
 
 
 def test_answers_are_right_by_recomputation():
@@ -28,17 +37,42 @@ def test_answers_are_right_by_recomputation():
         text = toy_task.problem_text(p)
         assert _recompute(text) == p.answer == toy_task.solve(text)
         assert toy_task.parse_problem(text) == p
+        # The worked solution ends in the answer and passes both rewards.
+        sol = toy_task.solution_text(p)
+        assert exact_match_reward(sol, str(p.answer)) == 1.0
 
 
 def test_worked_solution_format_and_rewards():
-    p = ToyProblem(start=3, steps=(("+", 5), ("*", 2), ("-", 4)))
-    assert toy_task.problem_text(p) == "Start at 3 then a+5 b*2 c-4 modulo 10 ."
+    p = ToyProblem(start=3, links=((7, 1), (3, 7), (5, 3), (1, 4)))
+    assert toy_task.problem_text(p) == "Start at 3 and follow the links sevenone threeseven fivethree onefour ."
     sol = toy_task.solution_text(p)
-    assert sol == "3 a+5 8 b*2 6 c-4 2 \\boxed{2}"
-    assert exact_match_reward(sol, "2") == 1.0 and math_reward(sol, "2") == 1.0
-    wrong = toy_task.solution_text(p, {1: 7})  # a mistake at step 1 is carried forward
-    assert wrong == "3 a+5 8 b*2 7 c-4 3 \\boxed{3}"
-    assert exact_match_reward(wrong, "2") == 0.0
+    assert sol == "3 threeseven=7 sevenone=1 onefour=4 \\boxed{4}"
+    assert p.hops == 3 and p.path == [3, 7, 1, 4]
+    assert exact_match_reward(sol, "4") == 1.0 and math_reward(sol, "4") == 1.0
+    # A misread is carried forward along the links that exist.
+    assert toy_task.solution_text(p, {0: 5}) == "3 threeseven=5 fivethree=3 threeseven=7 sevenone=1 onefour=4 \\boxed{4}"
+    assert toy_task.solution_text(p, {1: 9}) == "3 threeseven=7 sevenone=9 \\boxed{9}"
+    assert exact_match_reward(toy_task.solution_text(p, {1: 9}), "4") == 0.0
+
+
+def test_noisy_solutions_follow_the_links_and_end():
+    rng = random.Random(0)
+    train, _ = toy_task.make_splits(seed=3, n_train=300, n_test=10)
+    wrong = 0
+    for p in train:
+        sol = toy_task.noisy_solution_text(p, 0.3, rng)
+        digits = [int(d) for d in re.findall(r"=(\d)", sol)]
+        final_wrong = int(sol.split("boxed{")[1][0]) != p.answer
+        misread = digits[: p.hops] != p.path[1:]
+        assert final_wrong == misread  # a misread never reaches the answer by luck
+        wrong += final_wrong
+        table = dict(p.links)
+        cur = p.start
+        for word, d in zip(sol.split()[1:-1], digits):
+            assert word.startswith(f"{NAMES[cur]}{NAMES[table[cur]]}=")  # always the right link
+            cur = d
+        assert cur not in table  # the walk stops where no link leaves
+    assert 0.2 < wrong / len(train) < 0.9
 
 
 def test_splits_are_seeded_disjoint_and_stable():
@@ -51,10 +85,9 @@ def test_splits_are_seeded_disjoint_and_stable():
     assert te_more == te1  # the test split does not depend on the train size
     tr3, _ = toy_task.make_splits(seed=2, n_train=500, n_test=100)
     assert tr3 != tr1
-    steps = {len(p.steps) for p in tr1}
-    assert steps == {2, 3, 4, 5}
-    answers = [p.answer for p in tr1]
-    assert len(set(answers)) == 10  # every residue occurs
+    assert set(Counter(p.hops for p in tr1)) == {2, 3, 4}
+    assert len({p.answer for p in tr1}) == 10
+    assert all(len(p.links) == p.hops + 2 for p in tr1)  # path links + 2 distractors
 
 
 def test_problems_and_jsonl_rows(tmp_path):
@@ -62,8 +95,6 @@ def test_problems_and_jsonl_rows(tmp_path):
     assert len(probs) == 50 and probs[0].uid == "toy-test:0"
     assert all(int(p.answer) == toy_task.solve(p.prompt) for p in probs)
     paths = toy_task.write_toy_dataset(tmp_path, seed=0, n_train=64, n_test=16)
-    from aepo_jax.data import load_problems
-
     loaded, stats = load_problems(paths["test"])
     assert stats.loaded == 16 and [p.prompt for p in loaded] == [p.prompt for p in toy_problems("test", n_train=64, n_test=16)]
     with pytest.raises(ValueError, match="train' or 'test"):
@@ -73,17 +104,9 @@ def test_problems_and_jsonl_rows(tmp_path):
 def test_bad_inputs():
     with pytest.raises(ValueError, match="not a toy problem"):
         toy_task.parse_problem("Start at 3 then a+5 modulo 7 .")
-    with pytest.raises(ValueError, match="labelled 'c', expected 'b'"):
-        toy_task.parse_problem("Start at 3 then a+5 c+1 modulo 10 .")
-    with pytest.raises(ValueError, match="min_steps"):
-        ToyTaskConfig(min_steps=3, max_steps=2)
-
-
-def test_vocabulary_covers_every_problem_and_solution():
-    vocab = set(toy_task.vocabulary_words())
-    rng = random.Random(0)
-    for _ in range(300):
-        p = toy_task.random_problem(rng, ToyTaskConfig())
-        wrong = {i: rng.randrange(10) for i in range(len(p.steps)) if rng.random() < 0.3}
-        assert set(toy_task.problem_text(p).split()) <= vocab
-        assert set(toy_task.solution_text(p, wrong).split()) <= vocab
+    with pytest.raises(ValueError, match="not a link"):
+        toy_task.parse_problem("Start at 3 and follow the links threeseven sevenelevenish .")
+    with pytest.raises(ValueError, match="two outgoing links"):
+        ToyProblem(start=1, links=((1, 2), (1, 3)))
+    with pytest.raises(ValueError, match="min_hops"):
+        ToyTaskConfig(min_hops=3, max_hops=2)

@@ -4,11 +4,12 @@ Why noisy supervision: a base model for RL must be *partly* right, with real unc
 pretrained LLM is on math: pass@1 well inside (0, 1), token entropy well above 0, pass@k rising
 with k. Training to convergence on correct solutions gives a model that is always right (nothing
 for RL to do); stopping early gives one that fails at random places, including the format. So the
-warm start trains on worked solutions in which every step's value is wrong with probability
-``noise`` (a wrong value is carried forward, as a model's mistake would be). A model that fits this
-data writes the right value with probability about ``1 - noise`` at every step and is otherwise
-fluent: pass@1 is about the mean of ``(1 - noise) ** steps`` (2 to 5 steps), and RL can sharpen
-those value tokens, which is exactly the entropy that GRPO collapses and AEPO holds.
+warm start trains on worked solutions in which every hop is misread with probability ``noise``
+(the wrong digit is carried forward, as a model's mistake would be). A model that fits this data
+reads each hop right with probability about ``1 - noise`` (more for easy links, less for hard
+ones) and is otherwise fluent: pass@1 is about the mean of ``(1 - noise) ** hops`` over 2 to 4
+hops, and RL can sharpen exactly those digit tokens, the entropy that GRPO collapses and AEPO
+holds.
 
 Outputs (``build_toy_base(out_dir)``): ``model.safetensors`` + ``config.json`` +
 ``generation_config.json`` (via :func:`aepo_jax.models.save_pretrained`), a real word-level
@@ -39,8 +40,8 @@ from aepo_jax.data.prompts import DEFAULT_INSTRUCTION, PromptConfig, tokenize_pr
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 1  # bump when the recipe changes: cached models of another version are rebuilt
-PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<unk>"
+BUILD_VERSION = 3  # bump when the recipe changes: cached models of another version are rebuilt
+PAD, EOS = "<|pad|>", "<|endoftext|>"
 GENERATION_PROMPT = "Answer:"
 # The chat template writes the user's words, then the generation prompt. It keeps the problem and
 # the default \boxed{} instruction word for word, so the generic prompt path (auto -> chat, default
@@ -56,11 +57,11 @@ class ToyBaseConfig:
     """Recipe of the toy base model (all of it goes into ``toy_base.json``)."""
 
     seed: int = 0
-    noise: float = 0.2  # probability that a training solution writes a wrong value at a step
+    noise: float = 0.3  # mean probability that a training solution misreads a hop (see toy_task.link_noise)
     n_train_problems: int = 4096  # the toy task's train split (RL trains on the same problems)
-    steps: int = 1200
-    batch_size: int = 64
-    lr: float = 3e-3
+    steps: int = 700  # the digit reads are learned by ~500 steps (to about 1 - noise)
+    batch_size: int = 32
+    lr: float = 1e-2
     warmup_steps: int = 50
     hidden_size: int = 64
     intermediate_size: int = 256
@@ -74,34 +75,57 @@ class ToyBaseConfig:
             raise ValueError(f"ToyBaseConfig.noise must be in [0, 1), got {self.noise}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("ToyBaseConfig: steps and batch_size must be >= 1")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"ToyBaseConfig: warmup_steps ({self.warmup_steps}) must be in [0, steps={self.steps})")
 
 
 # --- tokenizer -----------------------------------------------------------------------------------
 
+# Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer): letters-words with one optional
+# leading non-letter, single digits, punctuation runs, whitespace.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
-def vocabulary() -> list[str]:
-    """Token strings in id order: specials, the generation prompt, instruction words, task words."""
-    words = [PAD, EOS, UNK, GENERATION_PROMPT] + DEFAULT_INSTRUCTION.split() + toy_task.vocabulary_words()
-    out: list[str] = []
-    for w in words:
-        if w not in out:
-            out.append(w)
-    return out
+
+def tokenizer_corpus() -> list[str]:
+    """Everything the toy model reads or writes: the chat template's words, the default
+    instruction, and every word of the task."""
+    return [GENERATION_PROMPT, DEFAULT_INSTRUCTION, *toy_task.corpus_texts()]
 
 
 def build_tokenizer(out_dir: str | Path):
-    """Write a word-level ``tokenizer.json`` (+ config, chat template); return the HF tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
+    """Write the toy tokenizer (``tokenizer.json`` + config + chat template); return it loaded.
+
+    It is a byte-level BPE with Qwen2's pre-tokenizer, normaliser and decoder, trained with the
+    ``tokenizers`` library on :func:`tokenizer_corpus` until every pre-token piece of that corpus
+    is one token. The reason for Qwen2's exact pipeline: transformers 5 loads any ``model_type:
+    qwen2`` directory with its own Qwen2Tokenizer, which rebuilds the pre-tokenizer from that
+    recipe and keeps only vocab and merges from ``tokenizer.json``; a tokenizer built any other
+    way would silently tokenize differently there (and in SGLang) than in the trainer.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: PLC0415
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: PLC0415
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    for special in (PAD, EOS, UNK):
-        tok.add_special_tokens([special])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,  # an upper bound: training stops when every corpus piece is one token
+        min_frequency=1,
+        special_tokens=[PAD, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any text stays encodable
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=None)
     hf.chat_template = CHAT_TEMPLATE
-    hf.padding_side = "left"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)
@@ -111,22 +135,18 @@ def build_tokenizer(out_dir: str | Path):
 # --- training data -------------------------------------------------------------------------------
 
 
-def noisy_wrong_values(p: toy_task.ToyProblem, noise: float, rng: random.Random) -> dict[int, int]:
-    """Which steps of a training solution get a wrong value, and which (never the right one)."""
-    wrong: dict[int, int] = {}
-    value = p.start
-    for i, (op, x) in enumerate(p.steps):
-        right = toy_task.apply_op(value, op, x)
-        if rng.random() < noise:
-            value = rng.choice([d for d in range(toy_task.MODULUS) if d != right])
-            wrong[i] = value
-        else:
-            value = right
-    return wrong
+def response_token_count(p: toy_task.ToyProblem) -> int:
+    """Tokens of a clean worked solution: start, 3 per hop (link, "=", digit), 5 for " \\boxed{d}"."""
+    return 1 + 3 * p.hops + 5
 
 
-def _encode_words(text: str, vocab: dict[str, int]) -> list[int]:
-    return [vocab[w] for w in text.split()]
+def value_positions(p: toy_task.ToyProblem) -> list[int]:
+    """Indices (in a clean response) of the digit written after each hop."""
+    return [3 + 3 * i for i in range(p.hops)]
+
+
+def encode_responses(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 @dataclass
@@ -136,15 +156,18 @@ class _Corpus:
     max_len: int
 
 
-def _make_batch(corpus: _Corpus, idx: np.ndarray, noise: float, rng: random.Random, vocab: dict[str, int], eos: int):
-    """Right-padded [B, max_len] ids, attention mask and loss mask (response tokens + EOS)."""
+def _make_batch(corpus: _Corpus, idx: np.ndarray, noise: float, rng: random.Random, tokenizer, eos: int):
+    """Right-padded [B, L] ids, attention mask and loss mask (response tokens + EOS), with L the
+    batch's longest sequence rounded up to a multiple of 16 (a few compiled shapes, little padding)."""
     b = len(idx)
-    ids = np.zeros((b, corpus.max_len), np.int32)
-    attn = np.zeros((b, corpus.max_len), np.int32)
-    loss = np.zeros((b, corpus.max_len), np.float32)
-    for r, i in enumerate(idx):
-        p = corpus.problems[i]
-        resp = _encode_words(toy_task.solution_text(p, noisy_wrong_values(p, noise, rng)), vocab) + [eos]
+    texts = [toy_task.noisy_solution_text(corpus.problems[i], noise, rng) for i in idx]
+    responses = [r + [eos] for r in encode_responses(tokenizer, texts)]
+    longest = max(len(corpus.prompt_ids[i]) + len(r) for i, r in zip(idx, responses))
+    length = min(corpus.max_len, -(-longest // 16) * 16)
+    ids = np.zeros((b, length), np.int32)
+    attn = np.zeros((b, length), np.int32)
+    loss = np.zeros((b, length), np.float32)
+    for r, (i, resp) in enumerate(zip(idx, responses)):
         seq = list(corpus.prompt_ids[i]) + resp
         ids[r, : len(seq)] = seq
         attn[r, : len(seq)] = 1
@@ -178,7 +201,7 @@ def model_hf_config(cfg: ToyBaseConfig, vocab_size: int, eos_id: int, pad_id: in
     }
 
 
-def _train(model, corpus: _Corpus, cfg: ToyBaseConfig, vocab: dict[str, int], eos: int):
+def _train(model, corpus: _Corpus, cfg: ToyBaseConfig, tokenizer, eos: int):
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import optax  # noqa: PLC0415
@@ -205,7 +228,7 @@ def _train(model, corpus: _Corpus, cfg: ToyBaseConfig, vocab: dict[str, int], eo
     losses = []
     for s in range(cfg.steps):
         idx = order.integers(0, len(corpus.problems), cfg.batch_size)
-        ids, attn, mask = _make_batch(corpus, idx, cfg.noise, rng, vocab, eos)
+        ids, attn, mask = _make_batch(corpus, idx, cfg.noise, rng, tokenizer, eos)
         loss = step(model, optimizer, jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(mask))
         if s % 100 == 0 or s == cfg.steps - 1:
             losses.append((s, float(loss)))
@@ -218,25 +241,25 @@ def teacher_forced_diagnostics(model, tokenizer, problems: list[toy_task.ToyProb
 
     * ``p_correct_chain``: mean probability of writing the whole correct solution at T=1, a lower
       bound on pass@1 (other correct-answer paths exist only by luck);
-    * ``value_token_p``: mean probability of the right value at each step (about ``1 - noise``);
+    * ``value_token_p``: mean probability of the right digit at each hop (about ``1 - noise``);
     * ``entropy_per_token``: mean full-vocabulary entropy over response tokens (nats).
     """
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
-    vocab = tokenizer.get_vocab()
     eos = tokenizer.eos_token_id
     recs = [toy_task.problem_text(p) for p in problems]
     from aepo_jax.data.datasets import Problem  # noqa: PLC0415
 
     examples, _ = tokenize_problems([Problem(r, "", "toy", str(i)) for i, r in enumerate(recs)], tokenizer, PromptConfig(max_prompt_length=10_000))
     seqs, spans, value_pos = [], [], []
-    for ex, p in zip(examples, problems):
-        resp = _encode_words(toy_task.solution_text(p), vocab) + [eos]
+    responses = encode_responses(tokenizer, [toy_task.solution_text(p) for p in problems])
+    for ex, p, resp in zip(examples, problems, responses):
+        resp = resp + [eos]
         start = len(ex.prompt_ids)
         seqs.append(list(ex.prompt_ids) + resp)
         spans.append((start, start + len(resp)))
-        value_pos.append([start + 2 + 2 * i for i in range(len(p.steps))])  # "v0 op v1 op v2 ... box"
+        value_pos.append([start + v for v in value_positions(p)])
     L = max(map(len, seqs))
     ids = np.zeros((len(seqs), L), np.int32)
     attn = np.zeros_like(ids)
@@ -270,7 +293,6 @@ def build_toy_base(out_dir: str | Path, cfg: ToyBaseConfig = ToyBaseConfig()) ->
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
-    vocab = tokenizer.get_vocab()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     train, test = toy_task.make_splits(cfg.seed, cfg.n_train_problems, 256)
@@ -278,17 +300,20 @@ def build_toy_base(out_dir: str | Path, cfg: ToyBaseConfig = ToyBaseConfig()) ->
     problems = [Problem(r["prompt"], r["answer"], "toy", f"toy-train:{i}") for i, r in enumerate(rows)]
     # The same prompt path the trainer and eval use (auto -> this chat template + default instruction).
     examples, stats = tokenize_problems(problems, tokenizer, PromptConfig(max_prompt_length=10_000))
-    unk = tokenizer.convert_tokens_to_ids(UNK)
-    if any(unk in ex.prompt_ids for ex in examples):
-        raise RuntimeError("toy base: a prompt produced <unk>; the vocabulary and the prompt template disagree")
-    max_resp = 2 * max(len(p.steps) for p in train) + 3
-    max_len = max(len(e.prompt_ids) for e in examples) + max_resp
-    max_len = -(-max_len // 8) * 8  # one compiled shape, a multiple of 8
+    # Every task word must be one token, or the value positions (and the model's job) shift.
+    probe = train[: 64]
+    lens = [len(r) for r in encode_responses(tokenizer, [toy_task.solution_text(p) for p in probe])]
+    if lens != [response_token_count(p) for p in probe]:
+        raise RuntimeError("toy base: the tokenizer splits task words into several tokens")
+    # A misread leaves the path for at most one more hop (a distractor into its dead end).
+    max_resp = max(1 + 3 * (p.hops + 1) + 5 for p in train) + 1  # + EOS
+    max_len = -(-(max(len(e.prompt_ids) for e in examples) + max_resp) // 16) * 16
     corpus = _Corpus(prompt_ids=[e.prompt_ids for e in examples], problems=train, max_len=max_len)
 
-    hf_cfg = model_hf_config(cfg, len(vocab), eos, pad)
+    vocab_size = -(-len(tokenizer) // 64) * 64  # padded, as real checkpoints do (Qwen2.5: 151936)
+    hf_cfg = model_hf_config(cfg, vocab_size, eos, pad)
     model = init_model(ModelConfig.from_hf_dict(hf_cfg), seed=cfg.seed, dtype="float32", mesh=None)
-    losses = _train(model, corpus, cfg, vocab, eos)
+    losses = _train(model, corpus, cfg, tokenizer, eos)
     diag = teacher_forced_diagnostics(model, tokenizer, test)
 
     save_pretrained(model, out_dir, dtype="float32", copy_tokenizer=False)
@@ -297,7 +322,7 @@ def build_toy_base(out_dir: str | Path, cfg: ToyBaseConfig = ToyBaseConfig()) ->
     info = {
         "build_version": BUILD_VERSION,
         "recipe": dataclasses.asdict(cfg),
-        "task": {"modulus": toy_task.MODULUS, **dataclasses.asdict(toy_task.ToyTaskConfig())},
+        "task": dataclasses.asdict(toy_task.ToyTaskConfig()),
         "max_len": max_len,
         "loss_curve": losses,
         "teacher_forced_test": diag,

@@ -1,17 +1,24 @@
-"""The built-in reasoning task: a chain of modular arithmetic steps with a worked answer.
+"""The built-in reasoning task: follow a chain of links, writing each hop, answer in ``\\boxed{}``.
 
 A problem (the user turn) and its worked solution (the response) look like::
 
-    Start at 3 then a+5 b*2 c-4 modulo 10 .
-    3 a+5 8 b*2 6 c-4 2 \\boxed{2}
+    Start at 3 and follow the links sevenone threeseven fivethree onefour .
+    3 threeseven=7 sevenone=1 onefour=4 \\boxed{4}
 
-The response copies the start value, then for each lettered step writes the operation and the
-running value after it (mod 10), and ends with the final value in ``\\boxed{}``. The answer therefore depends
-on a short multi-step computation written in the response: one wrong step makes the rest of the
-chain (and the box) wrong, so pass@1 falls with the number of steps while pass@k rises with k, the
-shape RL on math shows. Each whitespace-separated word is one token of the toy tokenizer
-(:mod:`aepo_jax.data.toy_base`); the operation words carry their step letter (``b*2``), which lets
-a 2-layer model find "the next step" by content instead of by counting.
+The prompt lists links between digits in a shuffled order (``sevenone`` means 7 -> 1), some of
+them distractors off the path that lead to dead ends. The response copies the start, then for
+every hop writes the link it follows and the digit it lands on, and stops at the digit that has no
+outgoing link. The answer depends on a short multi-step computation written in the response: one
+misread hop sends the rest of the chain off the path, so pass@1 falls with the number of hops
+while pass@k rises with k, the shape RL on math shows.
+
+Why this task and these spellings: the toy tokenizer is a Qwen2-style byte-level BPE (so that
+``transformers`` loads it as the Qwen2 tokenizer it forces on ``model_type: qwen2``); its
+pre-tokenizer splits digits and punctuation into single pieces while a letters-only word such as
+``threeseven`` is one piece and, after BPE, one token. Each hop is then two retrievals a 2-layer
+model learns in a minute of CPU training: find the link whose first digit is the current one (by
+content), and read its second digit. (Arithmetic steps such as ``8*2 mod 10`` need a learned
+two-token interaction that a model this small does not pick up in that time.)
 
 Everything is generated from a seed; :func:`solve` recomputes an answer from the problem text
 (what the tests use to check every answer).
@@ -26,81 +33,122 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-MODULUS = 10
-STEP_LETTERS = "abcde"
-OPS = "+-*"
+NUM_NODES = 10  # digits 0-9
+NUMBER_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROBLEM_PREFIX = "Start at"
-PROBLEM_SUFFIX = f"modulo {MODULUS} ."
+PROBLEM_MIDDLE = "and follow the links"
 
 
 @dataclass(frozen=True)
 class ToyTaskConfig:
     """Shape of the generated problems."""
 
-    min_steps: int = 2
-    max_steps: int = 5
+    min_hops: int = 2
+    max_hops: int = 4
+    distractors: int = 2  # links from digits off the path (each points into the path)
 
     def __post_init__(self):
-        if not 1 <= self.min_steps <= self.max_steps <= len(STEP_LETTERS):
+        if not 1 <= self.min_hops <= self.max_hops <= 6:
             raise ValueError(
-                f"ToyTaskConfig: need 1 <= min_steps <= max_steps <= {len(STEP_LETTERS)}, "
-                f"got min_steps={self.min_steps}, max_steps={self.max_steps}"
+                f"ToyTaskConfig: need 1 <= min_hops <= max_hops <= 6, got min_hops={self.min_hops}, max_hops={self.max_hops}"
             )
+        if not 0 <= self.distractors <= NUM_NODES - self.max_hops - 2:  # at least one dead end left
+            raise ValueError(f"ToyTaskConfig: distractors must be in [0, {NUM_NODES - self.max_hops - 2}], got {self.distractors}")
 
 
 @dataclass(frozen=True)
 class ToyProblem:
     start: int
-    steps: tuple[tuple[str, int], ...]  # (op, operand) per step
+    links: tuple[tuple[int, int], ...]  # (from, to) in the order the prompt lists them
+
+    def __post_init__(self):
+        sources = [a for a, _ in self.links]
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"toy task: a digit has two outgoing links: {self.links}")
+
+    @property
+    def path(self) -> list[int]:
+        """Digits visited from the start until one without an outgoing link."""
+        table = dict(self.links)
+        out = [self.start]
+        while out[-1] in table:
+            out.append(table[out[-1]])
+            if len(out) > len(self.links) + 1:
+                raise ValueError(f"toy task: the links form a cycle: {self.links}")
+        return out
 
     @property
     def answer(self) -> int:
-        return chain_values(self.start, self.steps)[-1]
+        return self.path[-1]
+
+    @property
+    def hops(self) -> int:
+        return len(self.path) - 1
 
 
-def apply_op(value: int, op: str, operand: int) -> int:
-    if op == "+":
-        return (value + operand) % MODULUS
-    if op == "-":
-        return (value - operand) % MODULUS
-    if op == "*":
-        return (value * operand) % MODULUS
-    raise ValueError(f"toy task: unknown op {op!r}")
-
-
-def chain_values(start: int, steps: Sequence[tuple[str, int]]) -> list[int]:
-    """Running values: ``[start, after step 1, ..., after the last step]``."""
-    values = [start]
-    for op, operand in steps:
-        values.append(apply_op(values[-1], op, operand))
-    return values
-
-
-def op_word(step_index: int, op: str, operand: int) -> str:
-    return f"{STEP_LETTERS[step_index]}{op}{operand}"
+def link_word(a: int, b: int) -> str:
+    """``(3, 7) -> "threeseven"``: a link as one letters-only word."""
+    return f"{NUMBER_NAMES[a]}{NUMBER_NAMES[b]}"
 
 
 def problem_text(p: ToyProblem) -> str:
-    ops = " ".join(op_word(i, op, x) for i, (op, x) in enumerate(p.steps))
-    return f"{PROBLEM_PREFIX} {p.start} then {ops} {PROBLEM_SUFFIX}"
+    links = " ".join(link_word(a, b) for a, b in p.links)
+    return f"{PROBLEM_PREFIX} {p.start} {PROBLEM_MIDDLE} {links} ."
 
 
 def solution_text(p: ToyProblem, wrong_values: dict[int, int] | None = None) -> str:
-    """The worked solution; ``wrong_values[i] = v`` writes ``v`` after step ``i`` instead of the
-    right value and carries the mistake forward (a self-consistent wrong chain, like a model's)."""
+    """The worked solution. ``wrong_values[i] = d`` writes ``d`` after hop ``i`` instead of the
+    digit the link leads to (a misread) and goes on from ``d``: a self-consistent wrong chain,
+    like a model's."""
     wrong_values = wrong_values or {}
+    table = dict(p.links)
     value = p.start
     words = [str(value)]
-    for i, (op, x) in enumerate(p.steps):
-        value = wrong_values.get(i, apply_op(value, op, x))
-        words += [op_word(i, op, x), str(value)]
+    # Misreads can revisit digits, but only the first len(links) hops may be misread (see
+    # noisy_solution_text) and a correct walk from anywhere ends within len(links) hops.
+    for i in range(2 * len(p.links) + 1):
+        if value not in table:
+            break
+        nxt = table[value]
+        written = wrong_values.get(i, nxt)
+        words.append(f"{link_word(value, nxt)}={written}")
+        value = written
     words.append(f"\\boxed{{{value}}}")
     return " ".join(words)
 
 
-_PROBLEM_RE = re.compile(
-    rf"^{PROBLEM_PREFIX} (\d) then ((?:[{STEP_LETTERS}][{re.escape(OPS)}]\d ?)+) {re.escape(PROBLEM_SUFFIX)}$"
-)
+# Some links are harder to read than others (a fixed function of the link), so problems differ in
+# difficulty and pass@k climbs gradually instead of saturating at k = 4.
+LINK_DIFFICULTY = (0.3, 1.0, 1.8)  # mean 1.03: a hop's misread probability is noise * this
+
+
+def link_noise(a: int, b: int, noise: float) -> float:
+    return min(0.95, noise * LINK_DIFFICULTY[(3 * a + 7 * b) % len(LINK_DIFFICULTY)])
+
+
+def noisy_solution_text(p: ToyProblem, noise: float, rng: random.Random) -> str:
+    """A worked solution in which the hop over link (a, b) is misread with probability
+    ``link_noise(a, b, noise)``. A misread writes a digit off the path (so it never reaches the
+    answer by luck) and the walk goes on from there: into a distractor's dead end, or it stops."""
+    table = dict(p.links)
+    path = p.path
+    off_path = [d for d in range(NUM_NODES) if d not in path]
+    wrong: dict[int, int] = {}
+    value = p.start
+    for i in range(p.hops):
+        if value not in table:
+            break
+        nxt = table[value]
+        if rng.random() < link_noise(value, nxt, noise):
+            nxt = rng.choice(off_path)
+            wrong[i] = nxt
+        value = nxt
+    return solution_text(p, wrong)
+
+
+_NAME_RE = "|".join(NUMBER_NAMES)
+_LINK_RE = re.compile(rf"({_NAME_RE})({_NAME_RE})")
+_PROBLEM_RE = re.compile(rf"^{PROBLEM_PREFIX} (\d) {PROBLEM_MIDDLE} ((?:[a-z]+ )+)\.$")
 
 
 def parse_problem(text: str) -> ToyProblem:
@@ -108,12 +156,13 @@ def parse_problem(text: str) -> ToyProblem:
     m = _PROBLEM_RE.match(text.strip())
     if not m:
         raise ValueError(f"toy task: not a toy problem: {text!r}")
-    steps = []
-    for i, word in enumerate(m.group(2).split()):
-        if word[0] != STEP_LETTERS[i]:
-            raise ValueError(f"toy task: step {i} is labelled {word[0]!r}, expected {STEP_LETTERS[i]!r}: {text!r}")
-        steps.append((word[1], int(word[2])))
-    return ToyProblem(start=int(m.group(1)), steps=tuple(steps))
+    links = []
+    for word in m.group(2).split():
+        w = _LINK_RE.fullmatch(word)
+        if not w:
+            raise ValueError(f"toy task: {word!r} is not a link <digit name><digit name>: {text!r}")
+        links.append((NUMBER_NAMES.index(w.group(1)), NUMBER_NAMES.index(w.group(2))))
+    return ToyProblem(start=int(m.group(1)), links=tuple(links))
 
 
 def solve(text: str) -> int:
@@ -122,9 +171,18 @@ def solve(text: str) -> int:
 
 
 def random_problem(rng: random.Random, cfg: ToyTaskConfig) -> ToyProblem:
-    n = rng.randint(cfg.min_steps, cfg.max_steps)
-    steps = tuple((rng.choice(OPS), rng.randrange(MODULUS)) for _ in range(n))
-    return ToyProblem(start=rng.randrange(MODULUS), steps=steps)
+    hops = rng.randint(cfg.min_hops, cfg.max_hops)
+    nodes = rng.sample(range(NUM_NODES), NUM_NODES)
+    path = nodes[: hops + 1]
+    links = [(path[i], path[i + 1]) for i in range(hops)]
+    # Distractors leave digits off the path and end in dead ends off the path: "which link starts
+    # here" is a real lookup, and a walk that left the path never finds its way back.
+    sources = nodes[hops + 1 : hops + 1 + cfg.distractors]
+    dead_ends = nodes[hops + 1 + cfg.distractors :]
+    for d in sources:
+        links.append((d, rng.choice(dead_ends)))
+    rng.shuffle(links)
+    return ToyProblem(start=path[0], links=tuple(links))
 
 
 def make_splits(
@@ -181,14 +239,13 @@ def write_toy_dataset(out_dir: str | Path, seed: int = 0, n_train: int = 4096, n
     return {"train": write_jsonl(to_records(train), out / "train.jsonl"), "test": write_jsonl(to_records(test), out / "test.jsonl")}
 
 
-def vocabulary_words() -> list[str]:
-    """Every word the task can produce, in a fixed order (the toy tokenizer's core vocabulary)."""
-    words = PROBLEM_PREFIX.split() + ["then"] + PROBLEM_SUFFIX.split()
-    words += [str(d) for d in range(MODULUS)]
-    words += [op_word(i, op, x) for i in range(len(STEP_LETTERS)) for op in OPS for x in range(MODULUS)]
-    words += [f"\\boxed{{{d}}}" for d in range(MODULUS)]
-    out: list[str] = []
-    for w in words:  # "10" in the suffix is not a digit word; keep first occurrences only
-        if w not in out:
-            out.append(w)
-    return out
+def corpus_texts() -> list[str]:
+    """Texts that together contain every word and symbol the task can produce (the toy
+    tokenizer is trained on them, so each of these pieces becomes a single token)."""
+    texts = []
+    for a in range(NUM_NODES):
+        for b in range(NUM_NODES):
+            if a != b:
+                texts.append(f"{PROBLEM_PREFIX} {a} {PROBLEM_MIDDLE} {link_word(a, b)} .")
+                texts.append(f"{a} {link_word(a, b)}={(a + b) % NUM_NODES} \\boxed{{{b}}}")
+    return texts

@@ -1,0 +1,92 @@
+"""The toy base model builder: a real Qwen2-compatible tokenizer, HF files that transformers and our
+loader read, determinism given the seed, the cache, and (slow) the promised pass@1 band."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from aepo_jax.data import toy_task
+from aepo_jax.data.toy_base import ToyBaseConfig, build_toy_base, ensure_toy_base, response_token_count
+
+TINY = ToyBaseConfig(steps=3, warmup_steps=1, n_train_problems=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    return Path(ensure_toy_base(tmp_path_factory.mktemp("cache"), TINY))
+
+
+def test_files_and_loaders(tiny_base):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from aepo_jax.models import load_pretrained
+
+    for fn in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+               "tokenizer_config.json", "toy_base.json"):
+        assert (tiny_base / fn).is_file(), fn
+    cfg = AutoConfig.from_pretrained(tiny_base)
+    assert cfg.model_type == "qwen2" and cfg.num_hidden_layers == 2 and cfg.hidden_size == 64
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    # transformers forces its Qwen2 tokenizer class on model_type qwen2 (rebuilding the
+    # pre-tokenizer); it must split exactly as the tokenizer.json we wrote does.
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(tiny_base / "tokenizer.json"))
+    p = toy_task.ToyProblem(start=7, links=((3, 9), (7, 3), (5, 1), (9, 0)))
+    for text in (toy_task.problem_text(p), toy_task.solution_text(p), toy_task.solution_text(p, {0: 4})):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == raw.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids) == text
+    assert len(tok(toy_task.solution_text(p), add_special_tokens=False)["input_ids"]) == response_token_count(p)
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "hi Answer:"
+    model = load_pretrained(str(tiny_base))
+    assert model.cfg.vocab_size >= len(tok) and model.cfg.vocab_size % 64 == 0
+    gen = json.loads((tiny_base / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.eos_token_id
+    info = json.loads((tiny_base / "toy_base.json").read_text())
+    assert info["recipe"]["steps"] == 3 and 0.0 <= info["teacher_forced_test"]["value_token_p"] <= 1.0
+
+
+def test_build_is_deterministic(tiny_base, tmp_path):
+    again = build_toy_base(tmp_path / "again", TINY)
+    for fn in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (again / fn).read_bytes() == (tiny_base / fn).read_bytes(), fn
+
+
+def test_cache_reuses_and_rebuilds_on_recipe_change(tiny_base):
+    before = os.stat(tiny_base / "model.safetensors").st_mtime_ns
+    assert Path(ensure_toy_base(tiny_base.parent, TINY)) == tiny_base
+    assert os.stat(tiny_base / "model.safetensors").st_mtime_ns == before  # not rebuilt
+    other = ToyBaseConfig(steps=2, warmup_steps=1, n_train_problems=64)
+    path = Path(ensure_toy_base(tiny_base.parent, other))
+    assert json.loads((path / "toy_base.json").read_text())["recipe"]["steps"] == 2
+
+
+def test_bad_recipe():
+    with pytest.raises(ValueError, match="noise"):
+        ToyBaseConfig(noise=1.0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        ToyBaseConfig(steps=10, warmup_steps=10)
+
+
+@pytest.mark.slow
+def test_default_base_is_partly_right_with_entropy(tmp_path):
+    """The promised band: pass@1 at T = 1 in [0.2, 0.6], entropy well above 0, pass@k rising."""
+    from aepo_jax.eval import EvalConfig, run_eval
+
+    path = ensure_toy_base(tmp_path / "cache")
+    report = run_eval(EvalConfig(model_path=path, data=["toy"], n=16, ks=[1, 2, 4, 8, 16], temperature=1.0,
+                                 top_p=1.0, max_new_tokens=64, output=str(tmp_path / "r.json")))
+    res = report["benchmarks"]["toy"]
+    pass_k = [res["pass_at_k"][str(k)] for k in (1, 2, 4, 8, 16)]
+    assert 0.2 <= pass_k[0] <= 0.6, res
+    assert all(b > a for a, b in zip(pass_k, pass_k[1:])), pass_k
+    assert pass_k[-1] >= pass_k[0] + 0.2
+    assert res["mean_token_nll"] > 0.1, res
+    assert res["truncated_fraction"] < 0.05
