@@ -98,6 +98,7 @@ def main() -> None:
 
     from aepo_jax.rollout.launch import launch_server
 
+    load_start = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, a.vocab, size=(a.prompts, a.prompt_len)).tolist()
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
@@ -134,6 +135,9 @@ def main() -> None:
         "weight_sync_update_s": round(ours["sync"]["update_s"], 3),
         "weight_sync_verify_s": round(ours["sync"]["verify_s"], 4),
         "cpu_count": os.cpu_count(),
+        # other processes on the machine skew both sides; the ratio is the figure to compare
+        "loadavg_1min_start": round(load_start, 2),
+        "loadavg_1min_end": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result), flush=True)
 
