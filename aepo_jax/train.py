@@ -254,29 +254,58 @@ class Trainer:
             f"{prefix}/num_samples": float(len(rollouts)),
         }
 
-    def _rollout_phase(self, step: int, examples, m: dict):
-        """Stages 1-5 on the main process: rollouts, rewards, entropy, controller decision."""
+    def _share(self, obj):
+        """Process 0's value on every process (rollouts are drawn by process 0 only)."""
+        from aepo_jax.trainer import distributed
+
+        if distributed.process_count() == 1:
+            return obj
+        return distributed.broadcast_object(obj if self.is_main else None)
+
+    def _sample_and_score(self, examples, n: int, temperature: float, seed: int, stage: str, m: dict):
+        """Rollout + reward on process 0, then the scored rollouts on every process."""
         from aepo_jax.trainer.metrics import Timer
 
+        if self.is_main:
+            with Timer(stage, m):
+                rollouts = self._generate(examples, n, temperature, seed)
+            with Timer("reward" if stage == "rollout" else f"{stage}_reward", m):
+                stats = self._score(rollouts, examples)
+            payload = (rollouts, stats)
+        else:
+            payload = None
+        return self._share(payload)
+
+    def train_step(self, step: int) -> dict:
+        """One RL step; returns its metrics. Every process runs it: process 0 talks to the
+        servers and the reward pool, the learner's computations are collective."""
+        from aepo_jax.trainer.batch import build_rows, pack, split_minibatches
+        from aepo_jax.trainer.metrics import Timer
+
+        np = self.np
         cfg = self.cfg
-        with Timer("rollout", m):
-            grpo = self._generate(examples, cfg.rollout.n, cfg.rollout.temperature, _step_seed(cfg.train.seed, step, 0))
-        with Timer("reward", m):
-            stats = self._score(grpo, examples)
+        t0 = time.perf_counter()
+        m: dict = {}
+        examples = next(self.pipeline)
+
+        # 1-2. rollout at T = 1 and rewards
+        grpo, stats = self._sample_and_score(examples, cfg.rollout.n, cfg.rollout.temperature,
+                                             _step_seed(cfg.train.seed, step, 0), "rollout", m)
+        # 3. old log-probs and the current policy's entropy, both estimators
         with Timer("old_logp", m):
             self._attach_logprobs(grpo)
         h_full, h_nll = self._entropy_stats(grpo)
+        # 4. the controller picks T and the positive budget
         self.controller.observe(entropy_full=h_full, entropy_sampled=h_nll)
         decision = self.controller.decide(step)
+        # 5. temperature rollout for a share of the prompts (AEPO and the ablations)
         reg = []
         if self.uses_reg:
             n_prompts = max(1, math.ceil(cfg.algorithm.reg_prompt_fraction * len(examples)))
             temperature = 1.0 if self.method == "ablation_eq2" else decision.temperature
-            with Timer("reg_rollout", m):
-                reg = self._generate(examples[:n_prompts], cfg.algorithm.reg_samples_per_prompt or cfg.rollout.n,
-                                     temperature, _step_seed(cfg.train.seed, step, 1))
-                s2 = self._score(reg, examples)
-                stats = {k: stats[k] + s2[k] for k in stats}
+            reg, s2 = self._sample_and_score(examples[:n_prompts], cfg.algorithm.reg_samples_per_prompt or cfg.rollout.n,
+                                             temperature, _step_seed(cfg.train.seed, step, 1), "reg_rollout", m)
+            stats = {k: stats[k] + s2[k] for k in stats}
         m.update(self._rollout_metrics(grpo, "rollout"))
         m.update(self._rollout_metrics(reg, "reg_rollout"))
         m.update({
@@ -291,52 +320,21 @@ class Trainer:
             "aepo/budget": float(decision.budget),
             "aepo/raising": 1.0 if decision.mode == "raise" else 0.0,
         })
-        return grpo, reg, decision
 
-    def train_step(self, step: int) -> dict:
-        """One RL step; returns its metrics (every process returns the same numbers)."""
-        from aepo_jax.trainer import distributed
-        from aepo_jax.trainer.batch import build_rows, pack, split_minibatches
-        from aepo_jax.trainer.metrics import Timer
-
-        np = self.np
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        m: dict = {}
-        examples = next(self.pipeline)
-        if self.is_main:
-            grpo, reg, decision = self._rollout_phase(step, examples, m)
+        # 6. the method's rows, their old log-probs, fixed-shape mini-batches
+        with Timer("batch", m):
             rng = np.random.default_rng([cfg.train.seed, step, 2])
-            with Timer("batch", m):
-                budget = decision.budget
-                rows, sel = build_rows(self.method, cfg.algorithm.reading, grpo, reg, budget, rng)
-                m.update(sel)
-                need = [r for r in rows.rollouts if r.old_logp is None]
-            with Timer("old_logp_reg", m):
-                self._attach_logprobs(need)
+            rows, sel = build_rows(self.method, cfg.algorithm.reading, grpo, reg, decision.budget, rng)
+            m.update(sel)
+            self._attach_logprobs([r for r in rows.rollouts if r.old_logp is None])
             packed = pack(rows, self.prompt_len, self.response_len, self.pad_id)
-            payload = (packed, m, self.controller.to_dict())
-        else:
-            payload = None
-        if distributed.process_count() > 1:
-            payload = distributed.broadcast_object(payload)
-            packed, m, ctl_state = payload
-            if not self.is_main:
-                from aepo_jax.entropy_control import EntropyController
 
-                self.controller = EntropyController.from_dict(ctl_state)
-        else:
-            packed = payload[0]
-
+        # 7. updates
         update_metrics = []
         with Timer("update", m):
             rng = np.random.default_rng([cfg.train.seed, step, 3])
             for _ in range(cfg.train.epochs):
-                mbs = split_minibatches(packed, self.num_minibatches, self.reg_cap,
-                                        1, self.pad_id, rng)
-                for mb in mbs:
-                    if mb.input_ids.shape[0] != self.rows_per_minibatch:
-                        raise RuntimeError(f"mini-batch of {mb.input_ids.shape[0]} rows, expected {self.rows_per_minibatch}")
+                for mb in split_minibatches(packed, self.num_minibatches, self.reg_cap, 1, self.pad_id, rng):
                     um = self.learner.update(mb.arrays())
                     um["optim/lr"] = self.learner.learning_rate(self.num_updates)
                     if um["actor/update_skipped"] == 0.0:
@@ -420,14 +418,19 @@ class Trainer:
                 # The servers must sample from this run's policy: the restored one on a resume, and
                 # the base model on a fresh start (a long-lived server may hold another run's weights).
                 self._sync(self.start_step)
+                last_ckpt_s = None
                 for step in range(self.start_step, cfg.train.steps):
                     m = self.train_step(step)
-                    if ckpt.should_save(step + 1) or step + 1 == cfg.train.steps:
-                        from aepo_jax.trainer.metrics import Timer
-
-                        with Timer("checkpoint", m):
-                            ckpt.save(step + 1, self.learner.state(), self._extras(), force=True)
+                    if last_ckpt_s is not None:
+                        m["timing_s/checkpoint"] = last_ckpt_s  # the previous step's save
+                    # Log before checkpointing: a run killed in between resumes at the previous
+                    # checkpoint and redoes (and relogs) this step, so no step's line is ever lost.
                     logger.log(step + 1, m)
+                    last_ckpt_s = None
+                    if ckpt.should_save(step + 1) or step + 1 == cfg.train.steps:
+                        t0 = time.perf_counter()
+                        ckpt.save(step + 1, self.learner.state(), self._extras(), force=True)
+                        last_ckpt_s = time.perf_counter() - t0
         return self.run_dir
 
 
