@@ -170,3 +170,34 @@ def test_cli_defaults_follow_appendix_a():
     assert pass1.resolved_temperature() == 0.1
     custom = config_from_args(["--model-path", "m", "--data", "a.jsonl", "--n", "1024", "--temperature", "0.6"])
     assert custom.ks[-1] == 1024 and custom.resolved_temperature() == 0.6
+
+
+def test_end_to_end_through_the_embedded_server(tmp_path):
+    """Sample through the real embedded server with a (barely trained) toy model: the report's
+    numbers must equal a rescoring of the written samples, for every k."""
+    from aepo_jax.data import toy_task
+    from aepo_jax.data.toy_base import ToyBaseConfig, build_toy_base
+    from aepo_jax.eval import main
+    from aepo_jax.rewards import exact_match_reward
+
+    model = build_toy_base(tmp_path / "model", ToyBaseConfig(steps=30, warmup_steps=5, n_train_problems=256))
+    data = toy_task.write_toy_dataset(tmp_path / "mybench", seed=0, n_train=8, n_test=6)["test"]
+    out, samples = tmp_path / "report.json", tmp_path / "samples.jsonl"
+    rc = main(["--model-path", str(model), "--data", str(data), "--n", "4", "--k", "1,2,4", "--max-new-tokens", "40",
+               "--output", str(out), "--samples-output", str(samples), "--reward", "exact_match"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["temperature"] == 1.0 and report["settings"]["top_p"] == 0.95
+    res = report["benchmarks"]["mybench"]  # "test.jsonl" is named after its folder
+    assert res["num_problems"] == 6 and res["n"] == 4
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(rows) == 24
+    correct = {}
+    for r in rows:
+        assert r["score"] == exact_match_reward(r["response"], r["answer"])
+        correct[r["uid"]] = correct.get(r["uid"], 0) + int(r["score"] > 0.5)
+    counts = list(correct.values())
+    assert res["per_problem_correct"] == counts
+    for k in (1, 2, 4):
+        assert res["pass_at_k"][str(k)] == pytest.approx(np.mean([pass_at_k(4, c, k) for c in counts]))
+    assert res["mean_response_tokens"] > 0 and res["mean_token_nll"] > 0
