@@ -12,10 +12,11 @@ hops, and RL can sharpen exactly those digit tokens, the entropy that GRPO colla
 holds.
 
 Outputs (``build_toy_base(out_dir)``): ``model.safetensors`` + ``config.json`` +
-``generation_config.json`` (via :func:`aepo_jax.models.save_pretrained`), a real word-level
-``tokenizer.json`` built with the ``tokenizers`` library with ``tokenizer_config.json`` and a chat
-template (``AutoTokenizer.from_pretrained(out_dir)`` loads it), and ``toy_base.json`` with the build
-settings and teacher-forced diagnostics. The build is deterministic given the seed.
+``generation_config.json`` (via :func:`aepo_jax.models.save_pretrained`), a real byte-level BPE
+``tokenizer.json`` trained with the ``tokenizers`` library, with ``tokenizer_config.json`` and a chat
+template (``AutoTokenizer.from_pretrained(out_dir)`` loads it and splits text exactly as the file
+does), and ``toy_base.json`` with the build settings and teacher-forced diagnostics. The build is
+deterministic given the seed (same bytes).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class ToyBaseConfig:
     seed: int = 0
     noise: float = 0.3  # mean probability that a training solution misreads a hop (see toy_task.link_noise)
     n_train_problems: int = 4096  # the toy task's train split (RL trains on the same problems)
+    # (the problems are fixed; the misreads are drawn fresh every batch, so nothing is memorised)
     steps: int = 700  # the digit reads are learned by ~500 steps (to about 1 - noise)
     batch_size: int = 32
     lr: float = 1e-2
