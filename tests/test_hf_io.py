@@ -183,3 +183,16 @@ def test_missing_tensor_is_named(source, tmp_path):
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias.*missing"):
         load_pretrained(d)
+
+
+def test_load_checkpoint_sharded_by_transformers(tmp_path):
+    """Shards + model.safetensors.index.json as transformers itself writes them."""
+    from aepo_jax.models import load_pretrained
+
+    d = tmp_path / "hfsharded"
+    hf = make_hf_checkpoint(tmp_path / "unused", "llama", seed=5, num_key_value_heads=1)
+    hf.save_pretrained(d, max_shard_size="60KB")
+    assert (d / "model.safetensors.index.json").exists() and not (d / "model.safetensors").exists()
+    ids, mask = left_padded_batch(seed=13)
+    ours = np.asarray(load_pretrained(d, mesh="8x1")(ids, attention_mask=mask))
+    assert np.abs(ours - torch_logits(hf, ids, mask))[mask.astype(bool)].max() <= 1e-4
