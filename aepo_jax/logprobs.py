@@ -55,8 +55,8 @@ def _check_inputs(hidden, lm_head, targets, temperature, chunk_size):
 
 
 def _logits(h, w, inv_t):
-    """[B, c, H] x [H, V] -> fp32 [B, c, V] (accumulated in fp32 whatever the input dtype)."""
-    z = jnp.einsum("bch,hv->bcv", h, w, preferred_element_type=jnp.float32)
+    """[..., H] x [H, V] -> fp32 [..., V] (accumulated in fp32 whatever the input dtype)."""
+    z = jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32)
     return z if inv_t == 1.0 else z * inv_t
 
 
@@ -83,8 +83,8 @@ def _pad_seq(x, pad):
 
 
 @functools.lru_cache(maxsize=None)
-def _make_head(inv_t: float, chunk: int, entropy_grad: bool):
-    """Build the custom-VJP head for one (temperature, chunk, entropy_grad) setting.
+def _make_head(inv_t: float, chunk: int, entropy_grad: bool, groups: int):
+    """Build the custom-VJP head for one (temperature, chunk, entropy_grad, batch_groups) setting.
 
     Cached so that eager calls reuse the same function (and its compiled scan bodies).
     """
@@ -144,6 +144,9 @@ def _make_head(inv_t: float, chunk: int, entropy_grad: bool):
                 _to_chunks(_pad_seq(g_ent.astype(jnp.float32), pad), n_chunks, chunk),
             ]
         vocab_ids = jnp.arange(v, dtype=targets.dtype)
+        # [n, B, c, ...] -> [n, G, B/G, c, ...]: the LM-head gradient is accumulated per row group
+        # (one partial per data shard when G = data-axis size), summed once after the scan.
+        xs = [x.reshape((x.shape[0], groups, b // groups) + x.shape[2:]) for x in xs]
 
         def body(dw, xs):
             h, t, lse_c, g1 = xs[:4]
@@ -159,13 +162,14 @@ def _make_head(inv_t: float, chunk: int, entropy_grad: bool):
             if inv_t != 1.0:
                 dz = dz * inv_t
             dz = dz.astype(cdt)
-            dh = jnp.einsum("bcv,hv->bch", dz, lm_head, preferred_element_type=jnp.float32)
-            dw = dw + jnp.einsum("bch,bcv->hv", h, dz, preferred_element_type=jnp.float32)
+            dh = jnp.einsum("gbcv,hv->gbch", dz, lm_head, preferred_element_type=jnp.float32)
+            dw = dw + jnp.einsum("gbch,gbcv->ghv", h, dz, preferred_element_type=jnp.float32)
             return dw, dh.astype(hidden.dtype)
 
-        dw0 = jnp.zeros(lm_head.shape, jnp.float32)
+        dw0 = jnp.zeros((groups,) + lm_head.shape, jnp.float32)
         dw, dh = jax.lax.scan(body, dw0, tuple(xs))
-        return _from_chunks(dh, s), dw.astype(lm_head.dtype), None
+        dh = dh.reshape((dh.shape[0], b) + dh.shape[3:])
+        return _from_chunks(dh, s), jnp.sum(dw, axis=0).astype(lm_head.dtype), None
 
     head.defvjp(head_fwd, head_bwd)
     return head
@@ -179,6 +183,7 @@ def chunked_logprobs_entropy(
     temperature: float = 1.0,
     chunk_size: int = 256,
     entropy_grad: bool = False,
+    batch_groups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Log-probs of ``targets`` and full-distribution entropy, chunk by chunk over the sequence.
 
@@ -193,6 +198,11 @@ def chunked_logprobs_entropy(
       chunk_size: positions per chunk (need not divide S). Peak memory is about three
         [B, chunk, V] fp32 buffers plus the LM head and its gradient.
       entropy_grad: if False (default) the entropy output carries no gradient.
+      batch_groups: G must divide B. The LM-head gradient is accumulated separately for G equal
+        groups of rows and summed once after the scan. When the batch is sharded over a data axis
+        of size D, pass G = D: each device then keeps its own partial sum, and the cross-device
+        reduction happens once instead of once per chunk (XLA otherwise all-reduces the [H, V]
+        accumulator inside the loop). With G > 1 on one device it costs G accumulators.
 
     Returns:
       ``(logp, entropy)``, both float32 [B, S]. Gradients of ``logp`` with respect to ``hidden``
@@ -203,8 +213,10 @@ def chunked_logprobs_entropy(
     targets = jnp.asarray(targets)
     _check_inputs(hidden, lm_head, targets, temperature, chunk_size)
     targets = jnp.clip(targets, 0, lm_head.shape[1] - 1)
+    if not isinstance(batch_groups, int) or batch_groups < 1 or hidden.shape[0] % batch_groups:
+        raise ValueError(f"batch_groups: expected a positive int dividing the batch {hidden.shape[0]}, got {batch_groups!r}")
     chunk = max(1, min(int(chunk_size), hidden.shape[1]))
-    head = _make_head(1.0 / float(temperature), chunk, bool(entropy_grad))
+    head = _make_head(1.0 / float(temperature), chunk, bool(entropy_grad), int(batch_groups))
     logp, ent = head(hidden, lm_head, targets)
     if not entropy_grad:
         ent = jax.lax.stop_gradient(ent)

@@ -29,7 +29,7 @@ def _value_and_grads(fn, h, w, t, g1, g2, **kw):
     return [np.asarray(x, np.float64) for x in (lp, e, gh, gw)]
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 8, 37, 256])
+@pytest.mark.parametrize("chunk", [3, 8, 256])  # 256 > S: one chunk
 @pytest.mark.parametrize("entropy_grad", [False, True])
 def test_chunked_matches_naive(chunk, entropy_grad):
     from aepo_jax.logprobs import chunked_logprobs_entropy, naive_logprobs_entropy
@@ -129,6 +129,56 @@ def test_sharded_hidden_under_jit():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("groups", [2, 4])
+def test_batch_groups_same_result(groups):
+    from aepo_jax.logprobs import chunked_logprobs_entropy, naive_logprobs_entropy
+
+    h, w, t, g1, g2 = _inputs(7, B=4, S=19)
+    got = _value_and_grads(chunked_logprobs_entropy, h, w, t, g1, g2, chunk_size=8, batch_groups=groups,
+                           entropy_grad=True)
+    want = _value_and_grads(naive_logprobs_entropy, h, w, t, g1, g2, entropy_grad=True)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_groups_moves_lm_head_reduction_out_of_the_loop():
+    """Batch over 'data' (2) and vocab over 'tensor' (4): with batch_groups=2 the [H, V/4] gradient
+    accumulator is all-reduced once in the entry computation, not inside the scan's loop body."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from aepo_jax.logprobs import chunked_logprobs_entropy
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 host devices (tests/conftest.py sets them)")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "tensor"))
+    B, S, H, V = 4, 64, 32, 1024
+    h = jax.device_put(jnp.ones((B, S, H)), NamedSharding(mesh, P("data")))
+    w = jax.device_put(jnp.ones((H, V)), NamedSharding(mesh, P(None, "tensor")))
+    t = jax.device_put(jnp.zeros((B, S), jnp.int32), NamedSharding(mesh, P("data")))
+
+    def where_dw_reduced(groups):
+        f = jax.jit(jax.grad(lambda h, w: jnp.sum(chunked_logprobs_entropy(h, w, t, chunk_size=16,
+                                                                          batch_groups=groups)[0]), argnums=1))
+        txt = f.lower(h, w).compile().as_text()
+        places, comp = [], None
+        for line in txt.splitlines():
+            if line and not line.startswith(" ") and "{" in line:
+                comp = line.split()[0 if not line.startswith("ENTRY") else 1]
+            if re.search(r"all-reduce(-start)?\(", line) and re.search(rf"f32\[(1,)?{H},{V // 4}\]", line):
+                places.append(comp)
+        return places
+
+    grouped = where_dw_reduced(2)
+    assert grouped and all(c.startswith("%main") for c in grouped)
+    # without groups XLA reduces the accumulator inside the loop body (what batch_groups avoids)
+    plain = where_dw_reduced(1)
+    assert plain and not any(c.startswith("%main") for c in plain)
+
+
 def test_bad_input():
     import jax.numpy as jnp
 
@@ -145,3 +195,5 @@ def test_bad_input():
         chunked_logprobs_entropy(h, w, t, chunk_size=0)
     with pytest.raises(ValueError, match="temperature"):
         chunked_logprobs_entropy(h, w, t, temperature=0.0)
+    with pytest.raises(ValueError, match="batch_groups"):
+        chunked_logprobs_entropy(h, w, t, batch_groups=3)
