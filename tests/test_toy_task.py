@@ -61,7 +61,7 @@ def test_noisy_solutions_follow_the_links_and_end():
     wrong = 0
     for p in train:
         sol = toy_task.noisy_solution_text(p, 0.3, rng)
-        digits = [int(d) for d in re.findall(r"=(\d)", sol)]
+        digits = [int(d) for d in re.findall(r"[=:>~](\d)", sol)]
         final_wrong = int(sol.split("boxed{")[1][0]) != p.answer
         misread = digits[: p.hops] != p.path[1:]
         assert final_wrong == misread  # a misread never reaches the answer by luck
@@ -69,7 +69,8 @@ def test_noisy_solutions_follow_the_links_and_end():
         table = dict(p.links)
         cur = p.start
         for word, d in zip(sol.split()[1:-1], digits):
-            assert word.startswith(f"{NAMES[cur]}{NAMES[table[cur]]}=")  # always the right link
+            assert word[:-2] == f"{NAMES[cur]}{NAMES[table[cur]]}"  # always the right link
+            assert word[-2] in toy_task.SEPARATORS
             cur = d
         assert cur not in table  # the walk stops where no link leaves
     assert 0.2 < wrong / len(train) < 0.9

@@ -41,7 +41,7 @@ from aepo_jax.data.prompts import DEFAULT_INSTRUCTION, PromptConfig, tokenize_pr
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 3  # bump when the recipe changes: cached models of another version are rebuilt
+BUILD_VERSION = 4  # bump when the recipe changes: cached models of another version are rebuilt
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 GENERATION_PROMPT = "Answer:"
 # The chat template writes the user's words, then the generation prompt. It keeps the problem and
@@ -138,7 +138,7 @@ def build_tokenizer(out_dir: str | Path):
 
 
 def response_token_count(p: toy_task.ToyProblem) -> int:
-    """Tokens of a clean worked solution: start, 3 per hop (link, "=", digit), 5 for " \\boxed{d}"."""
+    """Tokens of a clean worked solution: start, 3 per hop (link, separator, digit), 5 for " \\boxed{d}"."""
     return 1 + 3 * p.hops + 5
 
 

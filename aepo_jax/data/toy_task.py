@@ -96,11 +96,27 @@ def problem_text(p: ToyProblem) -> str:
     return f"{PROBLEM_PREFIX} {p.start} {PROBLEM_MIDDLE} {links} ."
 
 
-def solution_text(p: ToyProblem, wrong_values: dict[int, int] | None = None) -> str:
+# Equivalent ways to write a hop ("threeseven=7", "threeseven:7", ...), with the frequencies the
+# warm-start data uses them. Why the task has them: AEPO moves entropy by REINFORCE on positive
+# samples drawn at T != 1, which can only change the policy's entropy where *correct* responses
+# differ. A task with one correct token sequence has no such room (its entropy only ever falls, as
+# the reasoning tokens sharpen); an LLM's free choices of wording are what these stand for. The
+# skew leaves room both ways: uniform over the four is ln 4 = 1.39 nats a hop, these give 1.13.
+SEPARATORS = ("=", ":", ">", "~")
+SEPARATOR_WEIGHTS = (0.55, 0.25, 0.12, 0.08)
+
+
+def random_separators(n: int, rng: random.Random) -> list[str]:
+    return rng.choices(SEPARATORS, weights=SEPARATOR_WEIGHTS, k=n)
+
+
+def solution_text(p: ToyProblem, wrong_values: dict[int, int] | None = None,
+                  separators: Sequence[str] | None = None) -> str:
     """The worked solution. ``wrong_values[i] = d`` writes ``d`` after hop ``i`` instead of the
     digit the link leads to (a misread) and goes on from ``d``: a self-consistent wrong chain,
-    like a model's."""
+    like a model's. ``separators[i]`` writes hop ``i`` with that symbol (default ``=``)."""
     wrong_values = wrong_values or {}
+    separators = list(separators or [])
     table = dict(p.links)
     value = p.start
     words = [str(value)]
@@ -111,7 +127,8 @@ def solution_text(p: ToyProblem, wrong_values: dict[int, int] | None = None) -> 
             break
         nxt = table[value]
         written = wrong_values.get(i, nxt)
-        words.append(f"{link_word(value, nxt)}={written}")
+        sep = separators[i] if i < len(separators) else SEPARATORS[0]
+        words.append(f"{link_word(value, nxt)}{sep}{written}")
         value = written
     words.append(f"\\boxed{{{value}}}")
     return " ".join(words)
@@ -143,7 +160,7 @@ def noisy_solution_text(p: ToyProblem, noise: float, rng: random.Random) -> str:
             nxt = rng.choice(off_path)
             wrong[i] = nxt
         value = nxt
-    return solution_text(p, wrong)
+    return solution_text(p, wrong, random_separators(2 * len(p.links) + 1, rng))
 
 
 _NAME_RE = "|".join(NUMBER_NAMES)
@@ -247,5 +264,6 @@ def corpus_texts() -> list[str]:
         for b in range(NUM_NODES):
             if a != b:
                 texts.append(f"{PROBLEM_PREFIX} {a} {PROBLEM_MIDDLE} {link_word(a, b)} .")
-                texts.append(f"{a} {link_word(a, b)}={(a + b) % NUM_NODES} \\boxed{{{b}}}")
+                sep = SEPARATORS[(a + b) % len(SEPARATORS)]
+                texts.append(f"{a} {link_word(a, b)}{sep}{(a + b) % NUM_NODES} \\boxed{{{b}}}")
     return texts

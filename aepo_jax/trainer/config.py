@@ -35,8 +35,8 @@ class DataSection:
     """Training prompts (JSONL or Parquet; verl / EasyR1 layouts)."""
 
     train_files: list[str] = field(default_factory=list, metadata=_help("files; empty = the built-in toy task"))
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
+    prompt_key: str = field(default="auto", metadata=_help("dotted field path; auto = prompt/problem/question/..."))
+    answer_key: str = field(default="auto", metadata=_help("dotted field path; auto = reward_model.ground_truth/answer/..."))
     template: str = field(default="auto", metadata=_help("auto | chat | plain"))
     max_prompt_length: int = 128
     prompts_per_step: int = field(default=16, metadata=_help("prompts per RL step (the paper's batch size, 512)"))

@@ -61,7 +61,8 @@ def make_optimizer(optim, total_updates: int) -> tuple[optax.GradientTransformat
     return optax.chain(*parts), schedule
 
 
-def response_logprobs(model, input_ids, attention_mask, position_ids, spec: LearnerSpec, entropy_grad: bool):
+def response_logprobs(model, input_ids, attention_mask, position_ids, spec: LearnerSpec, entropy_grad: bool,
+                      batch_groups: int = 1):
     """log pi(o_t) and H_t for the R response tokens of each row (fp32 [N, R] each).
 
     The hidden state at column P + t - 1 predicts the response token at column P + t, so only the
@@ -72,7 +73,8 @@ def response_logprobs(model, input_ids, attention_mask, position_ids, spec: Lear
     hidden = hidden[:, p - 1 : p + r - 1]
     targets = input_ids[:, p : p + r]
     return chunked_logprobs_entropy(hidden, model.lm_head_kernel(), targets,
-                                    chunk_size=min(spec.logprob_chunk, r), entropy_grad=entropy_grad)
+                                    chunk_size=min(spec.logprob_chunk, r), entropy_grad=entropy_grad,
+                                    batch_groups=batch_groups)
 
 
 def _loss_batch(mb: dict, logp, entropy) -> dict:
@@ -169,8 +171,10 @@ class Learner:
 
         def micro_loss(p, micro):
             model = nnx.merge(self.graphdef, p)
+            # batch_groups = data-axis size: the LM-head gradient is summed over devices once after
+            # the chunk loop instead of once per chunk (see aepo_jax/logprobs.py).
             logp, ent = response_logprobs(model, micro["input_ids"], micro["attention_mask"],
-                                          micro["position_ids"], spec, entropy_grad)
+                                          micro["position_ids"], spec, entropy_grad, self.data_size)
             return policy_loss(spec.method, _loss_batch(micro, logp, ent), spec.loss, denominators=dens)
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
