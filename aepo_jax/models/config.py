@@ -218,6 +218,8 @@ class ModelConfig:
             tie_word_embeddings=self.tie_word_embeddings,
             max_position_embeddings=self.max_position_embeddings,
         )
+        if "layer_types" in d:  # transformers 5 checks its length against num_hidden_layers
+            d["layer_types"] = ["full_attention"] * self.num_hidden_layers
         if self.model_type != "qwen2":
             d["attention_bias"] = self.qkv_bias
         if self.model_type == "llama":

@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from aepo_jax.models.config import ModelConfig
 from aepo_jax.models.decoder import Decoder, abstract_model, as_dtype, materialize, param_paths, resolve_mesh
