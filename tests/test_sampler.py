@@ -45,7 +45,7 @@ def _full_logits(sampler, ids, pad_to=32):
         _FWD["fn"] = jax.jit(lambda st, x: nnx.merge(sampler._graphdef, st)(x))
     x = np.zeros((1, pad_to), np.int32)
     x[0, :len(ids)] = ids
-    out = _FWD["fn"](sampler._weights[0], jnp.asarray(x))
+    out = _FWD["fn"](nnx.split(sampler.model())[1], jnp.asarray(x))
     return np.asarray(out[0, :len(ids)], np.float64)
 
 

@@ -4,8 +4,10 @@
     flock /tmp/aepo_heavy.lock /work/venv/bin/python tools/bench_rollout.py [--prompts 32] [--new-tokens 128]
 
 Both sides generate exactly ``prompts x new_tokens`` tokens (EOS ignored) at temperature 1 with
-no top-k/top-p, one timed run each after an untimed warm-up (our warm-up includes the jit
-compile, reported separately). The last line is JSON with the figures and ``ratio`` (ours over
+no top-k/top-p (transformers' default top_k=50 is turned off: same distribution on both sides),
+after an untimed warm-up (ours includes the jit compile, reported separately). The timed runs
+alternate ours / transformers ``--repeats`` times and the best time of each side counts, so a
+change in the machine's load hits both alike. The last line is JSON with the figures and ``ratio`` (ours over
 transformers' tokens/s), measured side by side in this run.
 """
 
@@ -35,50 +37,70 @@ def build_model(out_dir: str, layers: int, hidden: int, heads: int, kv_heads: in
     return out_dir
 
 
-def bench_transformers(model_dir: str, prompts: list[list[int]], new_tokens: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
+class Transformers:
+    """transformers generate() at T = 1 with no top-k/top-p (the same distribution as ours)."""
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    ids = torch.tensor(prompts)
-    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-              min_new_tokens=new_tokens, pad_token_id=0, attention_mask=torch.ones_like(ids))
-    with torch.inference_mode():
-        model.generate(ids[:4], **{**kw, "max_new_tokens": 8, "min_new_tokens": 8,
-                                   "attention_mask": torch.ones_like(ids[:4])})  # warm-up
-        t0 = time.perf_counter()
-        out = model.generate(ids, **kw)
-        dt = time.perf_counter() - t0
-    gen = out.shape[1] - ids.shape[1]
-    assert gen == new_tokens, f"transformers generated {gen} tokens per row, expected {new_tokens}"
-    n = ids.shape[0] * gen
-    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "torch_threads": torch.get_num_threads()}
+    def __init__(self, model_dir: str, prompts: list[list[int]], new_tokens: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+        self.ids = torch.tensor(prompts)
+        self.new_tokens = new_tokens
+        self.kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=0, attention_mask=torch.ones_like(self.ids))
+        with torch.inference_mode():  # warm-up
+            self.model.generate(self.ids[:4], **{**self.kw, "max_new_tokens": 8, "min_new_tokens": 8,
+                                                 "attention_mask": torch.ones_like(self.ids[:4])})
+
+    def run(self, default_top_k: bool = False) -> float:
+        """One timed generate(); default_top_k: transformers' own default (top_k=50) instead."""
+        kw = dict(self.kw, top_k=50) if default_top_k else self.kw
+        with self.torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model.generate(self.ids, **kw)
+            dt = time.perf_counter() - t0
+        gen = out.shape[1] - self.ids.shape[1]
+        assert gen == self.new_tokens, f"transformers generated {gen} tokens per row, expected {self.new_tokens}"
+        return dt
 
 
-async def bench_ours(url: str, model_dir: str, prompts: list[list[int]], new_tokens: int) -> dict:
+async def bench(url: str, model_dir: str, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    """Ours and transformers alternately (``repeats`` times each, best time of each side), so
+    that a change in the machine's load hits both sides alike; then one weight sync."""
+    import shutil
+
     from aepo_jax.models import load_pretrained
     from aepo_jax.rollout.client import RolloutClient
     from aepo_jax.rollout.weight_sync import sync_weights_async
 
     sp = {"max_new_tokens": new_tokens, "ignore_eos": True, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
+    n_tok = len(prompts) * new_tokens
     async with RolloutClient(url, batch_size=len(prompts), timeout_s=1800) as client:
         await client.wait_healthy(600)
         t0 = time.perf_counter()
         await client.generate(prompts, n=1, sampling_params=sp, seed=0, temperature=1.0)  # compile + run
         warm = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = await client.generate(prompts, n=1, sampling_params=sp, seed=1, temperature=1.0)
-        dt = time.perf_counter() - t0
-        n = sum(len(s.output_ids) for row in out for s in row)
-        assert n == len(prompts) * new_tokens, f"server generated {n} tokens, expected {len(prompts) * new_tokens}"
+        hf = await asyncio.to_thread(Transformers, model_dir, prompts, new_tokens)
+        ours_t, hf_t, hf50_t = [], [], []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            out = await client.generate(prompts, n=1, sampling_params=sp, seed=1 + r, temperature=1.0)
+            ours_t.append(time.perf_counter() - t0)
+            n = sum(len(s.output_ids) for row in out for s in row)
+            assert n == n_tok, f"server generated {n} tokens, expected {n_tok}"
+            hf_t.append(await asyncio.to_thread(hf.run))
+            hf50_t.append(await asyncio.to_thread(hf.run, True))
         learner = load_pretrained(model_dir, dtype="float32")
         sync = await sync_weights_async(learner, client, "bench-1")
-        import shutil
-
         shutil.rmtree(os.path.dirname(sync.path), ignore_errors=True)
-    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "first_call_s_incl_compile": warm,
+    return {"ours": {"tokens": n_tok, "seconds": min(ours_t), "all_s": ours_t, "tokens_per_s": n_tok / min(ours_t),
+                     "first_call_s_incl_compile": warm},
+            "hf": {"tokens": n_tok, "seconds": min(hf_t), "all_s": hf_t, "tokens_per_s": n_tok / min(hf_t),
+                   "torch_threads": hf.torch.get_num_threads(), "default_top_k_s": min(hf50_t)},
             "sync": {"total_s": sync.total_s, "save_s": sync.save_s, "update_s": sync.update_s,
-                     "verify_s": sync.verify_s, "path": sync.path}}
+                     "verify_s": sync.verify_s}}
 
 
 def main() -> None:
@@ -92,6 +114,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=1408)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per side, alternating; best of each")
     a = p.parse_args()
 
     import numpy as np
@@ -110,10 +133,11 @@ def main() -> None:
                 "--skip-server-warmup"]
         server = launch_server(model_dir, extra_args=args, wait_s=600, log_path=os.path.join(tmp, "server.log"))
         try:
-            ours = asyncio.run(bench_ours(server.url, model_dir, prompts, a.new_tokens))
+            res = asyncio.run(bench(server.url, model_dir, prompts, a.new_tokens, a.repeats))
         finally:
             server.stop()
-        theirs = bench_transformers(model_dir, prompts, a.new_tokens)
+        ours, theirs = res["ours"], res["hf"]
+        ours["sync"] = res["sync"]
     print(f"embedded server (HTTP): {ours['tokens']} tokens in {ours['seconds']:.2f}s = "
           f"{ours['tokens_per_s']:.0f} tok/s (first call incl. compile {ours['first_call_s_incl_compile']:.1f}s)")
     print(f"transformers generate : {theirs['tokens']} tokens in {theirs['seconds']:.2f}s = "
@@ -129,7 +153,12 @@ def main() -> None:
         "ours_tokens_per_s": round(ours["tokens_per_s"], 1),
         "transformers_tokens_per_s": round(theirs["tokens_per_s"], 1),
         "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
+        # transformers' default sampling (top_k=50: a different, truncated distribution), for reference
+        "transformers_default_topk50_tokens_per_s": round(theirs["tokens"] / theirs["default_top_k_s"], 1),
+        "ratio_vs_default_topk50": round(theirs["default_top_k_s"] / ours["seconds"], 3),
         "ours_first_call_s": round(ours["first_call_s_incl_compile"], 2),
+        "ours_runs_s": [round(x, 3) for x in ours["all_s"]],
+        "transformers_runs_s": [round(x, 3) for x in theirs["all_s"]],
         "weight_sync_s": round(ours["sync"]["total_s"], 3),
         "weight_sync_save_s": round(ours["sync"]["save_s"], 3),
         "weight_sync_update_s": round(ours["sync"]["update_s"], 3),

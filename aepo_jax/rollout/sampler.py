@@ -184,9 +184,10 @@ def _build_generate_fn(graphdef, vocab_size: int):
         m = jnp.max(logits, axis=-1, keepdims=True)
         z = logits - m
         zt = z / t[:, None]
-        s1 = jnp.sum(jnp.exp(z), axis=-1)
-        st = jnp.sum(jnp.exp(zt), axis=-1)
         et = jnp.exp(zt)  # unnormalised p; p = et / st, max(et) = 1
+        st = jnp.sum(et, axis=-1)
+        # the temperature-1 normaliser costs another exp pass, unless every row samples at T = 1
+        s1 = jax.lax.cond(jnp.all(t == 1.0), lambda: st, lambda: jnp.sum(jnp.exp(z), axis=-1))
 
         def trunc_threshold():  # on the et scale itself: a rescaled threshold could miss a tie by rounding
             return jnp.where(need_trunc, truncation_threshold(et, top_k, top_p * st), 0.0)
@@ -309,6 +310,12 @@ class Sampler:
         return s
 
     # ---------------------------------------------------------------- weights
+    def model(self):
+        """The served weights as a Decoder (the learner's layout), e.g. for a reference forward."""
+        from flax import nnx
+
+        return nnx.merge(self._graphdef, self._weights[0])
+
     @property
     def weight_version(self) -> str:
         return self._weights[1]
