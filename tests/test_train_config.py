@@ -44,3 +44,8 @@ def test_help_lists_every_option():
     text = help_text(RunConfig, prog="python -m aepo_jax.train")
     for key in flat_keys(RunConfig):
         assert f"--{key}=" in text
+
+
+def test_defaults_are_the_toy_config():
+    # `python -m aepo_jax.train` with no arguments must be exactly configs/toy.yaml's run.
+    assert build_config(RunConfig, [], aliases=ALIASES) == build_config(RunConfig, ["--config", "configs/toy.yaml"], aliases=ALIASES)

@@ -66,7 +66,7 @@ class RolloutSection:
 class ControllerSection:
     """AEPO's entropy controller: T = T_high if H < target else T_low."""
 
-    target: str = field(default="0.5", metadata=_help(
+    target: str = field(default="0.15", metadata=_help(
         "entropy target H (nats/token): a number, or a schedule 'linear:START:END:STEP0:STEP1', "
         "'cosine:START:END:STEP0:STEP1', 'piecewise:STEP=H,STEP=H,...'"))
     t_high: float = 1.2
@@ -84,7 +84,8 @@ class AlgorithmSection:
     method: str = field(default="aepo", metadata=_help("|".join(METHODS)))
     reading: str = field(default="paper", metadata=_help("paper (Eq. 1, explicit alpha) | mix (authors' code)"))
     reward: str = field(default="auto", metadata=_help("auto | math | exact | module:function"))
-    reg_prompt_fraction: float = field(default=0.25, metadata=_help("share of the step's prompts given a temperature rollout"))
+    reg_prompt_fraction: float = field(default=1.0, metadata=_help(
+        "share of the step's prompts given a temperature rollout (the authors' code: 0.25)"))
     reg_samples_per_prompt: int = field(default=0, metadata=_help("samples per prompt in the temperature rollout; 0 = rollout.n"))
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -116,7 +117,7 @@ class OptimSection:
 class TrainSection:
     """The loop."""
 
-    steps: int = 40
+    steps: int = 100
     mini_batch_prompts: int = field(default=0, metadata=_help("prompts per update; 0 = all prompts of the step (one update)"))
     epochs: int = field(default=1, metadata=_help("passes over each step's batch"))
     micro_batch_size: int = field(default=0, metadata=_help("samples per gradient-accumulation micro-batch; 0 = none"))
