@@ -401,7 +401,7 @@ def materialize(model: Decoder, mesh: Any, read_block: Any) -> Decoder:
             idx = tuple(slice(*s.indices(n)[:2]) for s, n in zip(tuple(index) + (slice(None),) * len(shape), shape))
             key = tuple((s.start, s.stop) for s in idx)
             if key not in memo:
-                memo[key] = np.ascontiguousarray(read_block(path, var, idx)).astype(dtype)
+                memo[key] = np.ascontiguousarray(np.asarray(read_block(path, var, idx)).astype(dtype, copy=False))
             return memo[key]
 
         var.set_value(jax.make_array_from_callback(shape, sharding, cb))
