@@ -81,3 +81,13 @@ def test_empty_panels_say_no_data(tmp_path, plot_run):
     assert [r["step"] for r in records] == [1] and skipped == 2
     fig = plot_run.plot_runs([a], tmp_path / "f.svg")
     assert all(not ax.lines and ax.texts[0].get_text() == "no data" for ax in fig.axes)
+
+
+def test_target_line_only_for_runs_whose_controller_acted(plot_run, tmp_path):
+    aepo = _write_run(tmp_path / "aepo", [{"step": s, "entropy": 0.3, "entropy_target": 0.15, "temperature": 0.8,
+                                           "reward_mean": 0.5} for s in (1, 2, 3)])
+    grpo = _write_run(tmp_path / "grpo", [{"step": s, "entropy": 0.3, "entropy_target": 0.15, "temperature": 1.0,
+                                           "reward_mean": 0.5} for s in (1, 2, 3)])
+    fig = plot_run.plot_runs([aepo, grpo], tmp_path / "out.png")
+    labels = [line.get_label() for line in fig.axes[0].lines]
+    assert "aepo target" in labels and "grpo target" not in labels and "grpo" in labels

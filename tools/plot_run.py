@@ -30,6 +30,12 @@ class PlotError(ValueError):
     pass
 
 
+def controller_active(records) -> bool:
+    """Whether the entropy controller acted in this run (some step sampled at T != 1)."""
+    _, temps = series(records, TEMPERATURE_KEYS)
+    return any(abs(t - 1.0) > 1e-9 for t in temps)
+
+
 def read_metrics(run_dir: str | Path) -> tuple[list[dict[str, Any]], int]:
     """Records of ``RUN/metrics.jsonl`` that have an integer step, and the count of skipped lines."""
     path = Path(run_dir) / METRICS_FILE
@@ -101,6 +107,8 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, title: str | None = N
             (ax_t, TEMPERATURE_KEYS, "-", label),
         ):
             x, y = series(records, keys)
+            if keys is TARGET_KEYS and not controller_active(records):
+                continue  # a run that never left T = 1 (GRPO, baselines) has no target to follow
             if x:
                 ax.plot(x, y, style, color=c, label=name, linewidth=1.5 if style == "-" else 1.2)
     for ax, ylabel in ((ax_h, "entropy"), (ax_r, "reward mean"), (ax_t, "temperature")):
