@@ -316,3 +316,13 @@ def test_weight_update_changes_outputs_and_version_never_mixes(server, dirs):
     assert st == 200 and res["new_version"] == "v1b"
     st, res = http("POST", server.url + "/update_weights_from_disk", {"model_path": base, "weight_version": "v2"})
     assert st == 200 and [o["output_ids"] for o in gen(server, body)[1]] == before
+
+
+def test_unloadable_model_exits_with_the_reason(tmp_path):
+    from aepo_jax.rollout.launch import launch_server
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(RuntimeError, match="vocab_size"):
+        launch_server(str(bad), wait_s=120, log_path=str(tmp_path / "log"))

@@ -169,11 +169,12 @@ class EmbeddedServer:
                 self.status = "ready"
                 log.info("server ready: %s (weight_version=%s)", self.args.model_path, self.sampler.weight_version)
                 print(f"[aepo_jax.rollout.server] ready on http://{self.args.host}:{self.args.port}", flush=True)
-            except Exception as e:  # stay up and report it: /health answers 503 with the reason
+            except Exception as e:  # fail fast, as SGLang does: whoever launched us sees the exit
                 self.status = "failed"
                 self.start_error = f"{type(e).__name__}: {e}"
                 log.exception("model load failed")
                 print(f"[aepo_jax.rollout.server] start-up failed: {self.start_error}", file=sys.stderr, flush=True)
+                os._exit(1)
 
         app["loader"] = asyncio.create_task(_load())
         app["worker"] = asyncio.create_task(self._worker())
