@@ -97,3 +97,22 @@ def test_default_sync_dir_prefers_dev_shm():
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         assert d.startswith("/dev/shm/")
     assert str(os.getpid()) in d
+
+
+def test_default_sync_dir_is_removed_at_exit(dirs, tmp_path):
+    """A learner process that syncs to the default (RAM) dir leaves nothing behind in /dev/shm."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os
+from aepo_jax.rollout import weight_sync as ws
+d = ws.default_sync_dir()
+ws._remove_at_exit(d)
+os.makedirs(os.path.join(d, "weights_v1"))
+print(d)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    d = out.stdout.strip().splitlines()[-1]
+    assert "aepo_jax_sync_" in d and not os.path.exists(d)

@@ -13,7 +13,7 @@ One code path for the embedded server and real SGLang:
    raises :class:`WeightSyncError`.
 
 Older ``weights_v*`` directories of this sync dir are removed once every server has the new one
-(``keep`` most recent are kept).
+(``keep`` most recent are kept); the default sync dir is removed when the process exits.
 """
 
 from __future__ import annotations
@@ -55,6 +55,20 @@ def default_sync_dir() -> str:
     return os.path.join(base, f"aepo_jax_sync_{os.getpid()}")
 
 
+_CLEANUP_REGISTERED: set[str] = set()
+
+
+def _remove_at_exit(path: str) -> None:
+    """The default sync dir lives in RAM (/dev/shm): remove it when this process exits. (The
+    servers hold the weights in memory once loaded; a directory the caller chose is left alone.)"""
+    if path in _CLEANUP_REGISTERED:
+        return
+    import atexit
+
+    _CLEANUP_REGISTERED.add(path)
+    atexit.register(shutil.rmtree, path, True)
+
+
 def _safe_version(v: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", v)
 
@@ -77,7 +91,10 @@ async def sync_weights_async(model, client, weight_version: str | int, sync_dir:
     from aepo_jax.models import save_pretrained
 
     version = str(weight_version)
-    sync_dir = os.path.abspath(sync_dir or default_sync_dir())
+    if sync_dir is None:
+        sync_dir = default_sync_dir()
+        _remove_at_exit(sync_dir)
+    sync_dir = os.path.abspath(sync_dir)
     os.makedirs(sync_dir, exist_ok=True)
     path = os.path.join(sync_dir, f"weights_v{_safe_version(version)}")
     if dtype is None:  # the learner's own dtype: the server then reproduces its log-probs exactly
