@@ -219,3 +219,45 @@ def test_two_process_run_matches_one_process(base_model, server, tmp_path):
         for k in ("loss/total", "actor/grad_norm", "entropy", "reward_mean"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     assert (tmp_path / "multi" / "checkpoints" / "2").is_dir()
+
+
+def _child_pids(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PR_SET_PDEATHSIG")
+def test_embedded_server_dies_with_a_sigkilled_trainer(base_model, tmp_path):
+    p = _run_cli([f"--model.path={base_model}", f"--run-dir={tmp_path}", "--data.prompts_per_step=8",
+                  "--rollout.n=4", "--rollout.max_new_tokens=24", "--logging.console=false",
+                  "--logging.tensorboard=false", "--steps=50", "--mesh=1x1"],
+                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    try:
+        deadline = time.time() + 600
+        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text().strip():
+            assert p.poll() is None, p.stdout.read()
+            assert time.time() < deadline
+            time.sleep(0.1)
+        servers = [c for c in _child_pids(p.pid)
+                   if b"aepo_jax.rollout.server" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert servers, "the trainer started no embedded server"
+    finally:
+        p.kill()  # SIGKILL: the trainer runs no cleanup at all
+        p.wait()
+    deadline = time.time() + 60
+    while any(_alive(s) for s in servers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(s) for s in servers), "embedded server outlived its trainer"
