@@ -29,6 +29,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from aepo_jax.config import ConfigError, build_config, help_text, to_dict
 from aepo_jax.platform import setup_host_devices
 from aepo_jax.trainer.config import ALIASES, RunConfig, validate
@@ -50,8 +52,8 @@ class Trainer:
     """Wires the stages together; everything heavy lives in the modules it calls."""
 
     def __init__(self, cfg: RunConfig):
+        # Imported here, not at the top: main() must set XLA_FLAGS before jax starts a backend.
         import jax
-        import numpy as np
         from transformers import AutoTokenizer
 
         from aepo_jax import data as data_lib
@@ -63,7 +65,6 @@ class Trainer:
         from aepo_jax.trainer.learner import Learner, LearnerSpec
 
         self.cfg = cfg
-        self.np = np
         self.jax = jax
         self.is_main = distributed.is_main_process()
         self.run_dir = Path(cfg.train.run_dir).resolve()
@@ -222,7 +223,6 @@ class Trainer:
         """Learner log-probs and entropies at T = 1 for every rollout (stored on the rollouts)."""
         from aepo_jax.trainer.batch import Rows, pack
 
-        np = self.np
         if not rollouts:
             return
         n = len(rollouts)
@@ -241,7 +241,6 @@ class Trainer:
         return _mean(full), _mean(nll)
 
     def _rollout_metrics(self, rollouts, prefix: str) -> dict:
-        np = self.np
         if not rollouts:
             return {}
         lens = np.array([len(r.output_ids) for r in rollouts], np.float64)
@@ -283,7 +282,6 @@ class Trainer:
         from aepo_jax.trainer.batch import build_rows, pack, split_minibatches
         from aepo_jax.trainer.metrics import Timer
 
-        np = self.np
         cfg = self.cfg
         t0 = time.perf_counter()
         m: dict = {}
@@ -395,7 +393,7 @@ class Trainer:
         self.controller = EntropyController.from_dict(ex["controller"])
         self.num_updates = int(ex["num_updates"])
         self.start_step = int(step)
-        log.info("resumed from %s at step %d", ckpt_dir_str(self.run_dir), step)
+        log.info("resumed from %s at step %d", self.run_dir / "checkpoints", step)
 
     def run(self) -> Path:
         import yaml
@@ -435,14 +433,15 @@ class Trainer:
         return self.run_dir
 
 
-def ckpt_dir_str(run_dir: Path) -> str:
-    return str(run_dir / "checkpoints")
-
-
 def _latest_checkpoint(run_dir: str) -> str:
-    d = Path(run_dir) / "checkpoints"
-    steps = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
-    return f"step {steps[-1]} in {d}" if steps else "none yet"
+    from aepo_jax.trainer.checkpoint import CheckpointManager, checkpoint_dir
+
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return "none yet"
+    with CheckpointManager(d, read_only=True) as ck:
+        step = ck.latest_step()
+    return f"step {step} in {d}" if step is not None else "none yet"
 
 
 def _install_signal_handlers() -> None:
