@@ -54,19 +54,6 @@ class ServerProcess:
         self.stop()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGTERM it when its parent dies, so a learner killed
-    with SIGKILL (which runs no cleanup) does not leave an embedded server holding memory and a port."""
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    except OSError:  # not glibc: the server then only stops on a clean exit of the parent
-        pass
-
-
 def start_server(model_path: str, *, port: int | None = None, host: str = "127.0.0.1",
                  extra_args: list[str] | tuple[str, ...] = (), env: dict | None = None,
                  log_path: str | None = None) -> ServerProcess:
@@ -77,8 +64,10 @@ def start_server(model_path: str, *, port: int | None = None, host: str = "127.0
     e = dict(os.environ)
     e.update(env or {})
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, env=e, stdout=out, stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    # The server asks the kernel to stop it when this process dies (see server.die_with_parent):
+    # a learner killed with SIGKILL runs no cleanup, and must not leave a server holding a port.
+    e["AEPO_JAX_PARENT_PID"] = str(os.getpid())
+    proc = subprocess.Popen(cmd, env=e, stdout=out, stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL)
     if log_path:
         out.close()  # the child holds its own descriptor
     return ServerProcess(proc, f"http://{host}:{port}", log_path)

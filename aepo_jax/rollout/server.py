@@ -695,7 +695,28 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
                       served_model_name=a.served_model_name)
 
 
+def die_with_parent() -> None:
+    """When started by ``launch.start_server`` (which sets ``AEPO_JAX_PARENT_PID``), have Linux send
+    SIGTERM to this server when that parent dies, even by SIGKILL (strictly: when the parent *thread*
+    that started it exits, so start servers from a long-lived thread). Done here rather than in a
+    ``preexec_fn``: running Python between fork and exec in a multithreaded (jax) parent can deadlock."""
+    parent = os.environ.get("AEPO_JAX_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except OSError:  # not glibc: the server then stops only on a clean exit of its parent
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        sys.exit("parent process exited before the server started")
+
+
 def main(argv: list[str] | None = None) -> None:
+    die_with_parent()
     setup_host_devices(mesh_spec_from_argv(argv))  # before jax initialises
     args = parse_args(argv)
     if not os.path.isdir(args.model_path):
