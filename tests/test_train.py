@@ -240,7 +240,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PR_SET_PDEATHSIG")
-def test_embedded_server_dies_with_a_sigkilled_trainer(base_model, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_embedded_server_stops_with_its_trainer(base_model, tmp_path, sig):
     p = _run_cli([f"--model.path={base_model}", f"--run-dir={tmp_path}", "--data.prompts_per_step=8",
                   "--rollout.n=4", "--rollout.max_new_tokens=24", "--logging.console=false",
                   "--logging.tensorboard=false", "--steps=50", "--mesh=1x1"],
@@ -255,8 +256,10 @@ def test_embedded_server_dies_with_a_sigkilled_trainer(base_model, tmp_path):
                    if b"aepo_jax.rollout.server" in Path(f"/proc/{c}/cmdline").read_bytes()]
         assert servers, "the trainer started no embedded server"
     finally:
-        p.kill()  # SIGKILL: the trainer runs no cleanup at all
-        p.wait()
+        p.send_signal(sig)  # SIGKILL: the trainer runs no cleanup at all; SIGINT: Ctrl-C
+        rc = p.wait(timeout=120)
+    if sig == signal.SIGINT:
+        assert rc == 130, p.stdout.read()
     deadline = time.time() + 60
     while any(_alive(s) for s in servers) and time.time() < deadline:
         time.sleep(0.2)
