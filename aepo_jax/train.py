@@ -178,7 +178,8 @@ class Trainer:
             self.server = launch_server(self.model_path, extra_args=extra, wait_s=cfg.startup_timeout_s,
                                         log_path=str(self.run_dir / "server.log"))
             urls = [self.server.url]
-        self.client = RolloutClient(urls, timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries)
+        self.client = RolloutClient(urls, weight_update_urls=list(cfg.weight_update_urls) or None,
+                                    timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries)
         self.loop.run_until_complete(self.client.wait_healthy(deadline_s=cfg.startup_timeout_s))
 
     def close(self) -> None:

@@ -50,6 +50,8 @@ class RolloutSection:
     """Sampling through SGLang's HTTP API (external servers or the embedded one)."""
 
     urls: list[str] = field(default_factory=list, metadata=_help("SGLang server URLs; empty = start the embedded server"))
+    weight_update_urls: list[str] = field(default_factory=list, metadata=_help(
+        "servers that receive weight updates; empty = the urls (with sglang-router: the workers' URLs)"))
     n: int = field(default=8, metadata=_help("samples per prompt, G"))
     max_new_tokens: int = 48
     temperature: float = field(default=1.0, metadata=_help("temperature of the GRPO rollout (the paper's 1.0)"))
