@@ -186,7 +186,7 @@ class Learner:
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, stacked = jax.lax.scan(body, zeros, mb)
         metrics = merge_microbatch_metrics(stacked)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree_utils.tree_norm(grads)
         finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(grad_norm)
         updates, new_opt = self.tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
