@@ -310,8 +310,10 @@ class Trainer:
         m.update(self._rollout_metrics(reg, "reg_rollout"))
         m.update({
             "entropy": h_full if cfg.algorithm.controller.estimator == "full" else h_nll,
-            "actor/entropy_full": h_full,
-            "actor/entropy_nll": h_nll,
+            # The current policy on this step's T = 1 rollout, before the update (the controller's
+            # signal). actor/entropy_* (from the loss) are over the training batch, during the update.
+            "policy/entropy_full": h_full,
+            "policy/entropy_nll": h_nll,
             "entropy_target": decision.target,
             "temperature": decision.temperature if self.uses_reg else 1.0,
             "reward_mean": m["rollout/reward_mean"],

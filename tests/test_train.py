@@ -78,10 +78,11 @@ def test_every_method_runs_end_to_end(method, base_model, server, tmp_path):
     assert [m["step"] for m in ms] == [1, 2]
     for m in ms:
         for key in ("entropy", "entropy_target", "temperature", "reward_mean", "loss/total", "actor/grad_norm",
-                    "actor/entropy_full", "actor/entropy_nll", "timing_s/rollout", "timing_s/update", "timing_s/sync"):
+                    "actor/entropy_full", "actor/entropy_nll", "policy/entropy_full", "policy/entropy_nll",
+                    "timing_s/rollout", "timing_s/update", "timing_s/sync"):
             assert key in m and m[key] is not None and np.isfinite(m[key]), (method, key)
         assert m["actor/update_skipped"] == 0
-        assert 0 < m["actor/entropy_full"]
+        assert 0 < m["policy/entropy_full"] and m["entropy"] == m["policy/entropy_full"]
         if method in ("aepo", "ablation_eq3"):
             # target 8.0 is above any entropy of this vocabulary (ln V < 8), so the controller raises: T_high.
             assert m["temperature"] == pytest.approx(1.2) and m["aepo/budget"] == 60
@@ -90,6 +91,23 @@ def test_every_method_runs_end_to_end(method, base_model, server, tmp_path):
         else:
             assert m["temperature"] == 1.0 and "reg_rollout/num_samples" not in m
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def test_aepo_mix_reading_runs_end_to_end(base_model, server, tmp_path):
+    """The authors' reading: the kept positives replace GRPO rows (no is_reg rows in the loss)."""
+    from aepo_jax.train import main
+
+    rc = main(_args(base_model, server.url, tmp_path, "--method=aepo", "--algorithm.reading=mix", "--steps=2",
+                    "--mesh=8x1", "--algorithm.controller.target=8.0", "--algorithm.agg=token-mean",
+                    "--algorithm.clip_dual=3.0", "--algorithm.controller.estimator=sampled"))
+    assert rc == 0
+    ms = _metrics(tmp_path)
+    assert [m["step"] for m in ms] == [1, 2]
+    for m in ms:
+        assert m["temperature"] == pytest.approx(1.2) and m["actor/update_skipped"] == 0
+        assert m["aepo/num_reg_samples"] == 0  # mixed into the GRPO rows, not a separate term
+        assert m["loss/reg"] == 0 and np.isfinite(m["loss/total"])
+        assert m["entropy"] == m["policy/entropy_nll"]  # the sampled estimator drives the controller
 
 
 def test_help_lists_options_and_bad_config_is_rejected(capsys):
