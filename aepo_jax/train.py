@@ -336,7 +336,7 @@ class Trainer:
         with Timer("update", m):
             rng = np.random.default_rng([cfg.train.seed, step, 3])
             for _ in range(cfg.train.epochs):
-                for mb in split_minibatches(packed, self.num_minibatches, self.reg_cap, 1, self.pad_id, rng):
+                for mb in split_minibatches(packed, self.num_minibatches, self.reg_cap, self.pad_id, rng):
                     um = self.learner.update(mb.arrays())
                     um["optim/lr"] = self.learner.learning_rate(self.num_updates)
                     if um["actor/update_skipped"] == 0.0:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from aepo_jax.trainer.batch import Rollout, build_rows, group_advantages, pack, select_positives, split_minibatches
+from aepo_jax.trainer.batch import Rollout, build_rows, group_advantages, pack, split_minibatches
 
 
 def _rollouts(rewards, group_size, temperature=1.0, start=0):
@@ -23,14 +23,17 @@ def test_group_advantages_match_definition():
     assert np.all(adv[4:8] == 0)  # equal rewards -> 0
 
 
-def test_select_positives_readings_and_budget():
-    rng = np.random.default_rng(0)
-    r = np.array([1, 1, 1, 1, 0, 1, 0, 0], np.float32)  # group 0 all right, group 1 mixed
-    ids = np.repeat([0, 1], 4)
-    assert list(select_positives(r, ids, 10, rng, reading="paper")) == [0, 1, 2, 3, 5]
-    assert list(select_positives(r, ids, 10, rng, reading="mix")) == [5]  # all-right group has A = 0
-    chosen = select_positives(r, ids, 2, rng, reading="paper")
-    assert len(chosen) == 2 and set(chosen) <= {0, 1, 2, 3, 5}
+def test_positive_selection_follows_the_reading_and_budget():
+    grpo = _rollouts([1, 0, 1, 0], 2)
+    reg = _rollouts([1, 1, 1, 1, 0, 1, 0, 0], 4, temperature=1.2)  # group 0 all right, group 1 mixed
+    rows, stats = build_rows("aepo", "paper", grpo, reg, 10, np.random.default_rng(0))
+    assert stats["aepo/positives_available"] == 5 and stats["aepo/positives_used"] == 5
+    # the authors' rule: group advantage > 0.05, so an all-correct group contributes nothing
+    rows, stats = build_rows("aepo", "mix", grpo, reg, 10, np.random.default_rng(0))
+    assert stats["aepo/positives_available"] == 1 and rows.rollouts[0] is reg[5]
+    rows, stats = build_rows("aepo", "paper", grpo, reg, 2, np.random.default_rng(0))
+    assert stats["aepo/positives_used"] == 2
+    assert all(r in [reg[i] for i in (0, 1, 2, 3, 5)] for r in rows.rollouts[4:])
 
 
 @pytest.mark.parametrize("method", ["grpo", "entropy_reg", "entropy_adv", "reinforce"])
@@ -89,9 +92,10 @@ def test_pack_layout_and_minibatches():
     assert p.input_ids[0, 1:3].tolist() == r0.prompt_ids and p.attention_mask[0, 0] == 0
     assert p.response_mask[0].sum() == len(r0.output_ids)
     assert p.position_ids[0, 1] == 0 and p.position_ids[0, 3] == 2
-    mbs = split_minibatches(p, 2, reg_rows_cap=4, multiple=2, pad_id=0, rng=np.random.default_rng(1))
-    assert len(mbs) == 2 and all(m.input_ids.shape == mbs[0].input_ids.shape for m in mbs)
-    assert mbs[0].input_ids.shape[0] % 2 == 0
+    mbs = split_minibatches(p, 2, reg_rows_cap=2, pad_id=0, rng=np.random.default_rng(1))
+    assert len(mbs) == 2 and all(m.input_ids.shape == (4 + 2, 8) for m in mbs)
+    with pytest.raises(ValueError, match="exceed"):
+        split_minibatches(p, 2, reg_rows_cap=1, pad_id=0, rng=np.random.default_rng(1))
     assert sum(int(m.row_valid.sum()) for m in mbs) == 11
     assert sum(int((m.is_reg & m.row_valid).sum()) for m in mbs) == 3
     pad = ~mbs[0].row_valid

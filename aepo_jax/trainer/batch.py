@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aepo_jax.advantages import grpo_advantages_by_id
+from aepo_jax.entropy_control import select_positives
+
 REG_METHODS = ("aepo", "ablation_eq2", "ablation_eq3")
 
 
@@ -40,39 +43,18 @@ class Rollout:
     entropy: np.ndarray | None = None    # [len(output_ids)] full-distribution entropy at T = 1
 
 
-def group_advantages(rewards: np.ndarray, group_ids: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """GRPO advantages by group id (unbiased std, equal-reward groups get 0); NumPy twin of
-    ``aepo_jax.advantages.grpo_advantages_by_id`` for host-side batch building."""
-    rewards = np.asarray(rewards, np.float64)
-    adv = np.zeros_like(rewards)
-    for g in np.unique(group_ids):
-        idx = np.nonzero(group_ids == g)[0]
-        r = rewards[idx]
-        if len(idx) < 2 or np.all(r == r[0]):
-            continue
-        adv[idx] = (r - r.mean()) / (r.std(ddof=1) + eps)
-    return adv.astype(np.float32)
+def group_advantages(rewards: np.ndarray, group_ids: np.ndarray) -> np.ndarray:
+    """GRPO advantages of the step's samples (``aepo_jax.advantages``), as host float32."""
+    ids = np.asarray(group_ids, np.int32)
+    return np.asarray(grpo_advantages_by_id(np.asarray(rewards, np.float32), ids, int(ids.max()) + 1), np.float32)
 
 
-def select_positives(
-    rewards: np.ndarray, group_ids: np.ndarray, budget: int, rng: np.random.Generator, *, reading: str
-) -> np.ndarray:
-    """Indices of the temperature samples that enter the REINFORCE term (at most ``budget``).
-
-    paper: every sample with binary reward R = 1 is a positive (Eq. 1 weights by R, so R = 0 adds
-           nothing); a random subset of ``budget`` is kept when there are more.
-    mix:   the authors' code: samples whose advantage within their T-rollout group is > 0.05
-           (so a group where every sample is right contributes none); the first ``budget`` kept.
-    """
-    rewards = np.asarray(rewards, np.float32)
+def _positives(rewards: np.ndarray, group_ids: np.ndarray, budget: int, rng: np.random.Generator, reading: str):
+    """The temperature samples that enter the REINFORCE term: the paper's R = 1 (a random subset of
+    ``budget`` when there are more), or the authors' group advantage > 0.05 (the first ``budget``)."""
     if reading == "mix":
-        adv = group_advantages(rewards, group_ids)
-        idx = np.nonzero(adv > 0.05)[0]
-        return idx[:budget]
-    idx = np.nonzero(rewards > 0.5)[0]
-    if len(idx) > budget:
-        idx = np.sort(rng.choice(idx, size=budget, replace=False))
-    return idx
+        return select_positives(rewards, budget, rule="group_adv", group_ids=group_ids)
+    return select_positives(rewards, budget, rule="reward", rng=rng)
 
 
 @dataclass
@@ -118,10 +100,8 @@ def build_rows(
         chosen = [reg[i] for i in cand]
         weights = r_adv[cand]
     else:
-        stats["aepo/positives_available"] = float(
-            np.sum(group_advantages(r_rewards, r_ids) > 0.05) if reading == "mix" else np.sum(r_rewards > 0.5)
-        )
-        pos = select_positives(r_rewards, r_ids, budget, rng, reading=reading)
+        stats["aepo/positives_available"] = float(len(_positives(r_rewards, r_ids, len(reg), rng, reading)))
+        pos = _positives(r_rewards, r_ids, budget, rng, reading)
         chosen = [reg[i] for i in pos]
         weights = np.ones(len(pos), np.float32)  # R = 1 for every kept positive
     stats["aepo/positives_used"] = float(len(chosen))
@@ -214,14 +194,14 @@ def _concat(parts: list[Packed]) -> Packed:
 
 
 def split_minibatches(
-    packed: Packed, num_minibatches: int, reg_rows_cap: int, multiple: int, pad_id: int, rng: np.random.Generator
+    packed: Packed, num_minibatches: int, reg_rows_cap: int, pad_id: int, rng: np.random.Generator
 ) -> list[Packed]:
     """Shuffle and split into ``num_minibatches`` mini-batches of one fixed shape.
 
     GRPO rows are dealt evenly; regulariser rows are dealt evenly too and padded to
-    ``reg_rows_cap`` per mini-batch (rounded up to ``multiple``, the data-axis size times the
-    micro-batch count), so every update has the same shapes and compiles once, whatever the number
-    of positives this step. Padding rows have an all-zero mask and count nowhere in the loss.
+    ``reg_rows_cap`` per mini-batch, so every update has the same shapes and compiles once, whatever
+    the number of positives this step. Padding rows have an all-zero mask and count nowhere in the
+    loss. The caller sizes the cap (the budget's share, rounded to the data axis and micro-batches).
     """
     main_idx = np.nonzero(~packed.is_reg)[0]
     reg_idx = np.nonzero(packed.is_reg)[0]
@@ -231,15 +211,13 @@ def split_minibatches(
         raise ValueError(f"{len(main_idx)} GRPO rows do not split into {num_minibatches} mini-batches")
     main_per = len(main_idx) // num_minibatches
     reg_chunks = np.array_split(reg_idx, num_minibatches)
-    cap = max(reg_rows_cap, max(len(c) for c in reg_chunks)) if reg_rows_cap or len(reg_idx) else 0
-    per = main_per + cap
-    if per % multiple:
-        cap += multiple - per % multiple
+    if len(reg_idx) > reg_rows_cap * num_minibatches:
+        raise ValueError(f"{len(reg_idx)} regulariser rows exceed {num_minibatches} x {reg_rows_cap} slots")
     out = []
     for m in range(num_minibatches):
         main = _take(packed, main_idx[m * main_per : (m + 1) * main_per])
-        if cap:
-            reg = _pad_rows(_take(packed, reg_chunks[m]), cap, pad_id, is_reg=True)
+        if reg_rows_cap:
+            reg = _pad_rows(_take(packed, reg_chunks[m]), reg_rows_cap, pad_id, is_reg=True)
             out.append(_concat([main, reg]))
         else:
             out.append(main)
