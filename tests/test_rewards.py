@@ -1,9 +1,13 @@
-"""Rewards: math answer checking on tricky cases, the exact-match reward, the registry, and the
-process pool (timeouts and crashes score 0 and are counted, never hidden)."""
+"""Rewards: math answer checking on tricky cases, the exact-match reward, extraction in linear time
+on adversarial responses, the registry, and the process pool and in-process scoring (timeouts and
+crashes score 0 and are counted, never hidden)."""
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ import pytest
 from aepo_jax.rewards import (
     RewardPool,
     exact_match_reward,
+    extract_answer,
     extract_boxed,
     list_rewards,
     math_reward,
@@ -103,6 +108,60 @@ def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("The answer is 5. But wait, the answer is 6.", "6"),
+        ("so the final answer is: $x^2$. done", "x^2"),
+        ("Answer: 12\nthanks", "12"),
+        ("answer is\n\n42", "42"),
+        ("the answer is 7.\n#### 8", "8"),
+        ("#### 8\nthe answer is 7.", "7"),
+        ("the answer is $x and then", None),  # a "$" before the sentence ends: no answer there
+        ("the answer is 3. the answer is $y", "3"),  # ... so the previous phrase counts
+        ("answer: $$", None),
+        ("the answer is 4.   \n", "4"),
+    ],
+)
+def test_extract_answer_phrases(text, expected):
+    assert extract_answer(text) == expected
+
+
+# Responses a model (or an attacker) can write; each ~100k characters. A quadratic scan takes
+# minutes on these (the old extractor: 92 s on '\boxed{' * 20000), a linear one milliseconds.
+N = 100_000
+ADVERSARIAL = {
+    "open boxes": ("\\boxed{" * (N // 7), None),
+    "open boxes then one closed": ("\\boxed{" * (N // 7) + "7}", "7"),
+    "a box then open boxes": ("\\boxed{1}" + "\\boxed{" * (N // 7), "1"),
+    "boxes before spaces": ("\\boxed " * (N // 7), "\\boxed"),  # a bare box takes the next token
+    "bare boxes before $": ("\\boxed $" * (N // 8), None),
+    "one box, deep braces": ("\\boxed" + "{" * N, None),
+    "closing and opening": ("\\boxed{" + "}{" * (N // 2), ""),
+    "escaped braces": ("\\fbox{\\{" * (N // 8), None),
+    "phrases then $": ("answer is " * (N // 10) + "$", None),
+    "phrase, spaces, word": ("answer is x" + " " * N + "y", "x" + " " * N + "y"),
+    "phrases with $": ("answer: $" * (N // 9), "answer:"),  # the $...$ after the last-but-one
+    "hashes": ("#### " * (N // 5), ("#### " * (N // 5))[5:].strip()),  # one match: the rest of the line
+    "hash then spaces": ("####" + " " * N, None),
+    "phrase lines then $": ("answer is x\n" * (N // 12) + "$", "x"),
+    "text braces": ("\\text{a" + " " * N + "b", None),
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_extraction_is_linear_on_adversarial_responses(name):
+    text, expected = ADVERSARIAL[name]
+    t0 = time.perf_counter()
+    got = extract_answer(text)
+    exact_match_reward(text, "1")
+    extract_boxed(text)
+    took = time.perf_counter() - t0
+    assert got == expected
+    # Generous: the linear extractors take ~0.1 s here on a loaded 2-core machine, quadratic ones minutes.
+    assert took < 5.0, f"{name}: {took:.1f} s"
+
+
 def test_math_reward_rejects_non_string():
     with pytest.raises(TypeError, match="response"):
         math_reward(None, "1")  # type: ignore[arg-type]
@@ -146,6 +205,80 @@ def crashing_reward(response: str, ground_truth: str) -> float:
 
         os._exit(3)  # the worker process dies outright
     return float(response == ground_truth)
+
+
+def stubborn_reward(response: str, ground_truth: str) -> float:
+    """A user reward that overruns on some inputs, in the ways a signal can and cannot stop."""
+    if response == "spin":
+        while True:  # pure Python: interruptible
+            pass
+    if response == "swallow":
+        try:
+            while True:
+                pass
+        except Exception:  # noqa: BLE001 - a broad handler must not hide the timeout
+            return 1.0
+    if response == "late":
+        try:
+            time.sleep(3.0)
+        except BaseException:  # noqa: BLE001 - swallows even the interruption, then returns late
+            time.sleep(0.5)
+            return 1.0
+    return float(response == ground_truth)
+
+
+INPUTS = (["a", "spin", "b", "swallow", "late", "c"], ["a", "x", "b", "x", "x", "x"])
+
+
+def _assert_stubborn_scored(out, pool, before=0):
+    assert out.status == ["ok", "timeout", "ok", "timeout", "timeout", "ok"], out.errors
+    np.testing.assert_array_equal(out.scores, [1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    assert out.timeouts == 3 and pool.stats.timeouts == before + 3 and pool.stats.crashes == 0
+
+
+def test_in_process_rewards_are_under_the_time_limit(caplog):
+    """num_workers=0 (how the trainer scores toy / exact_match) still stops a reward that overruns:
+    it scores 0 and counts as a timeout, and an alarm set by someone else survives."""
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    outer_left = signal.getitimer(signal.ITIMER_REAL)[0]
+    signal.setitimer(signal.ITIMER_REAL, 60.0)
+    try:
+        with RewardPool(f"{__name__}:stubborn_reward", num_workers=0, timeout_s=0.5) as pool:
+            t0 = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="aepo_jax.rewards.pool"):
+                out = pool.score(*INPUTS)
+            took = time.monotonic() - t0
+            _assert_stubborn_scored(out, pool)
+            assert took < 10, took
+            assert "sample 1 timeout" in caplog.text and "returned late" in out.errors[4]
+        left = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 60.0 - took - 5 < left <= 60.0 - took + 0.1 and not fired  # the outer alarm kept its time
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_left:
+            signal.setitimer(signal.ITIMER_REAL, outer_left)
+
+
+def test_in_process_rewards_off_the_main_thread_use_a_worker():
+    with RewardPool(f"{__name__}:stubborn_reward", num_workers=0, timeout_s=1.0) as pool:
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("out", pool.score(*INPUTS)))
+        t.start()
+        t.join(120)
+        assert not t.is_alive()
+        _assert_stubborn_scored(result["out"], pool)
+        assert pool.score(["a"], ["a"]).scores.tolist() == [1.0]  # the main thread scores in-process again
+
+
+def test_toy_reward_on_adversarial_boxes_is_fast_in_process():
+    """The probe: '\\boxed{' * 20000 through the trainer's in-process toy reward took 92 s."""
+    with RewardPool("toy", num_workers=0, timeout_s=10.0) as pool:
+        t0 = time.monotonic()
+        out = pool.score(["\\boxed{" * 20000, "\\boxed{" * 20000 + "3}"], ["3", "3"])
+        assert time.monotonic() - t0 < 5
+    assert out.status == ["ok", "ok"] and out.scores.tolist() == [0.0, 1.0]
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,9 @@
 ``math_reward(response, ground_truth) -> 1.0 | 0.0``.
 
 Extraction: the last ``\\boxed{...}`` / ``\\fbox{...}`` (braces matched, so ``\\boxed{\\frac{1}{2}}``
-works), else the last "final answer is X" / "answer: X" / "#### X" phrase. A response with no
-extractable answer scores 0.
+works), else the last "final answer is X" / "answer: X" / "#### X" phrase that has an answer. A
+response with no extractable answer scores 0. Extraction takes time linear in the response's length
+whatever it contains (``'\\boxed{' * 20000`` included).
 
 Checking: a normalised string comparison first (cheap, and it covers answers math-verify cannot
 parse, such as words), then math-verify's symbolic/numeric equivalence (fractions, decimals,
@@ -14,42 +15,43 @@ Timeouts: math-verify's own timeouts use ``signal.alarm``, which raises in any n
 the exception used to be swallowed as a silent reward of 0 (verl PR #5635). We turn them off and
 put a wall clock outside: :class:`aepo_jax.rewards.pool.RewardPool` runs this function in worker
 processes and kills a worker that overruns (the robust path, used by the trainer and eval). A
-direct call from the main thread still gets a best-effort ``SIGALRM`` guard; a timeout there
-scores 0, is counted in :data:`DIRECT_CALL_STATS` and logged. Pure-C work (a huge integer power)
+direct call from the main thread still gets a best-effort ``SIGALRM`` guard
+(:mod:`aepo_jax.rewards.clock`); a timeout there scores 0, is counted in :data:`DIRECT_CALL_STATS`
+and logged. Pure-C work (a huge integer power)
 cannot be interrupted by a signal, which is why the pool kills processes instead.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
-import signal
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
+
+from aepo_jax.rewards.clock import wall_clock_limit
 
 logger = logging.getLogger(__name__)
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+# Every extractor below runs in time linear in the response (one regex pass or one scan each):
+# responses are model output, and a quadratic scan of '\boxed{' * 20000 took minutes.
+_BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BRACE_TOKEN = re.compile(r"\\[{}]|[{}]")  # an escaped brace \{ or \} is content, not structure
+_BARE_BOX_ARG = re.compile(r"\s*([^\s$]+)")
 
 
-def _matching_brace(text: str, open_idx: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_idx``; None if unbalanced."""
-    depth = 0
-    i = open_idx
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
-            i += 2  # an escaped brace \{ or \} is content, not structure
+def _brace_partners(text: str) -> dict[int, int]:
+    """``{index of "{": index of the "}" closing it}`` for every balanced brace, in one pass."""
+    partners: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_TOKEN.finditer(text):
+        tok = m.group()
+        if len(tok) == 2:
             continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
+        if tok == "{":
+            stack.append(m.start())
+        elif stack:
+            partners[stack.pop()] = m.start()
+    return partners
 
 
 def extract_boxed(text: str) -> str | None:
@@ -57,49 +59,96 @@ def extract_boxed(text: str) -> str | None:
 
     Returns None when there is no complete box. An unbalanced last box falls back to the last
     balanced one before it (a model cut off mid-box still gets credit for an earlier box only if it
-    wrote one).
+    wrote one). Linear in ``len(text)``.
     """
-    starts = sorted(
-        (m.start(), m.end()) for cmd in _BOX_COMMANDS for m in re.finditer(re.escape(cmd) + r"(?![A-Za-z])", text)
-    )
-    for start, end in reversed(starts):
+    ends = [m.end() for m in _BOX_COMMAND.finditer(text)]
+    partners: dict[int, int] | None = None
+    n = len(text)
+    for end in reversed(ends):
         j = end
-        while j < len(text) and text[j] == " ":
+        while j < n and text[j] == " ":  # runs after different boxes are disjoint: linear overall
             j += 1
-        if j < len(text) and text[j] == "{":
-            close = _matching_brace(text, j)
+        if j < n and text[j] == "{":
+            if partners is None:
+                partners = _brace_partners(text)
+            close = partners.get(j)
             if close is not None:
                 return text[j + 1 : close].strip()
-        elif end < len(text) and text[end] == " ":
+        elif end < n and text[end] == " ":
             # "\boxed 5": TeX takes the next single token as the argument.
-            m = re.match(r"\s*([^\s$]+)", text[end:])
+            m = _BARE_BOX_ARG.match(text, end)
             if m:
                 return m.group(1).rstrip(".")
     return None
 
 
-_FINAL_ANSWER_PATTERNS = [
-    re.compile(r"####\s*([^\n]+)"),
-    # "answer is X" / "final answer: $X$" / "The answer is X." -- X is a $...$ span if there is
-    # one, else the rest of the sentence (up to ". ", a newline or the end).
-    re.compile(
-        r"\banswer\s*(?:is\s*:?|:)\s*(?:\$([^$\n]+)\$|([^\n$]+?)(?=\.\s|\.?\s*$|\n))",
-        re.IGNORECASE | re.MULTILINE,
-    ),
-]
+_HASH_ANSWER = re.compile(r"####\s*([^\n]+)")
+# "answer is X" / "final answer: $X$" / "The answer is X." -- X is a $...$ span if there is one,
+# else the rest of the sentence: up to ". ", a newline or the end, a final "." dropped; a "$"
+# before that end means no answer here.
+_ANSWER_MARKER = re.compile(r"\banswer\s*(?:is\s*:?|:)\s*", re.IGNORECASE)
+_PERIOD_THEN_SPACE = re.compile(r"\.(?=\s)")
+
+
+def _last_answer_phrase(text: str) -> tuple[int, str] | None:
+    """(start, answer) of the last "answer is X" phrase that has an answer, in one pass."""
+    markers = list(_ANSWER_MARKER.finditer(text))
+    if not markers:
+        return None
+    n = len(text)
+    newlines = [m.start() for m in re.finditer(r"\n", text)]
+    dollars = [m.start() for m in re.finditer(r"\$", text)]
+    periods = [m.start() for m in _PERIOD_THEN_SPACE.finditer(text)]
+
+    def first_at_or_after(positions: list[int], i: int, default: int) -> int:
+        k = bisect.bisect_left(positions, i)
+        return positions[k] if k < len(positions) else default
+
+    content_end: dict[int, int] = {}  # line end -> end of the line without trailing whitespace
+
+    def line_content_end(eol: int) -> int:
+        if eol not in content_end:
+            start = text.rfind("\n", 0, eol) + 1
+            k = eol
+            while k > start and text[k - 1].isspace():
+                k -= 1
+            content_end[eol] = k  # each line scanned once
+        return content_end[eol]
+
+    for m in reversed(markers):
+        p = m.end()
+        if p >= n:
+            continue
+        eol = first_at_or_after(newlines, p, n)
+        if text[p] == "$":
+            close = first_at_or_after(dollars, p + 1, n)
+            if p + 1 < close < eol:
+                return m.start(), text[p + 1 : close].strip()
+            continue
+        # The sentence ends at the first ". " after p, or at the line's end (less trailing
+        # whitespace and one final ".").
+        tail = max(p + 1, line_content_end(eol))
+        if tail - 1 >= p + 1 and text[tail - 1] == ".":
+            tail -= 1
+        stop = min(first_at_or_after(periods, p + 1, n), tail)
+        if first_at_or_after(dollars, p, n) < stop:
+            continue
+        return m.start(), text[p:stop].strip()
+    return None
 
 
 def extract_answer(text: str) -> str | None:
-    """The response's final answer: last box, else the last final-answer phrase, else None."""
+    """The response's final answer: last box, else the last final-answer phrase ("#### X",
+    "answer is X", "answer: $X$"), else None. Linear in ``len(text)``."""
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed
     best: tuple[int, str] | None = None
-    for pattern in _FINAL_ANSWER_PATTERNS:
-        for m in pattern.finditer(text):
-            value = next(g for g in m.groups() if g is not None)
-            if best is None or m.start() > best[0]:
-                best = (m.start(), value.strip())
+    for m in _HASH_ANSWER.finditer(text):
+        best = (m.start(), m.group(1).strip())
+    phrase = _last_answer_phrase(text)
+    if phrase is not None and (best is None or phrase[0] > best[0]):
+        best = phrase
     if best is None or not best[1]:
         return None
     return best[1]
@@ -111,7 +160,7 @@ def normalize_answer(ans: str) -> str:
     s = s.strip("$").strip()
     s = re.sub(r"\\(?:left|right|displaystyle|!|,|;|:)", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
-    s = re.sub(r"\\text\{\s*([^{}]*?)\s*\}", r"\1", s)
+    s = re.sub(r"\\text\{([^{}]*)\}", lambda m: m.group(1).strip(), s)
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
     return s
@@ -173,8 +222,9 @@ def answers_equivalent(pred: str, gold: str) -> bool:
 # --- direct-call guard -------------------------------------------------------------------------
 
 
-class RewardTimeout(Exception):
-    """Raised inside :func:`math_reward` by its main-thread wall-clock guard."""
+class RewardTimeout(BaseException):
+    """Raised inside :func:`math_reward` by its main-thread wall-clock guard (a BaseException, so
+    math-verify's and sympy's own ``except Exception`` blocks cannot swallow it)."""
 
 
 @dataclass
@@ -188,30 +238,9 @@ class DirectCallStats:
 DIRECT_CALL_STATS = DirectCallStats()
 
 
-@contextmanager
 def _alarm(timeout_s: float | None):
-    """SIGALRM guard when it is safe to install one (main thread, no other interval timer)."""
-    usable = (
-        timeout_s is not None
-        and timeout_s > 0
-        and hasattr(signal, "setitimer")
-        and threading.current_thread() is threading.main_thread()
-        and signal.getitimer(signal.ITIMER_REAL)[0] == 0.0  # e.g. pytest-timeout owns it: leave it
-    )
-    if not usable:
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise RewardTimeout(f"math_reward exceeded {timeout_s} s")
-
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0.0)
-        signal.signal(signal.SIGALRM, previous)
+    """SIGALRM guard when one can be armed (main thread; an earlier outer alarm stays in charge)."""
+    return wall_clock_limit(timeout_s, lambda: RewardTimeout(f"math_reward exceeded {timeout_s} s"))
 
 
 def math_reward(response: str, ground_truth: str, timeout_s: float | None = 10.0) -> float:

@@ -11,8 +11,14 @@ silent 0 is exactly the bug this module exists to prevent.
 
 Workers are started with ``spawn`` (never ``fork``: the parent usually has jax threads running),
 announce themselves ready after importing the reward, and only then get work, so import time never
-eats into a sample's deadline. ``num_workers=0`` scores in-process without timeouts, for cheap
-rewards such as exact match.
+eats into a sample's deadline.
+
+``num_workers=0`` scores in the caller's process, for cheap rewards such as exact match (no
+inter-process round trip per sample), under the same per-sample ``timeout_s``: a ``SIGALRM``
+wall clock (:mod:`aepo_jax.rewards.clock`) interrupts a reward that overruns, which scores 0 and
+counts as a timeout like a killed worker. A reward that swallows the interruption and returns late
+counts as a timeout too. Signals only reach the main thread, so called from any other thread the
+pool scores in one worker process instead (started on first use), never without a limit.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 import numpy as np
+
+from aepo_jax.rewards.clock import can_arm, wall_clock_limit
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +144,11 @@ def _kill_all(workers: list[_Worker]) -> None:
             pass
 
 
+class _InProcessTimeout(BaseException):
+    """A reward scored in-process overran (BaseException: a reward's ``except Exception`` cannot
+    swallow it)."""
+
+
 class RewardPoolError(RuntimeError):
     """The pool itself cannot work (e.g. the reward cannot be imported in a worker)."""
 
@@ -173,6 +186,7 @@ class RewardPool:
         self.stats = PoolStats()
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = [self._spawn() for _ in range(num_workers)]
+        self._closed = False
         self._finalizer = weakref.finalize(self, _kill_all, self._workers)
 
     def _spawn(self) -> _Worker:
@@ -189,16 +203,15 @@ class RewardPool:
         scores = np.zeros(n, dtype=np.float32)
         status = [OK] * n
         errors: dict[int, str] = {}
-        if self.num_workers == 0:
-            for i, (r, g) in enumerate(zip(responses, ground_truths)):
-                try:
-                    v = float(self._fn(r, g))
-                    if not math.isfinite(v):
-                        raise ValueError(f"reward returned non-finite value {v!r}")
-                    scores[i] = v
-                except Exception as e:  # noqa: BLE001 - counted and logged below
-                    status[i], errors[i] = CRASH, f"{type(e).__name__}: {str(e)[:300]}"
+        if self.num_workers == 0 and can_arm():
+            self._score_in_process(responses, ground_truths, scores, status, errors)
         else:
+            if self._closed:
+                raise RewardPoolError("RewardPool.score called after close()")
+            if not self._workers:  # in-process mode off the main thread: no signal reaches here
+                logger.info("reward %s: called off the main thread; scoring in a worker process "
+                            "so the %s s limit holds", self.reward_path, self.timeout_s)
+                self._workers.append(self._spawn())
             self._score_in_workers(responses, ground_truths, scores, status, errors)
         self.stats.samples += n
         for i, msg in sorted(errors.items()):
@@ -228,6 +241,7 @@ class RewardPool:
             w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
         _kill_all(self._workers)
         self._workers.clear()
+        self._closed = True
         self._finalizer.detach()
 
     def __enter__(self) -> RewardPool:
@@ -237,6 +251,26 @@ class RewardPool:
         self.close()
 
     # -- scheduling -----------------------------------------------------------------------------
+
+    def _score_in_process(self, responses, ground_truths, scores, status, errors) -> None:
+        pass_timeout = _takes_timeout(self._fn)
+        limit = f"exceeded {self.timeout_s} s wall clock"
+        for i, (r, g) in enumerate(zip(responses, ground_truths)):
+            start = time.monotonic()
+            try:
+                with wall_clock_limit(self.timeout_s, lambda: _InProcessTimeout(limit)):
+                    # timeout_s=None: this limit is the wall clock (as in a worker).
+                    v = self._fn(r, g, timeout_s=None) if pass_timeout else self._fn(r, g)
+                    v = float(v)
+                if time.monotonic() - start > self.timeout_s:
+                    raise _InProcessTimeout(f"{limit} (returned late)")
+                if not math.isfinite(v):
+                    raise ValueError(f"reward returned non-finite value {v!r}")
+                scores[i] = v
+            except _InProcessTimeout as e:
+                status[i], errors[i] = TIMEOUT, str(e)
+            except Exception as e:  # noqa: BLE001 - counted and logged by score()
+                status[i], errors[i] = CRASH, f"{type(e).__name__}: {str(e)[:300]}"
 
     def _replace(self, k: int) -> None:
         self._workers[k].kill()
