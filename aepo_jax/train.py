@@ -179,7 +179,8 @@ class Trainer:
                                         log_path=str(self.run_dir / "server.log"))
             urls = [self.server.url]
         self.client = RolloutClient(urls, weight_update_urls=list(cfg.weight_update_urls) or None,
-                                    timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries)
+                                    timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
+                                    request_deadline_s=cfg.request_deadline_s, health_check_timeout_s=cfg.health_check_timeout_s)
         self.loop.run_until_complete(self.client.wait_healthy(deadline_s=cfg.startup_timeout_s))
 
     def close(self) -> None:

@@ -1,9 +1,12 @@
 """The async SGLang client against real embedded-server subprocesses: seeded n-sample rollouts,
-round robin, 4xx vs 5xx, health deadline, and a server killed mid-rollout."""
+round robin, 4xx vs 5xx, 429 with Retry-After, health deadline, a server killed mid-rollout, a
+server stopped (SIGSTOP) mid-rollout, and the overall deadline of a call."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -46,6 +49,13 @@ def _client(urls, **kw):
 
 
 SP = {"max_new_tokens": 10, "ignore_eos": True}
+
+
+def _wait_healthy(url, **kw):
+    from aepo_jax.rollout.client import run_sync
+
+    c = _client(url)
+    run_sync(c.wait_healthy(**{"deadline_s": 30, **kw}), c)
 
 
 def _ids(result):
@@ -119,42 +129,33 @@ def test_wait_healthy_deadline_names_the_server():
     url = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=url):
-        run(_client(url).wait_healthy(deadline_s=1.0, poll_s=0.1))
+        _wait_healthy(url, deadline_s=1.0, poll_s=0.1)
     assert time.monotonic() - t0 < 10
 
 
-class FlakyProxy:
-    """Fault injection in front of a real server: the first ``fail`` /generate calls get a 503,
-    later ones are forwarded unchanged."""
+class LocalServer:
+    """A tiny aiohttp server on 127.0.0.1 in a thread, for faults a real server does not make on
+    demand: ``routes`` maps (method, path) to an async handler."""
 
-    def __init__(self, target: str, fail: int):
+    def __init__(self, routes):
         from aepo_jax.rollout.launch import free_port
 
-        self.target, self.fail, self.calls = target, fail, 0
+        self.routes = routes
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
-        self._ready.wait(10)
+        assert self._ready.wait(10)
 
     def _serve(self):
-        import aiohttp
         from aiohttp import web
-
-        async def handle(request):
-            self.calls += 1
-            if self.calls <= self.fail:
-                return web.json_response({"error": {"message": "injected"}}, status=503)
-            async with aiohttp.ClientSession() as s:
-                async with s.post(self.target + "/generate", data=await request.read(),
-                                  headers={"Content-Type": "application/json"}) as r:
-                    return web.Response(body=await r.read(), status=r.status, content_type="application/json")
 
         async def main():
             app = web.Application()
-            app.router.add_post("/generate", handle)
-            runner = web.AppRunner(app)
+            for (method, path), handler in self.routes.items():
+                app.router.add_route(method, path, handler)
+            runner = web.AppRunner(app, handler_cancellation=True)  # a dropped client cancels its handler
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", self.port).start()
             self._stop = asyncio.Event()
@@ -168,6 +169,29 @@ class FlakyProxy:
     def close(self):
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+
+class FlakyProxy(LocalServer):
+    """Fault injection in front of a real server: the first ``fail`` /generate calls get ``status``
+    (with ``headers``), later ones are forwarded unchanged. ``times`` records each call's arrival."""
+
+    def __init__(self, target: str, fail: int, status: int = 503, headers: dict | None = None):
+        self.target, self.fail, self.status, self.headers = target, fail, status, headers or {}
+        self.calls, self.times = 0, []
+        super().__init__({("POST", "/generate"): self._handle})
+
+    async def _handle(self, request):
+        import aiohttp
+        from aiohttp import web
+
+        self.calls += 1
+        self.times.append(time.monotonic())
+        if self.calls <= self.fail:
+            return web.json_response({"error": {"message": "injected"}}, status=self.status, headers=self.headers)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(self.target + "/generate", data=await request.read(),
+                              headers={"Content-Type": "application/json"}) as r:
+                return web.Response(body=await r.read(), status=r.status, content_type="application/json")
 
 
 def test_5xx_is_retried_with_backoff(servers):
@@ -187,6 +211,153 @@ def test_5xx_is_retried_with_backoff(servers):
         assert proxy.calls == 3
     finally:
         proxy.close()
+
+
+def test_429_is_retried_after_retry_after(servers):
+    """An overloaded server (429) is asked again after its Retry-After, without using up
+    max_retries while the call has a deadline; without one, 429s count as retries."""
+    from aepo_jax.rollout.client import RolloutError
+
+    proxy = FlakyProxy(servers[0].url, fail=2, status=429, headers={"Retry-After": "1"})
+    try:
+        async def go(**kw):
+            async with _client(proxy.url, **kw) as c:
+                return await c.generate(PROMPTS[:2], n=2, sampling_params=SP, seed=5)
+
+        r = run(go(max_retries=0, request_deadline_s=60))
+        assert proxy.calls == 3 and all(len(row) == 2 for row in r)
+        gaps = [b - a for a, b in zip(proxy.times, proxy.times[1:])]
+        assert min(gaps) >= 0.9, gaps  # Retry-After: 1 honoured (the backoff alone is 0.05 s)
+        proxy.calls, proxy.times = 0, []
+        with pytest.raises(RolloutError, match="429"):
+            run(go(max_retries=1))
+        assert proxy.calls == 2
+    finally:
+        proxy.close()
+
+
+def test_retry_after_header_forms():
+    from email.utils import formatdate
+
+    from aepo_jax.rollout.client import parse_retry_after
+
+    assert parse_retry_after("3") == 3.0 and parse_retry_after(" 0.5 ") == 0.5
+    assert parse_retry_after("-4") == 0.0
+    now = time.time()
+    assert 9 <= parse_retry_after(formatdate(now + 10, usegmt=True), now=now) <= 11
+    assert parse_retry_after(formatdate(now - 10, usegmt=True), now=now) == 0.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("nan") is None and parse_retry_after("inf") is None
+
+
+def _stopped(sp):
+    """Context: the server process is SIGSTOPped (alive, socket open, never answers), then resumed."""
+    class _Ctx:
+        def __enter__(self):
+            os.kill(sp.proc.pid, signal.SIGSTOP)
+
+        def __exit__(self, *exc):
+            os.kill(sp.proc.pid, signal.SIGCONT)
+
+    return _Ctx()
+
+
+# Health probes fast enough for a test; the request timeout stays at its 600 s default, so only the
+# health check can notice the stopped server in time.
+FAST_HEALTH = {"health_check_interval_s": 0.3, "health_check_timeout_s": 1.0, "health_check_failures": 2}
+
+
+def test_stopped_server_fails_over_within_seconds(servers, caplog):
+    """One of two servers is SIGSTOPped: its connections open but nothing answers. The requests
+    sent to it fail over to the other server within seconds, and every sample comes back, the same
+    as from the live server alone."""
+    victim, live = servers
+    sp = dict(SP, max_new_tokens=12)
+
+    async def go(urls):
+        async with _client(urls, **FAST_HEALTH) as c:
+            return await c.generate(PROMPTS, n=2, sampling_params=sp, seed=31)
+
+    ref = run(go(live.url))
+    with _stopped(victim), caplog.at_level("WARNING", logger="aepo_jax.rollout.client"):
+        t0 = time.monotonic()
+        got = run(go([victim.url, live.url]))
+        took = time.monotonic() - t0
+    assert took < 30, took
+    assert _ids(got) == _ids(ref) and all(len(row) == 2 for row in got)
+    assert {s.server for row in got for s in row} == {live.url}
+    assert "stopped answering its health check" in caplog.text and victim.url in caplog.text
+    _wait_healthy(victim.url)  # resumed, it serves again
+
+
+def test_stopped_only_server_fails_the_call_within_seconds(servers):
+    from aepo_jax.rollout.client import RolloutError
+
+    victim = servers[0]
+
+    async def go():
+        async with _client(victim.url, max_retries=1, **FAST_HEALTH) as c:
+            return await c.generate(PROMPTS[:2], n=2, sampling_params=SP, seed=3)
+
+    with _stopped(victim):
+        t0 = time.monotonic()
+        with pytest.raises(RolloutError, match="stopped answering its health check") as e:
+            run(go())
+        took = time.monotonic() - t0
+    assert took < 30, took
+    assert victim.url in str(e.value)
+    _wait_healthy(victim.url)
+
+
+def test_call_deadline_cancels_a_slow_healthy_server():
+    """A server that answers /health but never finishes /generate: the call ends at its deadline
+    (config or per call) with an error naming it, not after timeout_s x retries."""
+    from aiohttp import web
+
+    from aepo_jax.rollout.client import RolloutError
+
+    started, dropped = [], []
+
+    async def health(request):
+        return web.Response(status=200)
+
+    async def generate(request):
+        started.append(time.monotonic())
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            dropped.append(time.monotonic())
+            raise
+        return web.json_response([])
+
+    srv = LocalServer({("GET", "/health"): health, ("POST", "/generate"): generate})
+    try:
+        for kw, call_kw, limit in (({"request_deadline_s": 1.5}, {}, 1.5), ({}, {"deadline_s": 1.0}, 1.0)):
+            async def go():
+                async with _client(srv.url, **FAST_HEALTH, **kw) as c:
+                    return await c.generate(PROMPTS, n=2, sampling_params=SP, **call_kw)
+
+            t0 = time.monotonic()
+            with pytest.raises(RolloutError, match=rf"request_deadline_s={limit:g}"):
+                run(go())
+            took = time.monotonic() - t0
+            assert limit <= took < limit + 5, took
+        assert len(started) >= 2  # the requests really were in flight when the deadline struck
+        time.sleep(0.5)
+        assert len(dropped) == len(started)  # and the client closed them (nothing left running)
+    finally:
+        srv.close()
+
+
+def test_client_options_are_validated():
+    from aepo_jax.rollout.client import RolloutClient
+
+    for key, bad in (("request_deadline_s", float("nan")), ("request_deadline_s", 0), ("health_check_timeout_s", -1),
+                     ("max_retries", -1), ("health_check_failures", 1.5), ("timeout_s", float("inf"))):
+        with pytest.raises(ValueError, match=key):
+            RolloutClient("http://127.0.0.1:9", **{key: bad})
+    with pytest.raises(TypeError, match="nope"):
+        RolloutClient("http://127.0.0.1:9", nope=1)
 
 
 def test_server_killed_mid_rollout_is_survived_then_reported(servers):

@@ -12,7 +12,16 @@
 * Requests go round robin over the URLs (or to one sglang-router URL), at most ``max_inflight``
   at a time per server. Connection errors, timeouts and 5xx answers are retried with exponential
   backoff on the next live server; a server that refuses connections is set aside and re-probed
-  with ``GET /health``. A 4xx is the caller's fault and raises at once with SGLang's error body.
+  with ``GET /health``. A 429 (server overloaded) is retried after its ``Retry-After`` (or the
+  backoff) without using up ``max_retries`` while the call has a deadline. Any other 4xx is the
+  caller's fault and raises at once with SGLang's error body.
+* A server that stops answering (a SIGSTOPped or hung process keeps its socket open, so the
+  connection never fails) is noticed in seconds: while requests to a server are in flight, its
+  ``GET /health`` is probed every ``health_check_interval_s`` with a ``health_check_timeout_s``
+  limit; after ``health_check_failures`` misses in a row its requests are cancelled and retried on
+  another server. A long generation on a healthy server is never cut short by this.
+* Every ``generate`` call has an overall deadline (``request_deadline_s``, or ``deadline_s=`` per
+  call) covering queueing, all batches, retries and backoff; past it the call raises.
 * Nothing is dropped silently: ``generate`` returns exactly ``n`` samples for every prompt or raises
   :class:`RolloutError` naming the request, the servers tried and the last error. Samples whose
   finish reason is ``abort`` (e.g. the server was paused) are re-sent too.
@@ -23,9 +32,11 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -90,6 +101,82 @@ class ClientConfig:
     batch_size: int = 64  # sequences per /generate body
     max_inflight: int = 2  # concurrent /generate bodies per server
     dead_recheck_s: float = 5.0  # how soon a server set aside is probed again
+    # Overall wall clock of one generate() call (queueing, every batch, retries, backoff);
+    # None = no overall limit (each request is still bounded by timeout_s and max_retries).
+    request_deadline_s: float | None = None
+    # Liveness of a server while requests to it are in flight: GET /health every interval, each
+    # probe limited to timeout; that many misses in a row (no answer, refused, or not 200) and
+    # its requests fail over. Real SGLang's /health waits for one scheduler step (>= 1 s), so keep
+    # the timeout well above that. health_check_failures = 0 turns the check off.
+    health_check_interval_s: float = 2.0
+    health_check_timeout_s: float = 5.0
+    health_check_failures: int = 2
+
+    def validate(self) -> None:
+        def positive(name, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"RolloutClient: {name} must be a finite number > 0, got {v!r}")
+
+        for name in ("timeout_s", "connect_timeout_s", "backoff_s", "max_backoff_s", "dead_recheck_s",
+                     "health_check_interval_s", "health_check_timeout_s"):
+            positive(name)
+        positive("request_deadline_s", allow_none=True)
+        for name, lo in (("max_retries", 0), ("batch_size", 1), ("max_inflight", 1), ("health_check_failures", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"RolloutClient: {name} must be an integer >= {lo}, got {v!r}")
+
+
+class ServerStalled(Exception):
+    """A server stopped answering its health check while it held a request (internal)."""
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent
+    or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        secs = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        secs = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(secs):
+        return None
+    return max(0.0, secs)
+
+
+class _Deadline:
+    """The overall deadline of one call (monotonic clock)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = float(seconds)
+        self.at = time.monotonic() + self.seconds
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def __str__(self) -> str:
+        return f"the call's deadline (request_deadline_s={self.seconds:g})"
+
+
+class _Watch:
+    """One server's health watchdog, shared by every request in flight to it."""
+
+    def __init__(self):
+        self.inflight = 0
+        self.stalled = asyncio.Event()
+        self.reason = ""
+        self.task: asyncio.Task | None = None
 
 
 class RolloutClient:
@@ -105,9 +192,12 @@ class RolloutClient:
             if not hasattr(cfg, k):
                 raise TypeError(f"RolloutClient: unknown option {k!r}")
             setattr(cfg, k, v)
+        cfg.validate()
         self.config = cfg
         self._rr = itertools.cycle(range(len(self.urls)))
         self._dead_until: dict[str, float] = {}
+        self._not_before: dict[str, float] = {}  # Retry-After of a server that answered 429
+        self._watches: dict[str, _Watch] = {}
         self._session = None
         self._session_loop = None
         self._sems: dict[str, asyncio.Semaphore] = {}
@@ -126,6 +216,7 @@ class RolloutClient:
                 connector=aiohttp.TCPConnector(limit=0))
             self._session_loop = loop
             self._sems = {u: asyncio.Semaphore(self.config.max_inflight) for u in self.urls}
+            self._watches = {}
         return self._session
 
     async def release_loop_session(self) -> None:
@@ -151,6 +242,11 @@ class RolloutClient:
     # ------------------------------------------------------------------ low-level HTTP
     async def _request(self, method: str, url: str, path: str, json_body: Any = None,
                        timeout_s: float | None = None) -> tuple[int, Any]:
+        status, data, _ = await self._http(method, url, path, json_body, timeout_s)
+        return status, data
+
+    async def _http(self, method: str, url: str, path: str, json_body: Any = None,
+                    timeout_s: float | None = None) -> tuple[int, Any, dict]:
         import aiohttp
 
         session = self._get_session()
@@ -160,14 +256,15 @@ class RolloutClient:
         async with session.request(method, url + path, json=json_body, **kw) as resp:
             raw = await resp.read()
             ctype = resp.headers.get("Content-Type", "")
+            headers = {"Retry-After": resp.headers.get("Retry-After")}
             if "json" in ctype and raw:
                 import json
 
                 try:
-                    return resp.status, json.loads(raw)
+                    return resp.status, json.loads(raw), headers
                 except ValueError:
                     pass
-            return resp.status, raw.decode("utf-8", "replace")
+            return resp.status, raw.decode("utf-8", "replace"), headers
 
     def _live_urls(self) -> list[str]:
         now = time.monotonic()
@@ -181,35 +278,133 @@ class RolloutClient:
                 return u
         return live[0]
 
-    async def _post_with_retries(self, path: str, body: dict, what: str) -> tuple[str, Any]:
-        """POST to a live server, retrying connection errors / timeouts / 5xx on the next one."""
+    # ------------------------------------------------------------------ liveness while in flight
+    async def _watchdog(self, url: str, watch: _Watch) -> None:
+        cfg = self.config
+        misses = 0
+        while True:
+            await asyncio.sleep(cfg.health_check_interval_s)
+            try:
+                status, _ = await self._request("GET", url, "/health", timeout_s=cfg.health_check_timeout_s)
+                why = None if status == 200 else f"/health answered {status}"
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to answer is a miss
+                why = f"/health: {type(e).__name__}: {e}" if str(e) else (
+                    f"/health gave no answer within {cfg.health_check_timeout_s:g}s" if isinstance(e, asyncio.TimeoutError)
+                    else f"/health: {type(e).__name__}")
+            misses = 0 if why is None else misses + 1
+            if why is not None:
+                log.warning("%s: health check missed (%d/%d): %s", url, misses, cfg.health_check_failures, why)
+            if misses >= cfg.health_check_failures:
+                watch.reason = f"stopped answering its health check ({misses} misses in a row; last: {why})"
+                watch.stalled.set()
+                return
+
+    async def _watched_request(self, url: str, path: str, body: Any, timeout_s: float) -> tuple[int, Any, dict]:
+        """POST while the server's health is watched; ServerStalled when it stops answering."""
+        if self.config.health_check_failures == 0:
+            return await self._http("POST", url, path, body, timeout_s=timeout_s)
+        watch = self._watches.get(url)
+        if watch is None or watch.stalled.is_set():
+            watch = self._watches[url] = _Watch()
+        watch.inflight += 1
+        if watch.task is None or watch.task.done():
+            watch.task = asyncio.ensure_future(self._watchdog(url, watch))
+        request = asyncio.ensure_future(self._http("POST", url, path, body, timeout_s=timeout_s))
+        stalled = asyncio.ensure_future(watch.stalled.wait())
+        try:
+            await asyncio.wait({request, stalled}, return_when=asyncio.FIRST_COMPLETED)
+            if request.done():
+                return request.result()
+            raise ServerStalled(watch.reason)
+        finally:
+            for t in (request, stalled):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(request, stalled, return_exceptions=True)
+            watch.inflight -= 1
+            if watch.inflight == 0 and watch.task is not None and not watch.task.done():
+                watch.task.cancel()
+                await asyncio.gather(watch.task, return_exceptions=True)
+
+    async def _post_with_retries(self, path: str, body: dict, what: str, deadline: _Deadline | None = None,
+                                 errors: list[str] | None = None) -> tuple[str, Any]:
+        """POST to a live server, retrying connection errors / timeouts / stalls / 5xx on the next
+        one and 429 after its Retry-After, until ``max_retries`` or the ``deadline`` (monotonic)."""
         import aiohttp
 
         cfg = self.config
-        errors: list[str] = []
+        call_errors = errors  # the whole call's, for its deadline message
+        errors = []  # this request's
         url = None
-        for attempt in range(cfg.max_retries + 1):
+        failures = 0  # attempts that count against max_retries (not 429s while a deadline is set)
+        throttled = 0
+
+        def remaining() -> float:
+            return math.inf if deadline is None else deadline.remaining()
+
+        def note(err: str) -> None:
+            errors.append(err)
+            if call_errors is not None:
+                call_errors.append(err)
+
+        def give_up(reason: str) -> RolloutError:
+            servers = sorted(set(e.split(": ")[0] for e in errors)) or [url]
+            last = errors[-1] if errors else "none"
+            return RolloutError(f"{what}: {path} {reason} on {servers}; last error: {last}")
+
+        while True:
             url = self._next_url(avoid=url)
+            wait = self._not_before.get(url, 0.0) - time.monotonic()
+            if wait > 0:  # the server asked us to come back later (Retry-After)
+                await asyncio.sleep(min(wait, max(0.0, remaining())))
+            if remaining() <= 0:
+                raise give_up(f"not done within {deadline}")
             sem = self._sems.get(url) or asyncio.Semaphore(cfg.max_inflight)
+            retry_after = None
             try:
                 async with sem:
-                    status, data = await self._request("POST", url, path, body)
+                    if remaining() <= 0:
+                        raise give_up(f"not done within {deadline}")
+                    status, data, headers = await self._watched_request(
+                        url, path, body, timeout_s=min(cfg.timeout_s, remaining()))
+            except ServerStalled as e:
+                note(f"{url}: {e}")
+                self._dead_until[url] = time.monotonic() + cfg.dead_recheck_s
+                log.warning("%s: %s on %s: server %s; retrying elsewhere", what, path, url, e)
+                failures += 1
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError) as e:
-                errors.append(f"{url}: {type(e).__name__}: {e}")
+                note(f"{url}: {type(e).__name__}: {e}")
+                if remaining() <= 0:  # cut short by the call's deadline, not the server's fault
+                    raise give_up(f"not done within {deadline}") from None
                 self._dead_until[url] = time.monotonic() + cfg.dead_recheck_s
                 log.warning("%s: %s failed on %s (%s); retrying elsewhere", what, path, url, errors[-1])
+                failures += 1
             else:
                 if status < 400:
                     self._dead_until.pop(url, None)
                     return url, data
-                if status < 500:
+                retry_after = parse_retry_after(headers.get("Retry-After"))
+                if status == 429:
+                    note(f"{url}: HTTP 429 (overloaded{'' if retry_after is None else f', Retry-After {retry_after:g}s'})")
+                    throttled += 1
+                    if deadline is None:
+                        failures += 1
+                elif status < 500:
                     raise ServerRequestError(url, status, data)
-                errors.append(f"{url}: HTTP {status}: {str(data)[:500]}")
+                else:
+                    note(f"{url}: HTTP {status}: {str(data)[:500]}")
+                    failures += 1
+                if retry_after is not None:
+                    self._not_before[url] = time.monotonic() + retry_after
                 log.warning("%s: %s on %s answered %s; retrying", what, path, url, status)
-            if attempt < cfg.max_retries:
-                await asyncio.sleep(min(cfg.backoff_s * (2 ** attempt), cfg.max_backoff_s))
-        raise RolloutError(f"{what}: {path} failed after {cfg.max_retries + 1} attempts on "
-                           f"{sorted(set(e.split(': ')[0] for e in errors))}; last error: {errors[-1]}")
+            if failures > cfg.max_retries:
+                raise give_up(f"failed after {failures + throttled} attempts")
+            delay = min(cfg.backoff_s * 2.0 ** min(failures + throttled - 1, 30), cfg.max_backoff_s)
+            if delay >= remaining():
+                raise give_up(f"not done within {deadline}")
+            await asyncio.sleep(delay)
 
     # ------------------------------------------------------------------ health
     async def health(self, url: str, timeout_s: float = 5.0) -> bool:
@@ -299,19 +494,27 @@ class RolloutClient:
         temperature: float | None = None,
         return_logprob: bool = True,
         max_abort_retries: int = 3,
+        deadline_s: float | None = None,
     ) -> list[list[Sample]]:
         """``n`` samples for every prompt: ``result[i][j]`` is prompt i, sample j.
 
         Seeds: ``seeds[i][j]`` explicitly, or ``seed`` (a base, e.g. the training step) from
         which each sample's seed is hashed; with neither the server draws them. ``temperature``
-        overrides ``sampling_params["temperature"]`` for this call."""
+        overrides ``sampling_params["temperature"]`` for this call. ``deadline_s`` overrides the
+        config's ``request_deadline_s`` for this call: past it :class:`RolloutError` is raised and
+        every request still in flight is cancelled."""
+        limit = deadline_s if deadline_s is not None else self.config.request_deadline_s
+        if limit is not None and not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit > 0):
+            raise ValueError(f"generate: deadline_s must be a finite number > 0, got {limit!r}")
+        deadline = _Deadline(limit) if limit is not None else None
         bodies = self.build_generate_bodies(prompt_ids, n, sampling_params, seeds, seed, temperature, return_logprob)
         results: list[list[Sample | None]] = [[None] * n for _ in range(len(prompt_ids))]
+        errors: list[str] = []
 
         async def run(idx: int, rows, body):
             what = f"generate batch {idx} ({len(rows)} sequences)"
             for attempt in range(max_abort_retries + 1):
-                url, data = await self._post_with_retries("/generate", body, what)
+                url, data = await self._post_with_retries("/generate", body, what, deadline, errors)
                 if not isinstance(data, list) or len(data) != len(rows):
                     raise RolloutError(f"{what}: {url} returned {type(data).__name__} of "
                                        f"{len(data) if isinstance(data, list) else '?'} items, expected {len(rows)}")
@@ -332,7 +535,24 @@ class RolloutClient:
                 await asyncio.sleep(min(self.config.backoff_s * (2 ** attempt), self.config.max_backoff_s))
             raise RolloutError(f"{what}: {len(rows)} sequences still aborted after {max_abort_retries + 1} tries")
 
-        await asyncio.gather(*(run(k, rows, body) for k, (rows, body) in enumerate(bodies)))
+        tasks = [asyncio.ensure_future(run(k, rows, body)) for k, (rows, body) in enumerate(bodies)]
+        try:
+            pending = set(tasks)
+            while pending:
+                timeout = None if deadline is None else max(0.0, deadline.remaining())
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+                for t in done:
+                    if t.exception() is not None:
+                        raise t.exception()
+                if pending and not done:  # the deadline passed with batches still queued or in flight
+                    raise RolloutError(
+                        f"generate: {len(pending)} of {len(tasks)} batches not done within {deadline} "
+                        f"(servers {self.urls}); last error: {errors[-1] if errors else 'none (still generating)'}")
+        finally:
+            for t in tasks:  # one batch failed or the deadline passed: stop the others (no orphans)
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         missing = [(i, j) for i, r in enumerate(results) for j, s in enumerate(r) if s is None]
         if missing:  # cannot happen unless a code path above is wrong: never return fewer samples
             raise RolloutError(f"generate: {len(missing)} samples missing, first {missing[:5]}")

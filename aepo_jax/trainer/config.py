@@ -58,6 +58,8 @@ class RolloutSection:
     top_p: float = 1.0
     top_k: int = -1
     request_timeout_s: float = 600.0
+    request_deadline_s: float = field(default=3600.0, metadata=_help("wall clock of one rollout call, retries included"))
+    health_check_timeout_s: float = field(default=5.0, metadata=_help("a server whose /health misses this twice in a row while it holds requests fails over"))
     max_retries: int = 3
     startup_timeout_s: float = 300.0
     sync_dir: str = field(default="", metadata=_help("where weights are written for the servers; empty = /dev/shm or tmp"))
