@@ -195,7 +195,7 @@ def test_decode_chunk_of_several_tokens_applies_causality(checkpoints):
     got = np.concatenate([np.asarray(a), np.asarray(b)], 1)
     valid = mask.astype(bool)
     np.testing.assert_allclose(got[valid], full[valid], atol=1e-5)
-    assert cache["k"].shape == (2, 2, 2, 12, 16)  # [layers, B, KV, T, D]
+    assert len(cache) == 2 and cache[0]["k"].shape == (2, 2, 12, 16)  # per layer: [B, KV, T, D]
 
 
 def test_jit_over_split_state_and_gradients(checkpoints):

@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from aepo_jax.rollout import protocol
+from aepo_jax.rollout import protocol, responses
 from aepo_jax.rollout.testing import load_sglang_api_types
 
 pytest.importorskip("msgspec")
@@ -139,32 +139,42 @@ def test_server_validation_agrees_with_the_contract(body):
 
 
 def _item(**kw):
-    return protocol.GenerateItem(rid="r1", input_ids=[1, 2, 3], sampling=protocol.SamplingSpec(), seed=1, **kw)
+    return protocol.GenerateItem(rid="r1", request=protocol.SamplingRequest(input_ids=(1, 2, 3), seed=1),
+                                 output=protocol.OutputOptions(**kw))
+
+
+def _decode_letters(ids, skip_special):
+    """A stand-in tokenizer decode: token t is the letter chr(ord('a') + t % 26)."""
+    return "".join(chr(ord("a") + t % 26) for t in ids)
 
 
 @pytest.mark.parametrize("case", ["logprob", "plain", "text", "abort", "stop_str", "empty", "prompt_ids"])
 def test_built_responses_decode_with_sglang_types(case):
-    fr = {"logprob": protocol.finish_length(3), "plain": protocol.finish_stop_token(2),
-          "text": protocol.finish_stop_token(2), "abort": protocol.finish_abort("Aborted"),
-          "stop_str": protocol.finish_stop_str("\n"), "empty": protocol.finish_length(0),
-          "prompt_ids": protocol.finish_length(3)}[case]
+    fr = {"logprob": {"type": "length", "length": 3}, "plain": {"type": "stop", "matched": 2},
+          "text": {"type": "stop", "matched": 2}, "abort": responses.finish_abort("Aborted"),
+          "stop_str": {"type": "length", "length": 3}, "empty": {"type": "length", "length": 0},
+          "prompt_ids": {"type": "length", "length": 3}}[case]
     ids = [] if case in ("abort", "empty") else [5, 6, 2]
     item = _item(return_logprob=case in ("logprob", "text"), return_text_in_logprobs=case == "text",
-                 return_prompt_token_ids=case == "prompt_ids")
-    obj = protocol.build_response(item, output_ids=ids, finish_reason=fr, logprobs=[-0.5] * len(ids),
-                                  weight_version="7", e2e_latency=0.1, now=1.0,
-                                  text="abc" if case in ("text", "stop_str") else None,
-                                  token_texts=["a", "b", "c"] if case == "text" else None)
+                 return_prompt_token_ids=case == "prompt_ids", stop=("g",) if case == "stop_str" else ())
+    obj = responses.build_response(item, output_ids=ids, finish_reason=fr, logprobs=[-0.5] * len(ids),
+                                   weight_version="7", e2e_latency=0.1, now=1.0,
+                                   decode=_decode_letters if case in ("text", "stop_str") else None)
     resp = api.GenerateResponse.from_json_value(obj)
     m = resp.meta_info
-    assert m.id == "r1" and m.weight_version == "7" and m.completion_tokens == len(ids) and m.prompt_tokens == 3
-    want = {"stop": api.FinishStop, "length": api.FinishLength, "abort": api.FinishAbort}[fr["type"]]
+    n_out = 2 if case == "stop_str" else len(ids)  # "fgc": the stop string "g" ends the output at token 2
+    assert m.id == "r1" and m.weight_version == "7" and m.completion_tokens == n_out and m.prompt_tokens == 3
+    kind = obj["meta_info"]["finish_reason"]["type"]
+    want = {"stop": api.FinishStop, "length": api.FinishLength, "abort": api.FinishAbort}[kind]
     assert isinstance(m.finish_reason, want)  # not the contract's untyped-dict fallback
-    if item.return_logprob:
+    if item.output.return_logprob:
         assert [e.token_id for e in m.output_token_logprobs] == ids
         assert m.output_token_logprobs_length == len(ids)
     if case == "text":
-        assert [e.text for e in m.output_token_logprobs] == ["a", "b", "c"]
+        assert [e.text for e in m.output_token_logprobs] == ["f", "g", "c"]
+        assert obj["text"] == "fg"  # the matched stop token is trimmed from the text
+    if case == "stop_str":
+        assert obj["meta_info"]["finish_reason"] == {"type": "stop", "matched": "g"} and obj["text"] == "f"
     if case == "prompt_ids":
         assert resp.prompt_token_ids == [1, 2, 3]
     assert ("text" in obj) == (case in ("text", "stop_str"))
@@ -173,6 +183,7 @@ def test_built_responses_decode_with_sglang_types(case):
 def test_sampling_keys_match_the_contract():
     assert protocol.SAMPLING_PARAM_KEYS == api._FIELDS_SamplingParams
     defaults = api.SamplingParams()
-    spec = protocol.parse_sampling_params("sampling_params", {}, vocab_size=10)
-    assert (spec.max_new_tokens, spec.temperature, spec.top_p, spec.top_k, spec.min_p) == (
-        defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.top_k, defaults.min_p)
+    req = protocol.parse_generate({"input_ids": [1]}, vocab_size=10, context_len=512).items[0].request
+    assert (req.max_new_tokens, req.temperature, req.top_p, req.min_p) == (
+        defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.min_p)
+    assert req.top_k == -1 and defaults.top_k == protocol.TOP_K_ALL  # both: the whole vocabulary

@@ -217,17 +217,18 @@ class Block(nnx.Module):
         x = x + self.attn(rms_norm(x, self.attn_norm[...], eps), cos, sin, key_valid)
         return x + self.mlp(rms_norm(x, self.mlp_norm[...], eps))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, layer, cache_index, visible):
-        """One layer on S new tokens: write their K/V into slots cache_index.. of layer `layer`."""
+    def decode(self, x, cos, sin, cache, cache_index, visible):
+        """One layer on S new tokens: their K/V go into slots cache_index.. of this layer's cache
+        {"k", "v"} ([B, KV, T, D] each), then attention over the cache. Returns (x, new cache)."""
         eps = self.cfg.rms_norm_eps
         q, k, v = self.attn.project(rms_norm(x, self.attn_norm[...], eps), cos, sin)
         zero = jnp.zeros((), jnp.int32)
-        at = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3)[None].astype(k_cache.dtype), at)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3)[None].astype(v_cache.dtype), at)
-        a = cached_attention(q, k_cache[layer].astype(q.dtype), v_cache[layer].astype(q.dtype), visible)
+        at = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+        kc = jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), at)
+        vc = jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), at)
+        a = cached_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), visible)
         x = x + self.attn.out(a)
-        return x + self.mlp(rms_norm(x, self.mlp_norm[...], eps)), k_cache, v_cache
+        return x + self.mlp(rms_norm(x, self.mlp_norm[...], eps)), {"k": kc, "v": vc}
 
 
 def default_position_ids(attention_mask: jax.Array) -> jax.Array:
@@ -307,40 +308,46 @@ class Decoder(nnx.Module):
         return self.logits_from_hidden(self._hidden_states(input_ids, attention_mask, position_ids))
 
     # ---------------------------------------------------------------- KV-cache decoding
-    def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
-        """Zeroed KV cache {"k", "v"}: [layers, B, KV heads, max_len, head_dim] each (compute dtype)."""
-        cfg = self.cfg
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        dt = as_dtype(dtype if dtype is not None else self.compute_dtype)
-        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> list[dict[str, jax.Array]]:
+        """Zeroed KV cache: one {"k", "v"} per layer, [B, KV heads, max_len, head_dim] each
+        (compute dtype).
 
-    def decode(self, input_ids: jax.Array, position_ids: jax.Array, cache: dict[str, jax.Array],
-               cache_index: Any, cache_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        One array per layer, not one [layers, ...] array: under jit the attention then reads each
+        layer's cache in place, where slicing a layer out of an updated stacked array makes XLA
+        copy it every decode step (docs/models.md). Treat the cache as an opaque pytree."""
+        cfg = self.cfg
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        dt = as_dtype(dtype if dtype is not None else self.compute_dtype)
+        return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_hidden_layers)]
+
+    def decode(self, input_ids: jax.Array, position_ids: jax.Array, cache: list[dict[str, jax.Array]],
+               cache_index: Any, cache_mask: jax.Array) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
         """Run S new tokens against the cache; returns (float32 logits [B, S, V], new cache).
 
         input_ids, position_ids [B, S]; their K/V go to slots cache_index .. cache_index+S-1
         (cache_index may be traced: all shapes are static, so this works under jit and in a
-        lax.fori_loop). cache_mask [B, T] bool marks the valid key slots, including the slots
+        lax.while_loop). cache_mask [B, T] bool marks the valid key slots, including the slots
         being written now (False for padding); new token s sees slot t iff cache_mask[b, t] and
-        t <= cache_index + s.
+        t <= cache_index + s. Under jit, logits nobody reads (a prefill's) are never computed.
         """
         return _compiled_unless_tracing(self, "_decode", input_ids, position_ids, cache, cache_index, cache_mask)
 
     def _decode(self, input_ids, position_ids, cache, cache_index, cache_mask):
         input_ids = jnp.asarray(input_ids)
         s = input_ids.shape[1]
-        k_cache, v_cache = cache["k"], cache["v"]
-        t = k_cache.shape[3]
+        t = cache[0]["k"].shape[2]
         cache_mask = jnp.asarray(cache_mask).astype(jnp.bool_)
         causal = jnp.arange(t)[None, :] <= (jnp.asarray(cache_index, jnp.int32) + jnp.arange(s))[:, None]
         visible = cache_mask[:, None, :] & causal[None]  # [B, S, T]
         cos, sin = rope_cos_sin(jnp.asarray(position_ids), self.cfg.inv_freq())
         x = self._constrain(self._embed(input_ids))
-        for i, layer in enumerate(self.layers):
-            x, k_cache, v_cache = layer.decode(x, cos, sin, k_cache, v_cache, i, cache_index, visible)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.decode(x, cos, sin, layer_cache, cache_index, visible)
+            new_cache.append(layer_cache)
             x = self._constrain(x)
         h = rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)
-        return self.logits_from_hidden(h), {"k": k_cache, "v": v_cache}
+        return self.logits_from_hidden(h), new_cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method"))

@@ -34,14 +34,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("gate_up", None),
     ("head_dim", None),
     ("norm", None),
-    # activations, data batches and the KV cache
+    # activations and data batches
     ("batch", "data"),
     ("length", None),
     ("act_embed", None),
-    ("layers", None),
-    ("cache_batch", "data"),
-    ("cache_kv_heads", "tensor"),
-    ("cache_length", None),
+    ("layers", None),  # a stacked-layer axis (none today): replicated
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
@@ -133,10 +130,3 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Put a host batch on the mesh, batch dim over "data"."""
     return jax.device_put(batch, batch_shardings(batch, mesh))
 
-
-CACHE_AXES = ("layers", "cache_batch", "cache_kv_heads", "cache_length", "head_dim")
-
-
-def cache_shardings(cache: Any, mesh: Mesh) -> Any:
-    """Shardings for a KV cache from ``Decoder.init_cache`` ([L, B, KV, T, D] arrays)."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, logical_to_spec(CACHE_AXES, tuple(x.shape), mesh)), cache)

@@ -2,60 +2,32 @@
 
 One ``jit`` per (batch, prompt, generation) bucket runs the whole generation: a batched prefill of
 the left-padded prompts, then a ``lax.while_loop`` of one-token KV-cache decode steps that exits
-as soon as every row has finished (no Python loop per token). The KV cache is preallocated for
-``prompt_bucket + gen_bucket`` slots in the decoder's ``[L, B, KV, T, D]`` layout.
+as soon as every row has finished (no Python loop per token). Both go through the model's own
+``Decoder.init_cache`` / ``Decoder.decode``; the token draw of each step is
+``sampling.sample_step`` (SGLang's sampling semantics, exact inverse-CDF draws).
 
-Sampling, per row, follows SGLang (``srt/layers/sampler.py``):
-
-* ``temperature < 1e-6`` is greedy (argmax); its returned log-prob is at temperature 1.
-* otherwise ``p = softmax(logits / T)``; ``top_k``, ``top_p`` and ``min_p`` cut ``p`` to a support
-  (thresholds on the un-renormalised ``p``, as SGLang's torch path) and the token is drawn from
-  ``p`` restricted to that support.
-* the log-prob returned "under the sampling distribution" is ``log_softmax(logits / T)`` over the
-  full vocabulary (before truncation), SGLang's default; ``logprobs_t1`` is ``log_softmax(logits)``.
-
-Draws are exact inverse-CDF samples with one uniform per row and step (``jax.random.categorical``
-draws a Gumbel per vocabulary entry and is ~15x slower on CPU). The uniform comes from the row's
-own key, ``fold_in(fold_in(fold_in(key(0), seed_hi), seed_lo), step)``, so a request's output
-depends only on its seed, its prompt and the weights, never on what else is in the batch.
-``top_k``/``top_p`` need an order statistic; sorting the vocabulary (and ``lax.top_k``) is very
-slow on CPU, so the threshold is found by an exact 32-step bisection on the float bit pattern,
-and only when some row in the step asks for it (``lax.cond``). Ties at the threshold are all kept.
+Each row's uniforms come from its own key, ``fold_in(fold_in(fold_in(key(0), seed_hi), seed_lo),
+step)``, so the *draw* depends only on the row's seed. What the row's logits are depends on the
+floating-point reductions of the forward pass, which XLA may order differently for another batch
+or prompt-bucket shape; see ``Sampler.generate`` for exactly what is guaranteed.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-GREEDY_EPS = 1e-6
-_BLOCK = 256  # inverse-CDF block size (two-level search: blocks, then inside one block)
-
-
-@dataclass(frozen=True)
-class SamplingRequest:
-    """One sequence to generate."""
-
-    input_ids: tuple[int, ...]
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1 or >= vocab: whole vocabulary
-    min_p: float = 0.0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False  # disables every token stop (EOS and stop_token_ids), as SGLang
-    seed: int | None = None  # None: a fresh random seed
-
-    def __post_init__(self):
-        object.__setattr__(self, "input_ids", tuple(int(t) for t in self.input_ids))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+from aepo_jax.models import load_pretrained
+from aepo_jax.rollout.protocol import SamplingRequest, check_request
+from aepo_jax.rollout.sampling import GREEDY_EPS, sample_step
 
 
 @dataclass
@@ -106,142 +78,11 @@ def split_seed(seed: int) -> tuple[int, int]:
     return s >> 32, s & 0xFFFFFFFF
 
 
-# --------------------------------------------------------------------------- jax pieces
+# --------------------------------------------------------------------------- the jitted generation
 
 
-def _layer_cache_decode(model, input_ids, position_ids, caches, cache_index, cache_mask):
-    """``Decoder.decode`` with one K/V array per layer instead of one [L, ...] array.
-
-    Same math, built from the decoder's own pieces (projection, attention, MLP, norms, RoPE);
-    the tests compare it with the learner's full forward. Per-layer arrays let the attention
-    read each layer's cache in place: slicing layer l out of the updated [L, B, KV, T, D] array
-    makes XLA copy it every step (8 copies of 2.4 MB per step for 4 layers at B=32, T=144).
-    caches: list of (k [B, KV, T, D], v [B, KV, T, D]); returns (logits [B, S, V] f32, caches).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from aepo_jax.models.decoder import cached_attention, rms_norm, rope_cos_sin
-
-    cfg = model.cfg
-    s = input_ids.shape[1]
-    t = caches[0][0].shape[2]
-    causal = jnp.arange(t)[None, :] <= (jnp.asarray(cache_index, jnp.int32) + jnp.arange(s))[:, None]
-    visible = cache_mask[:, None, :] & causal[None]
-    cos, sin = rope_cos_sin(position_ids, cfg.inv_freq())
-    x = model._embed(input_ids)
-    eps = cfg.rms_norm_eps
-    zero = jnp.zeros((), jnp.int32)
-    at = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-    out = []
-    for layer, (kc, vc) in zip(model.layers, caches):
-        q, k, v = layer.attn.project(rms_norm(x, layer.attn_norm[...], eps), cos, sin)
-        kc = jax.lax.dynamic_update_slice(kc, k.transpose(0, 2, 1, 3).astype(kc.dtype), at)
-        vc = jax.lax.dynamic_update_slice(vc, v.transpose(0, 2, 1, 3).astype(vc.dtype), at)
-        a = cached_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), visible)
-        x = x + layer.attn.out(a)
-        x = x + layer.mlp(rms_norm(x, layer.mlp_norm[...], eps))
-        out.append((kc, vc))
-    h = rms_norm(x, model.norm[...], eps)
-    return model.logits_from_hidden(h), out
-
-
-def _build_generate_fn(graphdef, vocab_size: int):
+def _build_generate_fn(graphdef):
     """The jitted whole-generation function; shapes (buckets) select the compiled version."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    V = vocab_size
-    nblk = -(-V // _BLOCK)
-    vpad = nblk * _BLOCK
-
-    def _bits(x):
-        return jax.lax.bitcast_convert_type(x, jnp.int32)
-
-    def _from_bits(b):
-        return jax.lax.bitcast_convert_type(b, jnp.float32)
-
-    def truncation_threshold(p, top_k, top_p):
-        """Largest t with count(p >= t) >= top_k OR mass(p >= t) >= top_p, exact (bit bisection).
-
-        p may be unnormalised (then top_p is the mass to reach, i.e. top_p * sum(p)).
-
-        The kept set {p >= t} is then top-k-set ∩ top-p-set (ties kept), as SGLang's
-        sort-based torch path up to ties."""
-        pmax = jnp.max(p, axis=-1)
-        lo = jnp.zeros(p.shape[0], jnp.int32)  # pred(0) holds: count = V >= k
-        hi = _bits(pmax) + 1  # pred(just above pmax) fails: count 0, mass 0
-
-        def body(_, lohi):
-            lo, hi = lohi
-            mid = lo + (hi - lo) // 2
-            t = _from_bits(mid)[:, None]
-            keep = p >= t
-            cnt = jnp.sum(keep, axis=-1, dtype=jnp.int32)
-            mass = jnp.sum(jnp.where(keep, p, 0.0), axis=-1)
-            ok = (cnt >= top_k) | (mass >= top_p)
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-        lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-        return _from_bits(lo)
-
-    def nearest_positive(q, idx):
-        """Index of q > 0 nearest to idx (at or below first, else above); idx when q[idx] > 0."""
-        n = q.shape[-1]
-        ar = jnp.arange(n)[None, :]
-        pos = q > 0
-        below = jnp.max(jnp.where(pos & (ar <= idx[:, None]), ar, -1), axis=-1)
-        above = jnp.min(jnp.where(pos & (ar >= idx[:, None]), ar, n), axis=-1)
-        return jnp.where(below >= 0, below, jnp.minimum(above, n - 1))
-
-    def inverse_cdf(q, u):
-        """Exact draw from q/sum(q) (q >= 0, [B, V]) with one uniform per row; two-level search."""
-        b = q.shape[0]
-        qp = jnp.pad(q, ((0, 0), (0, vpad - V))).reshape(b, nblk, _BLOCK)
-        bs = jnp.sum(qp, axis=-1)  # [B, nblk]
-        cbs = jnp.cumsum(bs, axis=-1)
-        target = u * cbs[:, -1]
-        blk = jnp.minimum(jnp.sum(cbs <= target[:, None], axis=-1), nblk - 1)
-        blk = nearest_positive(bs, blk)
-        base = jnp.take_along_axis(cbs - bs, blk[:, None], axis=-1)[:, 0]
-        qb = jnp.take_along_axis(qp, blk[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
-        cq = base[:, None] + jnp.cumsum(qb, axis=-1)
-        j = jnp.minimum(jnp.sum(cq <= target[:, None], axis=-1), _BLOCK - 1)
-        j = nearest_positive(qb, j)
-        return blk * _BLOCK + j
-
-    def sample_step(logits, temps, greedy, top_k, top_p, min_p, need_trunc, keys, step):
-        """logits [B, V] f32 -> (token, logprob at T, logprob at 1).
-
-        Few passes over [B, V] (this runs every decode step): one max, one pass for both
-        normalisers, one for the inverse-CDF block sums; argmax and the top-k/top-p bisection
-        only run when some row needs them."""
-        t = jnp.where(greedy, 1.0, temps)
-        m = jnp.max(logits, axis=-1, keepdims=True)
-        z = logits - m
-        zt = z / t[:, None]
-        et = jnp.exp(zt)  # unnormalised p; p = et / st, max(et) = 1
-        st = jnp.sum(et, axis=-1)
-        # the temperature-1 normaliser costs another exp pass, unless every row samples at T = 1
-        s1 = jax.lax.cond(jnp.all(t == 1.0), lambda: st, lambda: jnp.sum(jnp.exp(z), axis=-1))
-
-        def trunc_threshold():  # on the et scale itself: a rescaled threshold could miss a tie by rounding
-            return jnp.where(need_trunc, truncation_threshold(et, top_k, top_p * st), 0.0)
-
-        thr = jax.lax.cond(jnp.any(need_trunc & ~greedy), trunc_threshold,
-                           lambda: jnp.zeros(et.shape[0], jnp.float32))
-        thr = jnp.maximum(thr, min_p)  # min_p * max(p) on the et scale is min_p * 1
-        q = jnp.where(et >= thr[:, None], et, 0.0)
-        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (), jnp.float32))(keys)
-        sampled = inverse_cdf(q, u)
-        argmax = jax.lax.cond(jnp.any(greedy), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-                              lambda: jnp.zeros(logits.shape[0], jnp.int32))
-        tok = jnp.where(greedy, argmax, sampled).astype(jnp.int32)
-        zk = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0]
-        lp1 = zk - jnp.log(s1)
-        lpt = jnp.where(greedy, lp1, zk / t - jnp.log(st))
-        return tok, lpt, lp1
 
     def generate(state, prompt_ids, prompt_mask, temps, top_p, top_k, min_p, max_new, stop_ids,
                  seed_hi, seed_lo, gen_len):
@@ -249,18 +90,17 @@ def _build_generate_fn(graphdef, vocab_size: int):
         b, plen = prompt_ids.shape
         tlen = plen + gen_len
         greedy = temps < GREEDY_EPS
-        need_trunc = (top_k < V) | (top_p < 1.0)
+        need_trunc = (top_k < model.cfg.vocab_size) | (top_p < 1.0)
         keys = jax.vmap(lambda h, l: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), h), l))(seed_hi, seed_lo)
         lengths = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
         pos = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
-        full = model.init_cache(b, tlen)  # the decoder's dtype and layout, split per layer
-        cache = [(full["k"][i], full["v"][i]) for i in range(full["k"].shape[0])]
+        cache = model.init_cache(b, tlen)
         cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, gen_len), jnp.bool_)], axis=1)
         # Prefill all but the last prompt token without using their logits (XLA drops the LM
         # head for them: [B, P, V] logits would be GBs at a 150k vocabulary), then the last one.
         if plen > 1:
-            _, cache = _layer_cache_decode(model, prompt_ids[:, :-1], pos[:, :-1], cache, 0, cache_mask)
-        logits, cache = _layer_cache_decode(model, prompt_ids[:, -1:], pos[:, -1:], cache, plen - 1, cache_mask)
+            _, cache = model.decode(prompt_ids[:, :-1], pos[:, :-1], cache, 0, cache_mask)
+        logits, cache = model.decode(prompt_ids[:, -1:], pos[:, -1:], cache, plen - 1, cache_mask)
         logits = logits[:, 0]
 
         out_tok = jnp.zeros((b, gen_len), jnp.int32)
@@ -287,7 +127,7 @@ def _build_generate_fn(graphdef, vocab_size: int):
             done = done | hit | (n_gen >= max_new)
             slot = plen + i
             cache_mask = cache_mask.at[:, slot].set(True)
-            logits, cache = _layer_cache_decode(model, tok[:, None], (lengths + i)[:, None], cache, slot, cache_mask)
+            logits, cache = model.decode(tok[:, None], (lengths + i)[:, None], cache, slot, cache_mask)
             return (i + 1, logits[:, 0], cache, cache_mask, out_tok, out_lpt, out_lp1, done, stopped, n_gen)
 
         c = (jnp.int32(0), logits, cache, cache_mask, out_tok, out_lpt, out_lp1, done, stopped, n_gen)
@@ -318,8 +158,6 @@ class Sampler:
 
     def __init__(self, model, *, eos_token_ids: Sequence[int] = (), context_len: int | None = None,
                  config: SamplerConfig | None = None, dtype: Any = None, model_path: str | None = None):
-        from flax import nnx
-
         self.cfg = model.cfg
         self.vocab_size = int(self.cfg.vocab_size)
         self.context_len = int(context_len or self.cfg.max_position_embeddings)
@@ -330,8 +168,7 @@ class Sampler:
         self.mesh = None  # new weights are loaded onto this mesh (from_pretrained's)
         self._graphdef, state = nnx.split(model)
         self._weights = (state, "default")  # replaced atomically as one tuple
-        self._fn = _build_generate_fn(self._graphdef, self.vocab_size)
-        self._seed_lock = threading.Lock()
+        self._fn = _build_generate_fn(self._graphdef)
         c = self.config
         self._pb = c.prompt_buckets or tuple(_pow2_buckets(16, self.context_len))
         self._gb = c.gen_buckets or tuple(_pow2_buckets(16, self.context_len))
@@ -339,8 +176,6 @@ class Sampler:
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: Any = "float32", mesh: Any = None,
                         config: SamplerConfig | None = None, context_len: int | None = None) -> "Sampler":
-        from aepo_jax.models import load_pretrained
-
         model = load_pretrained(path, dtype=dtype, mesh=mesh)
         s = cls(model, eos_token_ids=read_eos_token_ids(path), context_len=context_len,
                 config=config, dtype=dtype, model_path=path)
@@ -350,8 +185,6 @@ class Sampler:
     # ---------------------------------------------------------------- weights
     def model(self):
         """The served weights as a Decoder (the learner's layout), e.g. for a reference forward."""
-        from flax import nnx
-
         return nnx.merge(self._graphdef, self._weights[0])
 
     @property
@@ -366,11 +199,6 @@ class Sampler:
 
         Raises ValueError naming the first parameter whose shape or dtype differs; the current
         weights stay in place on any failure."""
-        import jax
-        from flax import nnx
-
-        from aepo_jax.models import load_pretrained
-
         model = load_pretrained(path, dtype=self.dtype, mesh=mesh if mesh is not None else self.mesh)
         _, new_state = nnx.split(model)
         old_state = self._weights[0]
@@ -422,24 +250,10 @@ class Sampler:
         return results  # type: ignore[return-value]
 
     def _check(self, i: int, r: SamplingRequest) -> None:
-        if not r.input_ids:
-            raise ValueError(f"request {i}: input_ids is empty")
-        bad = [t for t in r.input_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"request {i}: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
-        if r.max_new_tokens < 0:
-            raise ValueError(f"request {i}: max_new_tokens must be >= 0, got {r.max_new_tokens}")
-        if len(r.input_ids) + r.max_new_tokens > self.context_len:
-            raise ValueError(f"request {i}: prompt ({len(r.input_ids)}) + max_new_tokens "
-                             f"({r.max_new_tokens}) exceeds the context length {self.context_len}")
-        if not (math.isfinite(r.temperature) and r.temperature >= 0):
-            raise ValueError(f"request {i}: temperature must be finite and >= 0, got {r.temperature}")
-        if not 0 < r.top_p <= 1:
-            raise ValueError(f"request {i}: top_p must be in (0, 1], got {r.top_p}")
-        if not 0 <= r.min_p <= 1:
-            raise ValueError(f"request {i}: min_p must be in [0, 1], got {r.min_p}")
-        if r.top_k == 0 or r.top_k < -1:
-            raise ValueError(f"request {i}: top_k must be -1 or >= 1, got {r.top_k}")
+        try:
+            check_request(r, self.vocab_size, self.context_len)
+        except ValueError as e:
+            raise ValueError(f"request {i}: {e}") from None
 
     def _run_chunk(self, state, reqs: list[SamplingRequest], seeds: list[int]) -> list[SampleResult]:
         c = self.config
