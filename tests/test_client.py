@@ -309,6 +309,29 @@ def test_stopped_only_server_fails_the_call_within_seconds(servers):
     _wait_healthy(victim.url)
 
 
+def test_stopped_then_resumed_server_completes_the_call(servers, caplog):
+    """The only server is stopped, then resumed a few seconds into the call (as a restarted or
+    briefly frozen server comes back): the call retries it and returns every sample."""
+    victim = servers[0]
+
+    async def go():
+        async with _client(victim.url, max_retries=6, backoff_s=0.5, **FAST_HEALTH) as c:
+            task = asyncio.create_task(c.generate(PROMPTS[:4], n=2, sampling_params=SP, seed=11))
+            await asyncio.sleep(5.0)  # long enough for the health check to give up on it (~2.6 s)
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            return await task
+
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    try:
+        with caplog.at_level("WARNING", logger="aepo_jax.rollout.client"):
+            got = run(go())
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+    assert "stopped answering its health check" in caplog.text  # it was given up on, then retried
+    assert [len(row) for row in got] == [2] * 4
+    assert all(len(s.output_ids) == 10 for row in got for s in row)
+
+
 def test_call_deadline_cancels_a_slow_healthy_server():
     """A server that answers /health but never finishes /generate: the call ends at its deadline
     (config or per call) with an error naming it, not after timeout_s x retries."""
