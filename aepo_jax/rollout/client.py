@@ -400,7 +400,8 @@ class RolloutClient:
                     self._not_before[url] = time.monotonic() + retry_after
                 log.warning("%s: %s on %s answered %s; retrying", what, path, url, status)
             if failures > cfg.max_retries:
-                raise give_up(f"failed after {failures + throttled} attempts")
+                tries = failures + throttled
+                raise give_up(f"failed after {tries} attempt{'s' if tries != 1 else ''}")
             delay = min(cfg.backoff_s * 2.0 ** min(failures + throttled - 1, 30), cfg.max_backoff_s)
             if delay >= remaining():
                 raise give_up(f"not done within {deadline}")
