@@ -186,7 +186,10 @@ BAD = [
     ({"input_ids": [[1], [2]], "sampling_params": [{}, {}, {}]}, "sampling_params"),
     ({"input_ids": [[1], [2]], "rid": ["a", "a"]}, "Duplicate request IDs"),
     ({"input_ids": [1, 2], "sampling_params": {"frequency_penalty": 0.5}}, "frequency_penalty"),
-    ({"input_ids": [1, 2], "top_logprobs_num": 3}, "top_logprobs_num"),
+    ({"input_ids": [1, 2], "return_logprob": True, "top_logprobs_num": -1}, "top_logprobs_num"),
+    ({"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 3}, "logprob_start_len"),
+    ({"input_ids": [1, 2], "return_logprob": True, "token_ids_logprob": [VOCAB]}, "token_ids_logprob[0]"),
+    ({"input_ids": [1, 2], "sampling_params": {"stop_regex": ["a+"]}}, "stop_regex"),
     ([1, 2, 3], "expected struct GenerateRequest"),
 ]
 

@@ -128,7 +128,7 @@ class RolloutServer:
     def _decode(self, ids: list[int], skip_special: bool) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
-    def _result(self, p, outcome) -> dict:
+    def _result(self, p, outcome, extras=None) -> dict:
         """The response object of one sequence: its sampler result, or an abort."""
         now = time.time()
         item = p.item
@@ -142,10 +142,25 @@ class RolloutServer:
         lps = r.logprobs_t1 if self.return_original_logprob else r.logprobs
         return responses.build_response(item, output_ids=r.output_ids, finish_reason=r.finish_reason,
                                         logprobs=lps, weight_version=version, e2e_latency=now - p.t0,
-                                        now=now, decode=decode)
+                                        now=now, decode=decode, extras=extras)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        body = parse_json(await request.read())
+        parsed, objs = await self.run_generate(parse_json(await request.read()))
+        if parsed.stream:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for i, o in enumerate(objs):
+                if not parsed.is_single:
+                    o = {**o, "index": i}
+                await resp.write(b"data: " + json.dumps(o, allow_nan=False).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        return _json(objs[0] if parsed.is_single else objs)
+
+    async def run_generate(self, body: Any) -> tuple[protocol.ParsedGenerate, list[dict]]:
+        """A ``/generate`` body -> (parsed, result objects): the path that ``/generate`` and the
+        OpenAI routes share. Raises ``RequestError``."""
         self._require_ready()
         tok = self.tokenizer
         parsed = protocol.parse_generate(body, vocab_size=self.sampler.vocab_size,
@@ -166,21 +181,44 @@ class RolloutServer:
                 raise
             finally:
                 sched.release(pend)
-            objs = [self._result(p, o) for p, o in zip(pend, outs)]
+            # still under the read lock: the scoring forward sees the weights that generated
+            extras = await self._extra_logprobs(parsed.items, outs)
+            objs = [self._result(p, o, x) for p, o, x in zip(pend, outs, extras)]
         finally:
             await sched.lock.release_read()
+        return parsed, objs
 
-        if parsed.stream:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            for i, o in enumerate(objs):
-                if not parsed.is_single:
-                    o = {**o, "index": i}
-                await resp.write(b"data: " + json.dumps(o, allow_nan=False).encode() + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
-        return _json(objs[0] if parsed.is_single else objs)
+    async def _extra_logprobs(self, items, outs) -> list:
+        """Input, top-k and token-id log-probs (``extra_logprobs``) of the items that ask for them."""
+        from aepo_jax.rollout import extra_logprobs
+        from aepo_jax.rollout.sampling import GREEDY_EPS
+
+        reqs = []
+        for it, o in zip(items, outs):
+            if o is None or not it.wants_extra_logprobs:
+                reqs.append(None)
+                continue
+            r, opt = it.request, it.output
+            t_out = 1.0 if (self.return_original_logprob or r.temperature < GREEDY_EPS) else r.temperature
+            reqs.append(extra_logprobs.LogprobRequest(
+                r.input_ids, tuple(o[0].output_ids), start=opt.logprob_start_len, top_k=opt.top_logprobs_num,
+                token_ids=opt.token_ids_logprob, out_temperature=t_out))
+        if all(x is None for x in reqs):
+            return reqs
+        model = self.sampler.model()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, extra_logprobs.compute_many, model, reqs)
+
+    def openai_backend(self):
+        """What the OpenAI routes (``openai_api``) read from this server."""
+        from aepo_jax.rollout.openai_api import Backend
+
+        async def generate(body):
+            return (await self.run_generate(body))[1]
+
+        return Backend(generate=generate, tokenizer=lambda: self.tokenizer,
+                       model_name=lambda: self.args.served_model_name or self.args.model_path,
+                       context_len=lambda: self.sampler.context_len, model_dir=lambda: self.args.model_path,
+                       ready=lambda: self.status == "ready")
 
     # ------------------------------------------------------------------ health and info
     async def health(self, request: web.Request) -> web.Response:
@@ -344,6 +382,9 @@ def make_app(server: RolloutServer) -> web.Application:
     r.add_post("/abort_request", server.abort_request)
     r.add_post("/pause_generation", server.pause_generation)
     r.add_post("/continue_generation", server.continue_generation)
+    from aepo_jax.rollout.openai_api import add_openai_routes
+
+    add_openai_routes(app, server.openai_backend())  # /v1/models, /v1/completions, /v1/chat/completions
     app.on_startup.append(server.startup)
     app.on_cleanup.append(server.cleanup)
     return app

@@ -8,7 +8,7 @@ runs the same function on its own callers' requests.
 
 Top-level keys that are not fields of SGLang's ``GenerateReqInput`` are refused (SGLang's own
 clients only send its fields). Features SGLang has but the embedded CPU server does not
-(penalties, grammars, logit_bias, top logprobs, images, LoRA, ...) are refused with a 400 that
+(penalties, grammars, logit_bias, images, LoRA, ...) are refused with a 400 that
 names the field unless their value is neutral (null, empty, false, or SGLang's default), never
 silently ignored.
 """
@@ -29,7 +29,7 @@ from aepo_jax.rollout.contract import (  # noqa: F401  (SAMPLING_PARAM_KEYS, Req
 # on the output of one engine), accepted with any value. Every other field must be neutral.
 _TOP_LEVEL_READ = frozenset(("text", "input_ids", "sampling_params", "rid", "return_logprob",
                              "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs",
-                             "stream", "return_prompt_token_ids"))
+                             "stream", "return_prompt_token_ids", "token_ids_logprob"))
 _TOP_LEVEL_METADATA = frozenset(("log_metrics", "no_logs", "priority", "routing_key", "routed_dp_rank",
                                  "data_parallel_rank", "extra_key", "cache_salt", "custom_labels",
                                  "conversation_id", "received_time", "http_worker_ipc",
@@ -122,6 +122,9 @@ class OutputOptions:
     return_logprob: bool = False
     return_text_in_logprobs: bool = False
     return_prompt_token_ids: bool = False
+    logprob_start_len: int = -1  # >= 0: input_token_logprobs from this prompt position on
+    top_logprobs_num: int = 0
+    token_ids_logprob: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -131,6 +134,13 @@ class GenerateItem:
     rid: str
     request: SamplingRequest  # seed None: the server draws one
     output: OutputOptions = field(default_factory=OutputOptions)
+
+    @property
+    def wants_extra_logprobs(self) -> bool:
+        """Needs a scoring forward beyond the sampler's own log-probs (``extra_logprobs``)."""
+        o = self.output
+        return o.return_logprob and (0 <= o.logprob_start_len < len(self.request.input_ids)
+                                     or o.top_logprobs_num > 0 or o.token_ids_logprob is not None)
 
 
 @dataclass
@@ -234,9 +244,19 @@ def parse_generate(body: Any, *, vocab_size: int, context_len: int, tokenize=Non
     return_logprob = body.get("return_logprob")
     if return_logprob is not None:
         return_logprob = bool_or_list("return_logprob", return_logprob)
-    for name in ("logprob_start_len", "top_logprobs_num"):
-        if body.get(name) is not None:
-            int_or_list(name, body[name])
+    lsl_raw = body.get("logprob_start_len")
+    lsl_raw = None if lsl_raw is None else int_or_list("logprob_start_len", lsl_raw)
+    tln_raw = body.get("top_logprobs_num")
+    tln_raw = None if tln_raw is None else int_or_list("top_logprobs_num", tln_raw)
+    til_raw, til_nested = body.get("token_ids_logprob"), False  # nested: one list of ids per prompt
+    if til_raw is not None:
+        if not isinstance(til_raw, list):
+            raise type_error("token_ids_logprob", til_raw, "a value or an array of values for TokenIdsOrList")
+        if til_raw and (isinstance(til_raw[0], list) or til_raw[0] is None):
+            til_nested = True
+            til_raw = [None if e is None else token_ids(f"token_ids_logprob[{i}]", e) for i, e in enumerate(til_raw)]
+        else:
+            til_raw = token_ids("token_ids_logprob", til_raw)
     stream = bool(body.get("stream") is not None and check_bool("stream", body["stream"]))
     rtil = bool(body.get("return_text_in_logprobs") is not None
                 and check_bool("return_text_in_logprobs", body["return_text_in_logprobs"]))
@@ -248,10 +268,6 @@ def parse_generate(body: Any, *, vocab_size: int, context_len: int, tokenize=Non
             raise value_error(f"{name}: unknown field (not in SGLang's GenerateReqInput).")
         if name not in _TOP_LEVEL_READ and name not in _TOP_LEVEL_METADATA and not _neutral(value, _TOP_LEVEL_DEFAULTS.get(name)):
             raise value_error(f"{name}: not supported by the aepo-jax embedded server.")
-    for name, default in (("logprob_start_len", -1), ("top_logprobs_num", 0)):
-        v = body.get(name)
-        if v is not None and any(x != default for x in (v if isinstance(v, list) else [v])):
-            raise value_error(f"{name}: only the default ({default}) is supported by the aepo-jax embedded server.")
     prompts, is_single = _prompts(body, tokenize)
     batch = len(prompts)
 
@@ -275,6 +291,23 @@ def parse_generate(body: Any, *, vocab_size: int, context_len: int, tokenize=Non
                           f"{limits.max_rows} per request (--max-rows-per-request).")
 
     rlp = _per_item("return_logprob", return_logprob, batch, False)
+    lsl = _per_item("logprob_start_len", lsl_raw, batch, -1)
+    tln = _per_item("top_logprobs_num", tln_raw, batch, 0)
+    til = _per_item("token_ids_logprob", til_raw, batch, None) if til_nested else [til_raw] * batch
+    for i in range(batch):
+        at = "" if is_single else f"[{i}]"
+        if lsl[i] < -1:
+            raise value_error(f"logprob_start_len{at}: must be -1 (no input log-probs) or >= 0, got {lsl[i]}.")
+        if rlp[i] and lsl[i] > len(prompts[i]):  # SGLang's scheduler message
+            raise value_error(f"logprob_start_len{at}: req.logprob_start_len={lsl[i]} is higher than the number of "
+                              f"input tokens len(req.origin_input_ids)={len(prompts[i])}. Please use a smaller "
+                              "logprob_start_len.")
+        if not 0 <= tln[i] <= vocab_size:
+            raise value_error(f"top_logprobs_num{at}: must be in [0, {vocab_size}] (the vocabulary), got {tln[i]}.")
+        for j, t in enumerate(til[i] or ()):
+            if not 0 <= t < vocab_size:
+                raise value_error(f"token_ids_logprob{at}[{j}]: token id {t} is outside the vocabulary "
+                                  f"[0, {vocab_size}).")
     rids = None  # None: a fresh uuid per sequence (SGLang regenerates them when n > 1)
     if isinstance(rid, list) and n == 1:
         rids = _per_item("rid", rid, batch, None)
@@ -302,7 +335,9 @@ def parse_generate(body: Any, *, vocab_size: int, context_len: int, tokenize=Non
                               "use stop_token_ids.")
         out = OutputOptions(stop=tuple(kw["stop"]), skip_special_tokens=kw.get("skip_special_tokens", True),
                             no_stop_trim=kw.get("no_stop_trim", False), return_logprob=bool(rlp[i]),
-                            return_text_in_logprobs=rtil, return_prompt_token_ids=rpti)
+                            return_text_in_logprobs=rtil, return_prompt_token_ids=rpti,
+                            logprob_start_len=lsl[i], top_logprobs_num=tln[i],
+                            token_ids_logprob=None if til[i] is None else tuple(til[i]))
         seed = kw.get("sampling_seed")
         for j in range(n):
             r = rids[i] if rids is not None else uuid.uuid4().hex

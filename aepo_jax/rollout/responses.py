@@ -50,15 +50,18 @@ def _finite(x: float) -> float | None:
 
 
 def build_response(item: GenerateItem, *, output_ids: list[int], finish_reason: dict, logprobs: list[float],
-                   weight_version: str, e2e_latency: float, now: float, decode: Decode | None = None) -> dict:
+                   weight_version: str, e2e_latency: float, now: float, decode: Decode | None = None,
+                   extras: Any = None) -> dict:
     """One ``/generate`` result object, keys in SGLang's order. ``decode=None`` (no tokenizer)
-    omits ``text``, as SGLang's ``--skip-tokenizer-init``."""
+    omits ``text``, as SGLang's ``--skip-tokenizer-init``. ``extras``: the sequence's
+    ``extra_logprobs.LogprobExtras`` (input, top-k and token-id log-probs), or None."""
     opt = item.output
     text = token_texts = None
     if decode is not None:
         k, matched = cut_at_stop_string(output_ids, opt.stop, opt.skip_special_tokens, decode)
         if matched is not None:
             output_ids, logprobs = output_ids[:k], logprobs[:k]
+            extras = extras.truncated(k) if extras is not None else None
             finish_reason = {"type": "stop", "matched": matched}
         shown = output_ids
         if finish_reason.get("type") == "stop" and not opt.no_stop_trim and matched is None and output_ids:
@@ -77,6 +80,9 @@ def build_response(item: GenerateItem, *, output_ids: list[int], finish_reason: 
         meta["input_token_logprobs"] = []
         meta["output_token_logprobs"] = [[_finite(lp), int(t), s] for lp, t, s in zip(logprobs, output_ids, tt)]
         meta["output_token_logprobs_length"] = len(output_ids)
+        if extras is not None:
+            text_of = (lambda t: decode([t], False)) if (decode is not None and opt.return_text_in_logprobs) else None
+            meta.update(_extras_fields(opt, extras, text_of))
     meta["reasoning_tokens"] = 0
     meta["completion_tokens"] = len(output_ids)
     meta["cached_tokens"] = 0
@@ -89,6 +95,25 @@ def build_response(item: GenerateItem, *, output_ids: list[int], finish_reason: 
     out["meta_info"] = meta
     if opt.return_prompt_token_ids:
         out["prompt_token_ids"] = list(item.request.input_ids)
+    return out
+
+
+def _extras_fields(opt, extras, text_of) -> dict:
+    """SGLang's input/top/token-id log-prob fields: ``[logprob, token_id, text-or-null]`` entries;
+    a row of top/token-id entries is ``null`` where SGLang has none (the first prompt position)."""
+    def entry(e):
+        return [None if e[0] is None else _finite(e[0]), int(e[1]), text_of(e[1]) if text_of else None]
+
+    def rows(rs):
+        return [None if r is None else [entry(e) for e in r] for r in rs]
+
+    out: dict[str, Any] = {"input_token_logprobs": [entry(e) for e in extras.input_token_logprobs]}
+    if opt.top_logprobs_num > 0:
+        out["input_top_logprobs"] = rows(extras.input_top_logprobs)
+        out["output_top_logprobs"] = rows(extras.output_top_logprobs)
+    if opt.token_ids_logprob is not None:
+        out["input_token_ids_logprobs"] = rows(extras.input_token_ids_logprobs)
+        out["output_token_ids_logprobs"] = rows(extras.output_token_ids_logprobs)
     return out
 
 
