@@ -207,6 +207,9 @@ def test_native_input_logprobs_layout(server, learner):
     out = native(server, {"input_ids": prompt, "return_logprob": True, "logprob_start_len": 1,
                           "top_logprobs_num": 3, "token_ids_logprob": [5, 7], "return_text_in_logprobs": True,
                           "sampling_params": {"max_new_tokens": 4, "temperature": 0.7, "sampling_seed": 11}})
+    from aepo_jax.rollout.testing import load_sglang_api_types
+
+    load_sglang_api_types().GenerateResponse.from_json_value(out)  # SGLang's own response schema
     meta = out["meta_info"]
     inp = meta["input_token_logprobs"]
     assert [e[1] for e in inp] == prompt[1:] and inp[0][0] is None
@@ -335,3 +338,44 @@ def test_native_accepts_the_neutral_values_sglang_clients_send():
             protocol.parse_generate({**body, "sampling_params": {**neutral, key: bad}}, vocab_size=VOCAB,
                                     context_len=64)
         assert key in json.dumps(ei.value.body)
+
+
+@pytest.mark.slow
+def test_original_logprob_env_gives_t1_output_rows(model_dir, learner, tmp_path):
+    """SGLANG_RETURN_ORIGINAL_LOGPROB=1: output log-probs (sampled, top-k, token ids, OpenAI chat) at
+    T = 1 whatever the sampling temperature; prompt rows are at T = 1 either way."""
+    import openai
+
+    from aepo_jax.rollout.launch import launch_server
+
+    model, tok = learner
+    with launch_server(model_dir, extra_args=SERVER_ARGS, env={"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"},
+                       log_path=str(tmp_path / "server.log"), wait_s=240) as sp:
+        prompt = tok.encode("hello server")
+        out = native(sp, {"input_ids": prompt, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 1,
+                          "token_ids_logprob": [9],
+                          "sampling_params": {"max_new_tokens": 6, "temperature": 1.5, "sampling_seed": 2}})
+        meta, ids = out["meta_info"], out["output_ids"]
+        want = learner_logprobs(model, prompt, ids, 1.0)
+        np.testing.assert_allclose([e[0] for e in meta["output_token_logprobs"]], want, atol=1e-4)
+        full = learner_logprobs(model, prompt[:1], prompt[1:] + ids, 1.0)
+        np.testing.assert_allclose([e[0] for e in meta["input_token_logprobs"][1:]], full[:len(prompt) - 1], atol=1e-4)
+        row9 = [r[0][0] for r in meta["output_token_ids_logprobs"]]
+        assert all(r[0][1] == 9 for r in meta["output_token_ids_logprobs"])
+        import jax
+
+        logits = np.asarray(model(padded(prompt + ids))[0], np.float64)
+        lsm = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        pos = range(len(prompt) - 1, len(prompt) + len(ids) - 1)
+        np.testing.assert_allclose(row9, [lsm[p, 9] for p in pos], atol=1e-4)
+        np.testing.assert_allclose([r[0][0] for r in meta["output_top_logprobs"]], [lsm[p].max() for p in pos],
+                                   atol=1e-4)
+        client = openai.OpenAI(base_url=sp.url + "/v1", api_key="unused")
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                           temperature=1.5, seed=4, logprobs=True)
+        chat_prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                         add_generation_prompt=True), add_special_tokens=False)
+        ref = native(sp, {"input_ids": chat_prompt, "sampling_params": {"max_new_tokens": 5, "temperature": 1.5,
+                                                                         "sampling_seed": 4}})
+        np.testing.assert_allclose([t.logprob for t in r.choices[0].logprobs.content],
+                                   learner_logprobs(model, chat_prompt, ref["output_ids"], 1.0), atol=1e-4)
