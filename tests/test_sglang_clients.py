@@ -331,7 +331,7 @@ def test_native_accepts_the_neutral_values_sglang_clients_send():
             "top_logprobs_num": None, "token_ids_logprob": None, "return_text_in_logprobs": None,
             "lora_path": None, "image_data": None, "return_hidden_states": False, "stream": False}
     parsed = protocol.parse_generate(body, vocab_size=VOCAB, context_len=64)
-    assert parsed.items[0].sampling.max_new_tokens == 4
+    assert parsed.items[0].request.max_new_tokens == 4
     for key, bad in (("stop_regex", ["x"]), ("custom_params", {"a": 1}), ("logit_bias", {"1": 2.0}),
                      ("min_new_tokens", 2), ("regex", "a+")):
         with pytest.raises(protocol.RequestError) as ei:
