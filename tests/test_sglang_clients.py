@@ -161,10 +161,8 @@ def test_frontend_fork_and_select(frontend, learner):
         forks.join()
         s += sgl.select("pick", choices=[" 42", " fox", " hello world"])
 
-    state = program.run(backend=backend)
+    state = program.run(backend=backend)  # fork + join, then select on the joined state
     assert state["pick"] in (" 42", " fox", " hello world")
-    # greedy forks agree with each other
-    # (fork states are joined into the parent; their variables are read through the fork list)
     meta = state.get_meta_info("pick")
     prompt = tok.encode("the answer is")
     start = max(len(prompt) - 2, 0)  # the frontend asks from two tokens before the choice (token healing)
@@ -255,6 +253,16 @@ def test_openai_completion_matches_native_and_learner(oai, server, learner, mode
         want = learner_logprobs(model, tok.encode("hello world"), o["output_ids"], 0.9)
         np.testing.assert_allclose(c.logprobs.token_logprobs, want, atol=1e-4)
         assert len(c.logprobs.top_logprobs) == len(want) and all(len(d) <= 2 for d in c.logprobs.top_logprobs)
+
+    # echo with logprobs: the prompt's own log-probs (input_token_logprobs) come first, the first is None
+    re = oai.completions.create(model=model_dir, prompt="hello world", max_tokens=2, temperature=0.0, logprobs=1,
+                                echo=True)
+    e, prompt = re.choices[0], tok.encode("hello world")
+    assert e.text.startswith("hello world") and e.logprobs.token_logprobs[0] is None
+    assert e.logprobs.top_logprobs[0] is None
+    assert len(e.logprobs.tokens) == len(prompt) + re.usage.completion_tokens
+    np.testing.assert_allclose(e.logprobs.token_logprobs[1:len(prompt)], learner_logprobs(model, prompt[:1], prompt[1:]),
+                               atol=1e-4)
 
     chunks = list(oai.completions.create(model=model_dir, prompt="hello world", max_tokens=8, temperature=0.9,
                                          seed=7, n=2, stream=True, stream_options={"include_usage": True}))
