@@ -387,3 +387,53 @@ def test_original_logprob_env_gives_t1_output_rows(model_dir, learner, tmp_path)
                                                                          "sampling_seed": 4}})
         np.testing.assert_allclose([t.logprob for t in r.choices[0].logprobs.content],
                                    learner_logprobs(model, chat_prompt, ref["output_ids"], 1.0), atol=1e-4)
+
+
+CHAT_BAD = [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                {"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[1]"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "a"}], "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "a"}], "n": 0}, "n"),
+    ({"messages": [{"role": "user", "content": "a"}], "seed": "1"}, "seed"),
+    ({"messages": [{"role": "user", "content": "a"}], "continue_final_message": True}, "continue_final_message"),
+    ({"messages": [{"role": "user", "content": "a"}], "temperature": None, "presence_penalty": 1.0},
+     "presence_penalty"),
+]
+
+
+@pytest.mark.parametrize("body,field", CHAT_BAD, ids=[f for _, f in CHAT_BAD])
+def test_chat_validation_names_the_field(learner, body, field):
+    from aepo_jax.rollout.openai_api import OpenAIError, translate_chat
+
+    with pytest.raises(OpenAIError) as ei:
+        translate_chat(body, learner[1], 512, {})
+    assert ei.value.status == 400 and ei.value.body["param"] == field and field in ei.value.body["message"]
+    assert set(ei.value.body) == {"object", "message", "type", "param", "code"}
+
+
+def test_chat_translation_neutral_values_and_defaults(learner):
+    from aepo_jax.rollout.openai_api import translate_chat
+
+    tok = learner[1]
+    body = {"messages": [{"role": "system", "content": "s"},
+                         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "tools": [], "tool_choice": "none", "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
+            "user": "u", "max_tokens": 5, "stop": "x", "seed": 9, "n": 2}
+    tr = translate_chat(body, tok, 512, {"temperature": 0.7, "top_k": 20})
+    sp = tr.native["sampling_params"]
+    assert (sp["temperature"], sp["top_k"], sp["max_new_tokens"], sp["stop"], sp["sampling_seed"], sp["n"]) == \
+        (0.7, 20, 5, ["x"], 9, 2)
+    text = tok.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "ab"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert tr.native["input_ids"] == tok.encode(text, add_special_tokens=False)
+    # without max_tokens: up to the context length, as SGLang
+    body = {"messages": [{"role": "user", "content": "a"}], "temperature": 0.2}
+    tr = translate_chat(body, tok, 512, {"temperature": 0.7})
+    assert tr.native["sampling_params"]["temperature"] == 0.2
+    assert tr.native["sampling_params"]["max_new_tokens"] == 512 - len(tr.native["input_ids"])
