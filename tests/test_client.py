@@ -121,6 +121,9 @@ def test_bad_request_is_not_retried(servers):
         _client(servers[0].url).build_generate_bodies(PROMPTS[:1], sampling_params={"max_tokens": 3})
     with pytest.raises(ValueError, match="seeds"):
         _client(servers[0].url).build_generate_bodies(PROMPTS[:2], n=2, seeds=[[1, 2]])
+    for sp, temp in (({}, float("nan")), ({"top_p": float("inf")}, None)):
+        with pytest.raises(ValueError, match="temperature|top_p"):
+            _client(servers[0].url).build_generate_bodies(PROMPTS[:1], sampling_params=sp, temperature=temp)
 
 
 def test_wait_healthy_deadline_names_the_server():

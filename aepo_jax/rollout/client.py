@@ -453,6 +453,9 @@ class RolloutClient:
             raise ValueError("sampling_params: pass n= and seeds/seed= to generate(), not 'n'/'sampling_seed'")
         if temperature is not None:
             sp["temperature"] = float(temperature)
+        for k, v in sp.items():  # JSON has no NaN/inf: a server would get an invalid body, and blame
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"sampling_params: {k} must be a finite number, got {v!r}")
         prompts = [list(map(int, p)) for p in prompt_ids]
         for i, p in enumerate(prompts):
             if not p:
