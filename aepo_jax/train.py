@@ -381,19 +381,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _extras(self) -> dict:
-        return {"data": self.pipeline.get_state(), "controller": self.controller.to_dict(),
-                "num_updates": self.num_updates}
+        return {"controller": self.controller.to_dict(), "num_updates": self.num_updates}
 
     def _restore(self, ckpt) -> None:
         from aepo_jax.entropy_control import EntropyController
 
-        step = ckpt.latest_step()
-        if step is None or not self.cfg.train.resume:
+        if ckpt.latest_step() is None or not self.cfg.train.resume:
             return
-        restored = ckpt.restore(step, target=self.learner.abstract_state())
+        # The newest intact step (a damaged newer one is skipped with a warning); the data
+        # pipeline is restored in place.
+        restored = ckpt.restore(target=self.learner.abstract_state())
+        step = restored.step
         self.learner.load_state(restored.state)
         ex = restored.extras
-        self.pipeline.set_state(ex["data"])
         self.controller = EntropyController.from_dict(ex["controller"])
         self.num_updates = int(ex["num_updates"])
         self.start_step = int(step)
@@ -409,7 +409,7 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         with CheckpointManager(checkpoint_dir(self.run_dir), save_every=cfg.checkpoint.every,
-                               keep_last=cfg.checkpoint.keep) as ckpt:
+                               keep_last=cfg.checkpoint.keep, data_iterator=self.pipeline) as ckpt:
             self._restore(ckpt)
             wandb = {"project": cfg.logging.wandb_project, "name": cfg.logging.wandb_name or None,
                      "config": to_dict(cfg)} if cfg.logging.wandb_project else None

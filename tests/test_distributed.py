@@ -47,17 +47,24 @@ _CHILD = textwrap.dedent(
     out["local_rows"] = sorted(int(s.index[0].start) for s in batch["x"].addressable_shards)
 
     # collective orbax save/restore of a state sharded across both processes
+    import grain
     from aepo_jax.trainer.checkpoint import CheckpointManager, NonFiniteStateError
     sharding = NamedSharding(mesh, P("data"))
     w = d.global_batch(np.arange(pid * 8, pid * 8 + 8, dtype=np.float32).reshape(4, 2), mesh)
-    with CheckpointManager(ckpt, async_save=True) as m:
-        m.save(3, {"params": {"w": w}}, {"iterator": f"proc{pid}-state", "shared": 1})
+    it = iter(grain.MapDataset.range(100).to_iter_dataset())
+    for _ in range(3 * (pid + 1)):  # each process at its own position
+        next(it)
+    with CheckpointManager(ckpt, async_save=True, data_iterator=it) as m:
+        m.save(3, {"params": {"w": w}}, {"shared": 1})
         m.wait()
+        for _ in range(5):
+            next(it)
         mesh22 = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "tensor"))  # another layout
         target = {"params": {"w": jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=NamedSharding(mesh22, P("tensor", "data")))}}
         r = m.restore(target=target)
         out["restored_step"] = r.step
         out["restored_extras"] = r.extras
+        out["iterator_next"] = next(it)
         full = jax.experimental.multihost_utils.process_allgather(r.state["params"]["w"], tiled=True)
         out["restored_ok"] = bool(np.array_equal(np.asarray(full), np.arange(16, dtype=np.float32).reshape(8, 2)))
         out["restored_sharding"] = list(r.state["params"]["w"].sharding.spec)
@@ -76,6 +83,12 @@ _CHILD = textwrap.dedent(
             out["extras_refused"] = None
         except TypeError as e:
             out["extras_refused"] = str(e)
+        # extras that differ between processes (per-process state outside the data iterator): refused
+        try:
+            m.save(6, {"params": {"w": w}}, {"shared": pid})
+            out["differing_refused"] = None
+        except ValueError as e:
+            out["differing_refused"] = str(e)
         out["steps"] = m.all_steps()
     print("RESULT " + json.dumps(out), flush=True)
     d.shutdown_distributed()
@@ -125,17 +138,21 @@ def test_two_processes_broadcast_gather_global_batch_and_checkpoint(tmp_path):
         assert r["restored_step"] == 3 and r["restored_ok"] and r["restored_sharding"] == ["tensor", "data"]
         assert r["nan_refused"] is True
         assert r["extras_refused"] is not None and "(process 1)" in r["extras_refused"]
+        assert "extras differ between process 0 and process 1; step 6 not saved" in r["differing_refused"]
         assert r["steps"] == [3]
     assert r0["local_rows"] == [0, 1] and r1["local_rows"] == [2, 3]
-    # each process gets back its own data-iterator state
-    assert r0["restored_extras"] == {"iterator": "proc0-state", "shared": 1}
-    assert r1["restored_extras"] == {"iterator": "proc1-state", "shared": 1}
+    # the shared extras, and each process its own data-iterator position (grain's per-process files)
+    assert r0["restored_extras"] == r1["restored_extras"] == {"shared": 1}
+    assert r0["iterator_next"] == 3 and r1["iterator_next"] == 6
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["3"]
 
     # One process cannot take over two processes' differing iterator states: a clear refusal.
+    import grain
+
     from aepo_jax.trainer.checkpoint import CheckpointError, CheckpointManager
 
-    with CheckpointManager(tmp_path / "ckpt", read_only=True) as m:
+    it = iter(grain.MapDataset.range(100).to_iter_dataset())
+    with CheckpointManager(tmp_path / "ckpt", read_only=True, data_iterator=it) as m:
         with pytest.raises(CheckpointError, match="saved by 2 processes .* this run has 1; resume with 2"):
             m.restore()
 

@@ -181,6 +181,31 @@ def test_resume_after_sigkill_logs_identical_metrics(base_model, server, tmp_pat
         assert _comparable(a) == _comparable(b), a["step"]
 
 
+@pytest.mark.slow
+def test_resume_skips_a_damaged_latest_checkpoint(base_model, server, tmp_path, caplog):
+    """The latest checkpoint's files truncated: the run warns, resumes from the one before and
+    redoes the lost step with the same metrics."""
+    from aepo_jax.train import main
+
+    run = tmp_path / "run"
+    args = _args(base_model, server.url, run, "--steps=2", "--mesh=8x1")  # 8 devices: resume re-shards
+    assert main(args) == 0
+    first = _metrics(run)
+    rng = np.random.default_rng()
+    for f in (run / "checkpoints" / "2").rglob("*"):
+        if f.is_file() and f.stat().st_size:
+            with open(f, "r+b") as fh:
+                fh.truncate(int(rng.integers(0, f.stat().st_size)))
+    with caplog.at_level("WARNING", logger="aepo_jax.trainer.checkpoint"):
+        assert main(args) == 0
+    assert f"{run / 'checkpoints' / '2'} is damaged" in caplog.text and "resuming from step 1" in caplog.text
+    again = _metrics(run)
+    assert [m["step"] for m in again] == [1, 2]
+    for a, b in zip(first, again):
+        assert _comparable(a) == _comparable(b), a["step"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2", "damaged-2"]
+
+
 def test_dying_server_stops_the_run_with_checkpoint_intact(base_model, tmp_path):
     from aepo_jax.rollout.launch import launch_server
     from aepo_jax.trainer.checkpoint import CheckpointManager, checkpoint_dir

@@ -63,8 +63,11 @@ def fingerprint(examples: Sequence[Example], cfg: PipelineConfig) -> str:
     return h.hexdigest()[:16]
 
 
-class PromptPipeline:
-    """Iterator over this process's share of each step's prompts: ``list[Example]`` per step."""
+class PromptPipeline(grain.DatasetIterator):
+    """Iterator over this process's share of each step's prompts: ``list[Example]`` per step.
+
+    A ``grain.DatasetIterator``, so grain's orbax handler checkpoints it (``get_state``/``set_state``).
+    """
 
     def __init__(self, examples: Sequence[Example], cfg: PipelineConfig):
         if cfg.batch_size < 1:
@@ -97,6 +100,7 @@ class PromptPipeline:
         self._dataset = ds
         self._read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
         self._iter = iter(ds.to_iter_dataset(read_options=self._read_options))
+        super().__init__(self._iter)
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 - one pipeline per run; the current and next epoch
     def _permutation(self, epoch: int) -> np.ndarray:

@@ -2,20 +2,25 @@
 
 API
 ---
-``CheckpointManager(directory, *, save_every=1, keep_last=3, async_save=None, read_only=False)``
+``CheckpointManager(directory, *, save_every=1, keep_last=3, async_save=None, read_only=False,
+data_iterator=None)``
     ``directory`` is usually ``RUN_DIR/checkpoints`` (see :func:`checkpoint_dir`); created if
     missing, and existing checkpoints there are picked up (the run directory resumes by default).
     ``async_save=None`` means async on GPU/TPU (the write overlaps the next step) and sync on CPU.
-    Use it as a context manager (or call ``close()``): exit waits for an async save to finish.
+    ``data_iterator``: a ``grain.DatasetIterator`` (e.g. the trainer's ``PromptPipeline``) saved
+    with every step and restored in place by :meth:`restore`, through grain's orbax handler (one
+    JSON file per process). Use the manager as a context manager (or call ``close()``): exit waits
+    for an async save to finish; a process that exits without it loses that one save (reported at
+    exit), never an earlier one.
 
-``mgr.should_save(step) -> bool``        step % save_every == 0 (or a preemption notice), not saved yet
+``mgr.should_save(step) -> bool``        orbax's decision: step % save_every == 0 or a preemption notice
 ``mgr.save(step, state, extras=None, *, force=False) -> bool``
     ``state``: a pytree of (possibly sharded) ``jax.Array`` / numpy arrays / scalars, e.g.
     ``{"params": ..., "opt_state": ..., "rng": key}``. Keep params under the top-level key
     ``"params"``: ``tools/export_hf.py`` reads exactly that subtree.
-    ``extras``: this process's JSON-able side state: data-iterator state (bytes or dict),
-    controller state (dict), numpy RNG state, numpy arrays, jax key arrays. Values round-trip
-    exactly (bytes and arrays are base64-tagged); tuples come back as lists.
+    ``extras``: the run's small side state as plain JSON values (dicts with string keys, lists,
+    strings, ints, finite floats, bools, None), the same on every process; stored with orbax's JSON
+    handler (tuples come back as lists). Per-process state belongs in ``data_iterator``.
     Returns False when the step is not due (unless ``force``). Raises :class:`NonFiniteStateError`
     (nothing written) if any float leaf of ``state`` or any float in ``extras`` is NaN/inf,
     :class:`CheckpointSaveError` if writing fails (for async saves: at the next ``save`` /
@@ -24,34 +29,37 @@ API
 ``mgr.wait()``                           block until an async save is on disk (raises its error)
 ``mgr.latest_step() -> int | None``, ``mgr.all_steps() -> list[int]``
 ``mgr.restore(step=None, target=None, *, partial=False) -> Restored(step, state, extras)``
-    ``step=None`` = latest. ``target``: pytree like ``state`` whose leaves are ``jax.Array`` or
-    ``jax.ShapeDtypeStruct`` (with ``.sharding``), restored straight into those shardings, or
-    numpy arrays (restored on host). ``partial=True`` restores only the keys present in
-    ``target`` (e.g. ``{"params": abstract_params}``). ``target=None`` restores every leaf as a
-    host numpy array (topology-independent; used by export). ``extras`` is this process's dict.
+    ``step=None``: the newest *intact* step. A newer step that cannot be read (files truncated or
+    missing) is skipped with a warning naming it, and a writer moves it aside to
+    ``damaged-<step>`` (kept for inspection; the run then redoes those steps). ``target``: pytree
+    like ``state`` whose leaves are ``jax.Array`` or ``jax.ShapeDtypeStruct`` (with
+    ``.sharding``), restored straight into those shardings, numpy arrays or unsharded ``ShapeDtypeStruct`` (restored on host).
+    ``partial=True`` restores only the keys present in ``target`` (e.g. ``{"params": abstract}``).
+    ``target=None`` restores every leaf as a host numpy array (topology-independent). The data
+    iterator, if any, is set to the restored step's position.
 ``restore_params_numpy(ckpt_path) -> (step, params)``: params subtree as numpy, no mesh needed.
 ``resolve_checkpoint(path) -> (checkpoint_dir, step | None)``: accepts ``RUN_DIR``,
     ``RUN_DIR/<step>``, ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/<step>``.
 
 Guarantees (tested in tests/test_checkpoint.py): a step directory appears only when complete
 (orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it at the end), so SIGKILL at any moment
-leaves the previous or the new checkpoint as latest, never a partial one; old checkpoints are
-deleted only after the new one is complete (async: at the next ``save``/``wait``/``close``, so
-``keep_last + 1`` may briefly exist), and vanish atomically (renamed before the recursive delete);
-a failed write (e.g. disk full) removes its partial directory and keeps the previous checkpoint.
+leaves the previous or the new checkpoint as latest, never a partial one; retention is orbax's
+(``LatestN(keep_last)``), applied only after the new step is complete (a kill during a deletion
+can leave one half-deleted *old* step, which a later retention removes and a restore skips as
+damaged); a failed write (e.g. disk full) removes its partial directory and keeps the previous
+checkpoint.
 """
 
 from __future__ import annotations
 
 import atexit
-import base64
 import dataclasses
+import json
 import logging
 import math
 import os
 import re
 import shutil
-import threading
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,10 +72,10 @@ from aepo_jax.trainer import distributed
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
-_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's in-progress marker (atomicity_types.TMP_DIR_SUFFIX)
+DAMAGED_PREFIX = "damaged-"
 _STATE = "state"
 _EXTRAS = "extras"
-_EXTRAS_FORMAT = 1
+_DATA = "data"
 
 
 class CheckpointError(RuntimeError):
@@ -99,94 +107,37 @@ def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Extras: exact JSON encoding of the loop's side state.
+# Checks before anything is written.
 # ---------------------------------------------------------------------------------------------
 
-_TAGS = ("__bytes__", "__ndarray__", "__jax_key__")
 
+def check_json_extras(obj: Any, where: str = "") -> None:
+    """Raise naming the path if ``obj`` is not plain, finite JSON (what orbax's JSON handler stores).
 
-def _encode_array(a: np.ndarray) -> dict[str, Any]:
-    a = np.ascontiguousarray(a)
-    return {"__ndarray__": base64.b64encode(a.tobytes()).decode("ascii"), "dtype": a.dtype.str, "shape": list(a.shape)}
-
-
-def _decode_array(d: Mapping[str, Any]) -> np.ndarray:
-    raw = base64.b64decode(d["__ndarray__"])
-    return np.frombuffer(raw, dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
-
-
-def _check_finite_array(a: np.ndarray, where: str) -> None:
-    if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
-        raise NonFiniteStateError(f"checkpoint: extras{where} contains NaN/inf; refusing to save it")
-
-
-def encode_extras(obj: Any, where: str = "") -> Any:
-    """Encode ``obj`` into plain JSON values, exactly and reversibly (see :func:`decode_extras`).
-
-    Raises ``TypeError`` naming the path of an unsupported value and :class:`NonFiniteStateError`
-    for NaN/inf floats (a controller state with a NaN temperature must never become a checkpoint).
+    :class:`NonFiniteStateError` for NaN/inf (a controller state with a NaN temperature must never
+    become a checkpoint), ``TypeError`` for anything JSON would not round-trip.
     """
-    import jax  # noqa: PLC0415
-
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, (int, np.integer)) and not isinstance(obj, np.bool_):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, (float, np.floating)):
-        if not math.isfinite(float(obj)):
-            raise NonFiniteStateError(f"checkpoint: extras{where} = {float(obj)}; refusing to save a NaN/inf value")
-        return float(obj)
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {"__bytes__": base64.b64encode(bytes(obj)).decode("ascii")}
-    if isinstance(obj, jax.Array):
-        if jax.dtypes.issubdtype(obj.dtype, jax.dtypes.prng_key):
-            impl = str(jax.random.key_impl(obj))
-            return {"__jax_key__": impl, "data": _encode_array(np.asarray(jax.random.key_data(obj)))}
-        obj = np.asarray(obj)
-    if isinstance(obj, np.ndarray):
-        _check_finite_array(obj, where)
-        if obj.dtype == object:
-            raise TypeError(f"checkpoint: extras{where} is an object array; only numeric arrays are supported")
-        return _encode_array(obj)
+    if obj is None or isinstance(obj, (bool, str)) or type(obj) is int:
+        return
+    if type(obj) is float:
+        if not math.isfinite(obj):
+            raise NonFiniteStateError(f"checkpoint: extras{where} = {obj}; refusing to save a NaN/inf value")
+        return
     if isinstance(obj, Mapping):
-        out = {}
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise TypeError(f"checkpoint: extras{where} has a non-string key {k!r}; JSON keys must be strings")
-            if k in _TAGS:
-                raise TypeError(f"checkpoint: extras{where} uses the reserved key {k!r}")
-            out[k] = encode_extras(v, f"{where}[{k!r}]")
-        return out
+            check_json_extras(v, f"{where}[{k!r}]")
+        return
     if isinstance(obj, (list, tuple)):
-        return [encode_extras(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        for i, v in enumerate(obj):
+            check_json_extras(v, f"{where}[{i}]")
+        return
     raise TypeError(
-        f"checkpoint: extras{where} has unsupported type {type(obj).__name__}; use JSON values, bytes, "
-        "numpy arrays or jax key arrays (put large arrays into the state pytree instead)"
+        f"checkpoint: extras{where} has unsupported type {type(obj).__name__}; extras are plain JSON "
+        "(dict, list, str, int, float, bool, None; .item() / .tolist() for numpy values); arrays belong "
+        "in the state pytree and per-process iterator state in data_iterator"
     )
-
-
-def decode_extras(obj: Any) -> Any:
-    """Inverse of :func:`encode_extras` (jax non-key arrays come back as numpy arrays)."""
-    if isinstance(obj, list):
-        return [decode_extras(v) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__bytes__" in obj:
-        return base64.b64decode(obj["__bytes__"])
-    if "__ndarray__" in obj:
-        return _decode_array(obj)
-    if "__jax_key__" in obj:
-        import jax  # noqa: PLC0415
-
-        return jax.random.wrap_key_data(_decode_array(obj["data"]), impl=obj["__jax_key__"])
-    return {k: decode_extras(v) for k, v in obj.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# NaN/inf guard for the state pytree.
-# ---------------------------------------------------------------------------------------------
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:
@@ -272,6 +223,10 @@ def _describe(exc: BaseException) -> str:
     return text.splitlines()[0][:600] if text else type(exc).__name__
 
 
+class _NotDamage(CheckpointError):
+    """A restore failure that an older step cannot fix (e.g. another process count)."""
+
+
 class CheckpointManager:
     """See the module docstring."""
 
@@ -283,7 +238,9 @@ class CheckpointManager:
         keep_last: int = 3,
         async_save: bool | None = None,
         read_only: bool = False,
+        data_iterator: Any = None,
     ) -> None:
+        import grain  # noqa: PLC0415
         import jax  # noqa: PLC0415
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
@@ -291,17 +248,24 @@ class CheckpointManager:
             raise ValueError(f"checkpoint.save_every must be >= 1, got {save_every}")
         if int(keep_last) < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
+        if data_iterator is not None and not isinstance(data_iterator, grain.DatasetIterator):
+            raise TypeError(f"checkpoint: data_iterator must be a grain.DatasetIterator, got {type(data_iterator).__name__}")
         self.directory = Path(directory).absolute()
         self.save_every = int(save_every)
         self.keep_last = int(keep_last)
+        self.read_only = bool(read_only)
         self.async_save = jax.default_backend() != "cpu" if async_save is None else bool(async_save)
-        self._ocp = ocp
+        self.data_iterator = data_iterator
+        self._ocp, self._grain = ocp, grain
         self._pending_step: int | None = None
         self._closed = False
+        policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
-            # Retention is ours (_apply_retention): orbax rmtree()s old steps in place, so a kill
-            # mid-delete would leave a half-deleted step listed as a checkpoint.
-            max_to_keep=None,
+            save_decision_policy=policies.AnySavePolicy(
+                [policies.FixedIntervalPolicy(self.save_every), policies.PreemptionCheckpointingPolicy()]
+            ),
+            # Orbax deletes old steps only after the new one is complete (in its finalize stage).
+            preservation_policy=None if read_only else policies.LatestN(n=self.keep_last),
             enable_async_checkpointing=self.async_save,
             # Partial dirs of a killed run are removed on start. Never by a reader (export running
             # beside a live run must not delete the run's in-progress write).
@@ -309,33 +273,27 @@ class CheckpointManager:
             create=not read_only,
             read_only=read_only,
         )
-        self._mngr = ocp.CheckpointManager(
-            self.directory,
-            item_handlers={_STATE: ocp.PyTreeCheckpointHandler(), _EXTRAS: ocp.JsonCheckpointHandler()},
-            options=options,
-        )
-        # A loop that exits without close() must not lose an async save that is still writing.
-        # Plain atexit runs after concurrent.futures has stopped accepting work (orbax needs it to
-        # finish the write), so prefer threading's earlier exit hook, as concurrent.futures does.
-        register = getattr(threading, "_register_atexit", atexit.register)
-        register(_close_at_exit, weakref.ref(self))
+        handlers = {_STATE: ocp.PyTreeCheckpointHandler(), _EXTRAS: ocp.JsonCheckpointHandler(),
+                    _DATA: grain.checkpoint.CheckpointHandler()}
+        self._orbax = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+        # Plain atexit runs after Python has stopped the thread pools orbax needs to finish an async
+        # write, so this can only report the loss; close() (or ``with``) is what completes the save.
+        atexit.register(_report_unclosed_at_exit, weakref.ref(self))
 
     # -- queries ---------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
-        return sorted(int(s) for s in self._mngr.all_steps())
+        return sorted(int(s) for s in self._orbax.all_steps())
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
     def should_save(self, step: int) -> bool:
-        if step in self.all_steps():
-            return False
-        return step % self.save_every == 0 or bool(self._mngr.reached_preemption(step))
+        return bool(self._orbax.should_save(int(step)))
 
     # -- save --------------------------------------------------------------------------------
     def save(self, step: int, state: Any, extras: Mapping[str, Any] | None = None, *, force: bool = False) -> bool:
-        """Write ``state`` and this process's ``extras`` as checkpoint ``step``; see module docstring."""
+        """Write ``state``, ``extras`` and the data iterator as checkpoint ``step``; see module docstring."""
         self._check_open()
         step = int(step)
         self.wait()  # surfaces a failed async save of the previous step before starting a new one
@@ -348,58 +306,41 @@ class CheckpointManager:
                 f"checkpoint: refusing to save step {step}: NaN/inf in state leaves {shown}; "
                 f"the last good checkpoint (step {self.latest_step()}) is kept"
             )
-        extras_doc = self._gather_extras(step, extras)
+        extras = self._agreed_extras(step, dict(extras or {}))
         ocp = self._ocp
-        args = ocp.args.Composite(
-            **{_STATE: ocp.args.PyTreeSave(state), _EXTRAS: ocp.args.JsonSave(extras_doc)}
-        )
+        items = {_STATE: ocp.args.PyTreeSave(state), _EXTRAS: ocp.args.JsonSave(extras)}
+        if self.data_iterator is not None:
+            items[_DATA] = self._grain.checkpoint.CheckpointSave(self.data_iterator)
         try:
-            self._mngr.save(step, args=args, force=True)
+            self._orbax.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001 - every write failure becomes one clear error
             self._recover_from_failed_save(step)
             raise CheckpointSaveError(self._failure_message(step, e)) from e
         if self.async_save:
             self._pending_step = step
-        else:
-            self._apply_retention()
         return True
 
-    def _apply_retention(self) -> None:
-        """Delete all but the newest ``keep_last`` complete steps; only after a save is complete.
-
-        Each old step is first renamed to an orbax temporary name (atomic), so it disappears from
-        the step list whole even if the process dies during the slow recursive delete; a leftover
-        is removed by the next writer's start-up clean-up.
-        """
-        old = self.all_steps()[: -self.keep_last]
-        if not old:
-            return
-        if distributed.is_main_process():
-            for s in old:
-                src = self.directory / str(s)
-                dst = self.directory / f"{s}{_TMP_SUFFIX}-deleting"
-                try:
-                    os.rename(src, dst)
-                except FileNotFoundError:
-                    continue
-                shutil.rmtree(dst, ignore_errors=True)
-        self._mngr.reload()
-
-    def _gather_extras(self, step: int, extras: Mapping[str, Any] | None) -> dict[str, Any]:
-        # Encode locally, then exchange: every process learns whether any process failed, so all
+    def _agreed_extras(self, step: int, extras: dict[str, Any]) -> dict[str, Any]:
+        # Check locally, then exchange: every process learns whether any process failed, so all
         # raise together instead of some entering orbax's barriers alone (a deadlock).
         try:
-            mine: Any = encode_extras(dict(extras or {}))
+            check_json_extras(extras)
             err = None
         except (TypeError, NonFiniteStateError) as e:
-            mine, err = None, (type(e).__name__, str(e))
-        gathered = distributed.allgather_object((mine, err))
+            err = (type(e).__name__, str(e))
+        gathered = distributed.allgather_object((extras if err is None else None, err))
         for pid, (_, perr) in enumerate(gathered):
             if perr is not None:
                 cls = NonFiniteStateError if perr[0] == "NonFiniteStateError" else TypeError
                 where = f" (process {pid})" if len(gathered) > 1 else ""
                 raise cls(f"{perr[1]}{where}; step {step} not saved")
-        return {"format": _EXTRAS_FORMAT, "num_processes": len(gathered), "per_process": [g[0] for g in gathered]}
+        for pid, (theirs, _) in enumerate(gathered[1:], start=1):
+            if json.dumps(theirs, sort_keys=True) != json.dumps(gathered[0][0], sort_keys=True):
+                raise ValueError(
+                    f"checkpoint: extras differ between process 0 and process {pid}; step {step} not saved "
+                    "(extras are the run's shared state; per-process state goes through data_iterator)"
+                )
+        return extras
 
     def _failure_message(self, step: int, exc: BaseException) -> str:
         prev = self.latest_step()
@@ -409,18 +350,19 @@ class CheckpointManager:
     def _recover_from_failed_save(self, step: int) -> None:
         """Free the failed write's partial directory and resync orbax's step list with the disk."""
         if distributed.is_main_process():
-            for p in self.directory.glob(f"{step}{_TMP_SUFFIX}*"):
+            suffix = self._ocp.path.atomicity_types.TMP_DIR_SUFFIX
+            for p in self.directory.glob(f"{step}{suffix}*"):
                 shutil.rmtree(p, ignore_errors=True)
-        # orbax forgets steps it planned to delete (and the failed one) before knowing the outcome.
-        self._mngr.reload()
+        # orbax forgets the steps it planned to delete (and the failed one) before the outcome is known.
+        self._orbax.reload()
 
     def wait(self) -> None:
         """Block until the pending async save (if any) is complete; raise its failure."""
         step, self._pending_step = self._pending_step, None
         try:
-            self._mngr.wait_until_finished()
+            self._orbax.wait_until_finished()
             if step is not None:
-                self._mngr.check_for_errors()
+                self._orbax.check_for_errors()
         except Exception as e:  # noqa: BLE001
             self._recover_from_failed_save(step if step is not None else -1)
             raise CheckpointSaveError(self._failure_message(step if step is not None else -1, e)) from e
@@ -428,61 +370,122 @@ class CheckpointManager:
             # orbax logs (but does not raise) some finalisation failures: double-check on disk.
             self._recover_from_failed_save(step)
             raise CheckpointSaveError(self._failure_message(step, RuntimeError("step directory was not finalised")))
-        if step is not None:
-            self._apply_retention()
 
     # -- restore -----------------------------------------------------------------------------
     def restore(self, step: int | None = None, target: Any = None, *, partial: bool = False) -> Restored:
-        """Restore ``state`` (into ``target``'s shardings) and this process's extras."""
+        """Restore ``state`` (into ``target``'s shardings), the extras and the data iterator.
+
+        ``step=None``: the newest step that restores; newer damaged ones are skipped (warning) and,
+        by a writer, moved aside. An explicit ``step`` is restored or fails, without fallback.
+        """
         self._check_open()
         self.wait()
-        ocp = self._ocp
         steps = self.all_steps()
-        if step is None:
-            if not steps:
-                raise NoCheckpointError(f"checkpoint: no complete checkpoint in {self.directory}")
-            step = steps[-1]
-        elif int(step) not in steps:
-            raise NoCheckpointError(
-                f"checkpoint: step {step} not found in {self.directory} (complete steps: {steps or 'none'})"
-            )
-        step = int(step)
+        if step is not None:
+            if int(step) not in steps:
+                raise NoCheckpointError(
+                    f"checkpoint: step {step} not found in {self.directory} (complete steps: {steps or 'none'})"
+                )
+            try:
+                return self._restore_step(int(step), target, partial)
+            except _NotDamage:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise self._restore_error(int(step), e) from e
+        if not steps:
+            raise NoCheckpointError(f"checkpoint: no complete checkpoint in {self.directory}")
+        failures: list[tuple[int, BaseException]] = []
+        for s in reversed(steps):
+            try:
+                restored = self._restore_step(s, target, partial)
+                err = None
+            except _NotDamage:
+                raise
+            except Exception as e:  # noqa: BLE001 - judged below, with every process's outcome
+                restored, err = None, e
+            # Every process must pick the same step; a read error on any one of them counts.
+            errors = distributed.allgather_object(None if err is None else _describe(err))
+            if not any(errors):
+                if failures:
+                    self._set_aside(failures, s)
+                return restored
+            failures.append((s, err if err is not None else CheckpointError(next(e for e in errors if e))))
+        # Nothing restored: damage everywhere, or (more likely) a target that fits no step.
+        first = self._restore_error(failures[0][0], failures[0][1])
+        if len(failures) > 1:
+            others = "; ".join(f"step {s}: {_describe(e)}" for s, e in failures[1:])
+            first = CheckpointError(f"{first} (older steps failed too: {others})")
+        raise first from failures[0][1]
+
+    def _restore_error(self, step: int, exc: BaseException) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint: restoring step {step} from {self.directory} failed (damaged files, or a target "
+            f"whose structure/shapes do not match what was saved): {_describe(exc)}"
+        )
+
+    def _set_aside(self, failures: list[tuple[int, BaseException]], good: int) -> None:
+        """Warn about each damaged newer step and, as a writer, move it out of the step list."""
+        for s, e in failures:
+            src = self.directory / str(s)
+            if self.read_only:
+                log.warning("checkpoint %s is damaged (%s); using step %d instead", src, _describe(e), good)
+                continue
+            dst = self.directory / f"{DAMAGED_PREFIX}{s}"
+            k = 1
+            while dst.exists():
+                k += 1
+                dst = self.directory / f"{DAMAGED_PREFIX}{s}.{k}"
+            if distributed.is_main_process():
+                os.rename(src, dst)
+            log.warning("checkpoint %s is damaged (%s); resuming from step %d, the damaged step moved to %s",
+                        src, _describe(e), good, dst)
+        distributed.sync("checkpoint-set-aside")
+        self._orbax.reload()
+
+    def _restore_step(self, step: int, target: Any, partial: bool) -> Restored:
+        ocp = self._ocp
         if target is None:
             tree = self._state_metadata(step)
-            restore_args = _numpy_restore_args(tree)
-            state_args = ocp.args.PyTreeRestore(restore_args=restore_args)
+            state_args = ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(tree))
         else:
             state_args = ocp.args.PyTreeRestore(
                 target, restore_args=_target_restore_args(target), partial_restore=partial
             )
-        try:
-            out = self._mngr.restore(
-                step, args=ocp.args.Composite(**{_STATE: state_args, _EXTRAS: ocp.args.JsonRestore()})
+        items = {_STATE: state_args, _EXTRAS: ocp.args.JsonRestore()}
+        data_state = None
+        if self.data_iterator is not None:
+            data_state = self._data_state_of_other_topology(step)
+            if data_state is None:
+                items[_DATA] = self._grain.checkpoint.CheckpointRestore(self.data_iterator)
+        out = self._orbax.restore(step, args=ocp.args.Composite(**items))
+        extras = out[_EXTRAS]
+        if not isinstance(extras, dict):
+            raise ValueError(f"extras of step {step} are not a JSON object")
+        if data_state is not None:
+            self.data_iterator.set_state(data_state)
+        return Restored(step=step, state=out[_STATE], extras=extras)
+
+    def _data_state_of_other_topology(self, step: int) -> dict[str, Any] | None:
+        """None when grain's handler can restore this process's file; else the state every process
+        of another process count saved identically (a resume on another topology)."""
+        me, n = distributed.process_index(), distributed.process_count()
+        data_dir = self.directory / str(step) / _DATA
+        if (data_dir / f"process_{me}-of-{n}.json").is_file():
+            return None
+        files = sorted(data_dir.glob("process_*-of-*.json"))
+        if not files:
+            raise FileNotFoundError(f"{data_dir}: no data-iterator state")
+        texts = [f.read_text() for f in files]
+        if any(t != texts[0] for t in texts):
+            raise _NotDamage(
+                f"checkpoint: step {step} in {self.directory} was saved by {len(files)} processes with "
+                f"different data-iterator states but this run has {n}; resume with {len(files)} processes"
             )
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"checkpoint: restoring step {step} from {self.directory} into the given target failed "
-                f"(does the target's structure/shapes match what was saved?): {_describe(e)}"
-            ) from e
-        return Restored(step=step, state=out[_STATE], extras=self._my_extras(step, out[_EXTRAS]))
+        return json.loads(texts[0])
 
     def _state_metadata(self, step: int) -> Any:
-        md = self._mngr.item_metadata(step)[_STATE]
+        md = self._orbax.item_metadata(step)[_STATE]
         return md.tree if hasattr(md, "tree") else md
-
-    def _my_extras(self, step: int, doc: Any) -> dict[str, Any]:
-        if not isinstance(doc, dict) or doc.get("format") != _EXTRAS_FORMAT:
-            raise CheckpointError(f"checkpoint: step {step} in {self.directory} has an unknown extras format")
-        per = doc["per_process"]
-        me, n = distributed.process_index(), distributed.process_count()
-        if len(per) != n:
-            if all(p == per[0] for p in per):  # identical everywhere: any process count may resume
-                return decode_extras(per[0])
-            raise CheckpointError(
-                f"checkpoint: step {step} was saved by {len(per)} processes with per-process extras "
-                f"(data-iterator state) but this run has {n}; resume with {len(per)} processes"
-            )
-        return decode_extras(per[me])
 
     # -- lifecycle -----------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -497,7 +500,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
-            self._mngr.close()
+            self._orbax.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -506,14 +509,19 @@ class CheckpointManager:
         self.close()
 
 
-def _close_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
+def _report_unclosed_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
     mngr = ref()
-    if mngr is None or mngr._closed:
+    if mngr is None or mngr._closed or mngr._pending_step is None:
         return
+    step = mngr._pending_step
     try:
         mngr.close()
-    except Exception as e:  # noqa: BLE001 - at exit, report instead of raising into atexit
-        log.error("%s", e)
+    except Exception:  # noqa: BLE001 - at exit, report instead of raising into atexit
+        prev = mngr.latest_step()
+        log.error(
+            "checkpoint: the process exited during the async save of step %d without closing its "
+            "CheckpointManager (use `with CheckpointManager(...)` or close()); that step was not "
+            "completed, the previous checkpoint (step %s) is intact", step, prev)
 
 
 def _numpy_restore_args(tree: Any) -> Any:
@@ -530,7 +538,7 @@ def _target_restore_args(target: Any) -> Any:
     def one(x: Any) -> Any:
         if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and getattr(x, "sharding", None) is not None:
             return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
-        if isinstance(x, (np.ndarray, np.generic)):
+        if isinstance(x, (np.ndarray, np.generic, jax.ShapeDtypeStruct)):
             return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
         return ocp.RestoreArgs()
 
@@ -538,22 +546,27 @@ def _target_restore_args(target: Any) -> Any:
 
 
 def restore_params_numpy(path: str | os.PathLike[str], key: str = "params") -> tuple[int, Any]:
-    """Restore only ``state[key]`` of a checkpoint as host numpy arrays (no mesh, no optimizer)."""
-    import orbax.checkpoint as ocp  # noqa: PLC0415
+    """Restore only ``state[key]`` of a checkpoint as host numpy arrays (no mesh, no optimizer).
+
+    ``path`` as in :func:`resolve_checkpoint`; without a step, the newest intact one.
+    """
+    import jax  # noqa: PLC0415
 
     ckpt, step = resolve_checkpoint(path)
-    mngr = CheckpointManager(ckpt, async_save=False, read_only=True)
-    try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
+    with CheckpointManager(ckpt, async_save=False, read_only=True) as mngr:
+        probe = mngr.latest_step() if step is None else step
+        if probe is None:
             raise NoCheckpointError(f"checkpoint: no complete checkpoint in {ckpt}")
-        tree = mngr._state_metadata(step)
-        if not isinstance(tree, Mapping) or key not in tree:
-            have = list(tree.keys()) if isinstance(tree, Mapping) else type(tree).__name__
-            raise CheckpointError(f"checkpoint: {ckpt}/{step} has no top-level state key {key!r} (has {have})")
-        sub = {key: tree[key]}
-        args = ocp.args.PyTreeRestore(item=sub, restore_args=_numpy_restore_args(sub), partial_restore=True)
-        out = mngr._mngr.restore(step, args=ocp.args.Composite(**{_STATE: args}))
-        return step, out[_STATE][key]
-    finally:
-        mngr.close()
+        try:
+            tree = mngr._state_metadata(probe)
+        except Exception:  # noqa: BLE001 - a damaged latest: restore() below skips it and says so
+            tree = None
+        if tree is not None and (not isinstance(tree, Mapping) or key not in tree):
+            have = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+            raise CheckpointError(f"checkpoint: {ckpt}/{probe} has no top-level state key {key!r} (has {have})")
+        if tree is None:  # shapes unknown: read everything (the fallback step) as numpy
+            restored = mngr.restore(step)
+        else:  # leaves without a sharding come back as host numpy arrays
+            target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[key])}
+            restored = mngr.restore(step, target=target, partial=True)
+        return restored.step, restored.state[key]

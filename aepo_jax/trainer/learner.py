@@ -117,8 +117,12 @@ class Learner:
         self.params, self.opt_state = state["params"], state["opt_state"]
 
     def abstract_state(self) -> dict:
-        """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state())
+        """ShapeDtypeStructs with shardings: the restore target for checkpoints. Leaves on one device
+        (optax's step counts) are restored replicated over the mesh: restored arrays are committed,
+        and one committed to a single device cannot meet the mesh's arrays in the update."""
+        replicated = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=x.sharding if len(x.sharding.device_set) > 1 else replicated), self.state())
 
     def learning_rate(self, update_index: int) -> float:
         return float(self.schedule(update_index))
