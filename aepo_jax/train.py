@@ -470,19 +470,32 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(RunConfig, argv, aliases=ALIASES)
         validate(cfg)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     # Before jax initialises: simulated host devices for --mesh on CPU-only hosts, then multi-host.
     setup_host_devices(cfg.train.mesh or None)
-    from aepo_jax.trainer import distributed
+    from aepo_jax.trainer import distributed, startup
 
-    t = cfg.train
-    if t.coordinator_address or t.num_processes > 1:
-        distributed.initialize_distributed(t.coordinator_address or None, t.num_processes or None,
-                                           t.process_id if t.process_id >= 0 else None)
-    else:
-        distributed.initialize_distributed()  # auto-detects TPU pods / SLURM; no-op on one host
     _install_signal_handlers()
+    t = cfg.train
+    try:
+        try:
+            if t.coordinator_address or t.num_processes > 1:
+                distributed.initialize_distributed(t.coordinator_address or None, t.num_processes or None,
+                                                   t.process_id if t.process_id >= 0 else None)
+            else:
+                distributed.initialize_distributed()  # auto-detects TPU pods / SLURM; no-op on one host
+        except ValueError as e:
+            raise startup.StartupError(str(e)) from None
+        # Every input that can be checked before loading the model or starting a server.
+        startup.check_inputs(cfg, talks_to_servers=distributed.is_main_process())
+        startup.check_mesh(cfg)
+    except startup.StartupError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted before the run started", file=sys.stderr)
+        return 130
     trainer = None
     try:
         trainer = Trainer(cfg)
@@ -491,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {run_dir} (metrics.jsonl, checkpoints/, config.yaml)")
         return 0
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)

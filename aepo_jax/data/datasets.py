@@ -91,6 +91,18 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, dict | Exception]]:
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: file not found")
+    if not p.is_file():
+        raise DataError(f"{p}: not a file")
+    try:
+        yield from _iter_file_rows(p)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} cannot be decoded); "
+                        "save the file as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read: {e.strerror or e}") from None
+
+
+def _iter_file_rows(p: Path) -> Iterator[tuple[int, dict | Exception]]:
     suffix = p.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq  # noqa: PLC0415
@@ -255,6 +267,7 @@ def load_problems(paths: str | Path | Sequence[str | Path], cfg: DatasetConfig =
         prompt_key = answer_key = None
         first_reason = None
         file_skipped = 0
+        rows_before = stats.rows
         for i, row in iter_rows(path):
             if cfg.max_rows and i >= cfg.max_rows:
                 break
@@ -278,6 +291,8 @@ def load_problems(paths: str | Path | Sequence[str | Path], cfg: DatasetConfig =
                 file_skipped += 1
                 stats.reasons[str(e).split(" (")[0][:80]] += 1
                 first_reason = first_reason or f"row {i}: {e}"
+        if stats.rows == rows_before:
+            raise DataError(f"{path}: no rows (the file is empty)")
         if file_skipped:
             logger.warning("%s: skipped %d bad rows (first: %s)", path, file_skipped, first_reason)
     return problems, stats

@@ -201,11 +201,32 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
             out[name] = full
         return out
     if os.path.isfile(single):
-        from safetensors import safe_open
-
-        with safe_open(single, framework="numpy") as f:
+        with _safe_open(single) as f:
             return {k: single for k in f.keys()}
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+
+
+@contextlib.contextmanager
+def _safe_open(fn: str) -> Iterator[Any]:
+    """``safe_open`` whose failure (a truncated or damaged file) is a CheckpointError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(fn, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{fn}: not a readable safetensors file (truncated or damaged?): {e}") from None
+    with handle as f:
+        yield f
+
+
+def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
+    """Everything about an HF directory that can be checked without loading it: config.json, the
+    shard index, and every safetensors file's header against its size. Returns the config."""
+    cfg = read_config(path)
+    for fn in sorted(set(checkpoint_files(path).values())):
+        with _safe_open(fn):
+            pass
+    return cfg
 
 
 def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any = None, *,
@@ -215,8 +236,6 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any =
     dtype: parameter dtype ("float32" | "bfloat16"); compute_dtype defaults to it.
     mesh: None (one device) | jax Mesh | "DxT".
     """
-    from safetensors import safe_open
-
     cfg = read_config(path)
     files = checkpoint_files(path)
     mesh = resolve_mesh(mesh)
@@ -228,7 +247,7 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any =
         def get(name: str):
             fn = files[name]
             if fn not in handles:
-                handles[fn] = stack.enter_context(safe_open(fn, framework="numpy"))
+                handles[fn] = stack.enter_context(_safe_open(fn))
             return handles[fn].get_slice(name)
 
         # Check every tensor before reading any, so a bad checkpoint fails fast and by name.

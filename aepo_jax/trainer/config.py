@@ -8,6 +8,7 @@ the built-in toy run (a tiny model on the built-in arithmetic task, CPU-friendly
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from aepo_jax.config import ConfigError
@@ -87,7 +88,7 @@ class AlgorithmSection:
 
     method: str = field(default="aepo", metadata=_help("|".join(METHODS)))
     reading: str = field(default="paper", metadata=_help("paper (Eq. 1, explicit alpha) | mix (authors' code)"))
-    reward: str = field(default="auto", metadata=_help("auto | math | exact | module:function"))
+    reward: str = field(default="auto", metadata=_help("auto | math | exact_match | module:function"))
     reg_prompt_fraction: float = field(default=1.0, metadata=_help(
         "share of the step's prompts given a temperature rollout (the authors' code: 0.25)"))
     reg_samples_per_prompt: int = field(default=0, metadata=_help("samples per prompt in the temperature rollout; 0 = rollout.n"))
@@ -181,18 +182,76 @@ def _one_of(key: str, value: str, allowed) -> None:
         raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
 
 
+def _finite_numbers(node, prefix: str = "") -> None:
+    """Every float in the tree is finite: a NaN learning rate or temperature is refused here, by
+    key, instead of running a step and syncing NaN weights to the servers."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _finite_numbers(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+
+
+def _in_range(key: str, value: float, lo: float | None = None, hi: float | None = None, *,
+              lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        left = "" if lo is None else ("(" if lo_open else "[") + f"{lo}"
+        right = "" if hi is None else f"{hi}" + (")" if hi_open else "]")
+        want = f"in {left}, {right}" if lo is not None and hi is not None else (
+            f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"{'<' if hi_open else '<='} {hi}")
+        raise ConfigError(f"config key '{key}' must be {want}, got {value}")
+
+
+def _target_values(schedule) -> list[float]:
+    if schedule.kind == "constant":
+        return [schedule.value]
+    if schedule.kind == "piecewise":
+        return [v for _, v in schedule.points]
+    return [schedule.start, schedule.end]
+
+
+def _check_urls(key: str, urls) -> None:
+    from urllib.parse import urlsplit
+
+    for i, url in enumerate(urls):
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        except ValueError as e:
+            raise ConfigError(f"config key '{key}[{i}]': {url!r} is not a URL ({e})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"config key '{key}[{i}]': {url!r} is not an http(s)://host:port URL")
+
+
 def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
     """Start-up checks that need no model or data; raise ConfigError naming the key and numbers."""
     a, c = cfg.algorithm, cfg.algorithm.controller
     _one_of("algorithm.method", a.method, METHODS)
     _one_of("algorithm.reading", a.reading, ("paper", "mix"))
     _one_of("algorithm.agg", a.agg, ("seq-mean-token-mean", "token-mean"))
+    _finite_numbers(cfg)
     try:
         from aepo_jax.entropy_control import TargetSchedule
 
-        TargetSchedule.parse(c.target)
+        schedule = TargetSchedule.parse(c.target)
     except ValueError as e:
         raise ConfigError(f"config key 'algorithm.controller.target': {e}") from None
+    for v in _target_values(schedule):  # an entropy (nats/token): finite and not negative
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"config key 'algorithm.controller.target': entropy targets must be finite and >= 0, "
+                              f"got {v} in {c.target!r}")
+    if cfg.train.mesh:
+        from aepo_jax.platform import parse_mesh_spec
+
+        try:
+            parse_mesh_spec(cfg.train.mesh)
+        except ValueError as e:
+            raise ConfigError(f"config key 'train.mesh': {e}") from None
+    _check_urls("rollout.urls", cfg.rollout.urls)
+    _check_urls("rollout.weight_update_urls", cfg.rollout.weight_update_urls)
+    _one_of("model.compute_dtype", cfg.model.compute_dtype, ("", "float32", "bfloat16"))
     _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
     _one_of("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
@@ -211,12 +270,45 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
     for key, v in positive.items():
         if v < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {v}")
-    if not 0.0 <= a.reg_prompt_fraction <= 1.0:
-        raise ConfigError(f"config key 'algorithm.reg_prompt_fraction' must be in [0, 1], got {a.reg_prompt_fraction}")
-    if c.t_high <= 0 or c.t_low <= 0:
-        raise ConfigError(f"config keys 'algorithm.controller.t_high/t_low' must be > 0, got {c.t_high}/{c.t_low}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    o, r, t = cfg.optim, cfg.rollout, cfg.train
+    ranges = [  # (key, value, lo, hi, lo_open, hi_open)
+        ("algorithm.reg_prompt_fraction", a.reg_prompt_fraction, 0.0, 1.0, False, False),
+        ("algorithm.reg_samples_per_prompt", a.reg_samples_per_prompt, 0, None, False, False),
+        ("algorithm.clip_low", a.clip_low, 0.0, 1.0, False, True),  # the ratio's floor 1 - eps stays > 0
+        ("algorithm.clip_high", a.clip_high, 0.0, None, False, False),
+        ("algorithm.alpha", a.alpha, 0.0, None, False, False),
+        ("algorithm.entropy_coef", a.entropy_coef, 0.0, None, False, False),
+        ("algorithm.adv_beta", a.adv_beta, 0.0, None, False, False),
+        ("algorithm.adv_kappa", a.adv_kappa, 0.0, None, True, False),
+        ("algorithm.controller.t_high", c.t_high, 0.0, None, True, False),
+        ("algorithm.controller.t_low", c.t_low, 0.0, c.t_high, True, False),
+        ("algorithm.controller.budget_up", c.budget_up, 0, None, False, False),
+        ("algorithm.controller.budget_down", c.budget_down, 0, None, False, False),
+        ("algorithm.controller.dead_band", c.dead_band, 0.0, None, False, False),
+        ("optim.lr", o.lr, 0.0, None, True, False),
+        ("optim.warmup_steps", o.warmup_steps, 0, None, False, False),
+        ("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0, False, False),
+        ("optim.weight_decay", o.weight_decay, 0.0, None, False, False),
+        ("optim.b1", o.b1, 0.0, 1.0, False, True),
+        ("optim.b2", o.b2, 0.0, 1.0, False, True),
+        ("optim.eps", o.eps, 0.0, None, True, False),
+        ("optim.grad_clip", o.grad_clip, 0.0, None, False, False),
+        ("rollout.temperature", r.temperature, 0.0, None, True, False),
+        ("rollout.top_p", r.top_p, 0.0, 1.0, True, False),
+        ("rollout.request_timeout_s", r.request_timeout_s, 0.0, None, True, False),
+        ("rollout.max_retries", r.max_retries, 0, None, False, False),
+        ("rollout.startup_timeout_s", r.startup_timeout_s, 0.0, None, True, False),
+        ("train.mini_batch_prompts", t.mini_batch_prompts, 0, None, False, False),
+        ("train.micro_batch_size", t.micro_batch_size, 0, None, False, False),
+        ("train.num_processes", t.num_processes, 0, None, False, False),
+        ("train.process_id", t.process_id, -1, None, False, False),
+    ]
+    for key, value, lo, hi, lo_open, hi_open in ranges:
+        _in_range(key, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
+    if a.clip_dual and a.clip_dual <= 1.0:
+        raise ConfigError(f"config key 'algorithm.clip_dual' must be 0 (off) or > 1, got {a.clip_dual}")
+    if r.top_k != -1 and r.top_k < 1:
+        raise ConfigError(f"config key 'rollout.top_k' must be -1 (off) or >= 1, got {r.top_k}")
     mbp = cfg.train.mini_batch_prompts or cfg.data.prompts_per_step
     if cfg.data.prompts_per_step % mbp:
         raise ConfigError(

@@ -1,0 +1,102 @@
+"""Start-up checks of a run's inputs, before any heavy work: a bad input is one line naming it.
+
+``python -m aepo_jax.train`` validates the config (``trainer.config.validate``), then calls
+:func:`check_inputs` (model directory, data files, rollout servers) and :func:`check_mesh` (the
+device count) before it loads the model or starts a server. Each problem raises
+:class:`StartupError` whose message names the key and the file, row or URL; the entry point
+prints it as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from aepo_jax.trainer.config import RunConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class StartupError(RuntimeError):
+    """A run input that cannot be used; the message names the key and the file, row or URL."""
+
+
+def check_inputs(cfg: RunConfig, *, talks_to_servers: bool = True) -> None:
+    """Model directory, data files and (when this process talks to them) the rollout servers."""
+    if cfg.model.path:
+        check_model_dir(cfg.model.path)
+    if cfg.data.train_files:
+        check_data(cfg)
+    if cfg.rollout.urls and talks_to_servers:
+        check_servers(cfg)
+
+
+def check_model_dir(path: str) -> None:
+    from aepo_jax.models.config import ConfigError as ModelConfigError  # noqa: PLC0415
+    from aepo_jax.models.hf_io import CheckpointError, check_checkpoint  # noqa: PLC0415
+
+    p = Path(path)
+    if not p.is_dir():
+        raise StartupError(f"config key 'model.path': {path!r} is not a directory")
+    try:
+        check_checkpoint(p)
+    except (OSError, ValueError, ModelConfigError, CheckpointError) as e:
+        raise StartupError(f"config key 'model.path': {path!r} is not a usable model: {e}") from None
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise StartupError(f"config key 'model.path': {path!r} has no tokenizer (none of {list(TOKENIZER_FILES)})")
+
+
+def check_data(cfg: RunConfig) -> None:
+    from aepo_jax.data import DataError, DatasetConfig, load_problems  # noqa: PLC0415
+
+    d = cfg.data
+    try:
+        problems, _ = load_problems(d.train_files, DatasetConfig(prompt_key=d.prompt_key, answer_key=d.answer_key,
+                                                                 skip_bad_rows=d.skip_bad_rows))
+    except DataError as e:
+        raise StartupError(f"config key 'data.train_files': {e}") from None
+    if len(problems) < d.prompts_per_step:
+        raise StartupError(f"config key 'data.prompts_per_step' ({d.prompts_per_step}) is more than the "
+                           f"{len(problems)} usable problems in {d.train_files}")
+
+
+def check_servers(cfg: RunConfig) -> None:
+    """Every rollout server answers ``GET /health`` within ``rollout.startup_timeout_s``."""
+    from aepo_jax.rollout.client import RolloutClient  # noqa: PLC0415
+
+    r = cfg.rollout
+
+    async def probe() -> None:
+        client = RolloutClient(list(r.urls), weight_update_urls=list(r.weight_update_urls) or None,
+                               timeout_s=r.request_timeout_s, max_retries=r.max_retries)
+        try:
+            await client.wait_healthy(deadline_s=r.startup_timeout_s)
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(probe())
+    except (TimeoutError, OSError) as e:
+        raise StartupError(f"config key 'rollout.urls': rollout servers not healthy after "
+                           f"rollout.startup_timeout_s={r.startup_timeout_s:g}s: {_first_line(e)}") from None
+
+
+def check_mesh(cfg: RunConfig) -> Any:
+    """The mesh ``train.mesh`` asks for, on the devices there are (initialises the jax backend)."""
+    from aepo_jax.models.sharding import make_mesh  # noqa: PLC0415
+    from aepo_jax.trainer.config import ConfigError, validate  # noqa: PLC0415
+
+    try:
+        mesh = make_mesh(cfg.train.mesh or None)
+    except ValueError as e:
+        raise StartupError(f"config key 'train.mesh': {_first_line(e)}") from None
+    try:
+        validate(cfg, data_axis_size=int(mesh.shape["data"]))
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
+    return mesh
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
