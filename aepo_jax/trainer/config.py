@@ -298,6 +298,8 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
         ("rollout.request_timeout_s", r.request_timeout_s, 0.0, None, True, False),
         ("rollout.max_retries", r.max_retries, 0, None, False, False),
         ("rollout.startup_timeout_s", r.startup_timeout_s, 0.0, None, True, False),
+        ("rollout.request_deadline_s", r.request_deadline_s, 0.0, None, True, False),
+        ("rollout.health_check_timeout_s", r.health_check_timeout_s, 0.0, None, True, False),
         ("train.mini_batch_prompts", t.mini_batch_prompts, 0, None, False, False),
         ("train.micro_batch_size", t.micro_batch_size, 0, None, False, False),
         ("train.num_processes", t.num_processes, 0, None, False, False),

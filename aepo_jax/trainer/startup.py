@@ -68,8 +68,7 @@ def check_servers(cfg: RunConfig) -> None:
     r = cfg.rollout
 
     async def probe() -> None:
-        client = RolloutClient(list(r.urls), weight_update_urls=list(r.weight_update_urls) or None,
-                               timeout_s=r.request_timeout_s, max_retries=r.max_retries)
+        client = RolloutClient(list(r.urls), weight_update_urls=list(r.weight_update_urls) or None)
         try:
             await client.wait_healthy(deadline_s=r.startup_timeout_s)
         finally:
