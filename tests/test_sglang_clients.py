@@ -289,6 +289,9 @@ def test_openai_chat_matches_native_and_learner(oai, server, learner, model_dir)
     want = learner_logprobs(model, prompt, ref["output_ids"], 1.2)
     np.testing.assert_allclose([t.logprob for t in c.logprobs.content], want, atol=1e-4)
     assert all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+    # bytes are lossless: together they are the output's text, fragments of characters included
+    raw = b"".join(bytes(t.bytes) for t in c.logprobs.content)
+    assert raw.decode("utf-8", "replace") == tok.decode(ref["output_ids"], skip_special_tokens=False)
 
     stream = oai.chat.completions.create(model=model_dir, messages=messages, max_tokens=10, temperature=1.2, seed=3,
                                          stream=True, stream_options={"include_usage": True})

@@ -23,6 +23,7 @@ batching, seeds, weight versions and validation are the native ones. What is spe
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -194,6 +195,36 @@ class Translated:
     echo_prompts: list[str] | None = None  # completions with echo: text to put before each choice
     top_logprobs: int = 0
     logprobs: bool = False
+    token_bytes: Callable[[int, str], list[int]] | None = None  # chat logprobs' raw bytes of a token
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in of each of the 256 bytes (GPT-2's table), inverted."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    table = {chr(b): b for b in keep}
+    table.update({chr(256 + i): b for i, b in enumerate(moved)})
+    return table
+
+
+def token_bytes_fn(tokenizer) -> Callable[[int, str], list[int]]:
+    """(token id, token text) -> the token's raw bytes. Byte-level BPE (Qwen, Llama 3, GPT-2): the
+    bytes its vocabulary entry stands for, so a fragment of a multi-byte character keeps its real
+    bytes (its decoded text is U+FFFD); other tokenizers: the UTF-8 of the text (as SGLang)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)  # None: a slow tokenizer
+    byte_level = type(decoder).__name__ == "ByteLevel"
+    dec = _byte_decoder()
+
+    def token_bytes(tid: int, text: str) -> list[int]:
+        if byte_level:
+            piece = tokenizer.convert_ids_to_tokens(int(tid))
+            if isinstance(piece, str) and piece and all(c in dec for c in piece):
+                return [dec[c] for c in piece]
+        return list((text or "").encode("utf-8"))
+
+    return token_bytes
 
 
 def translate_completion(body: Any, tokenizer, context_len: int) -> Translated:
@@ -342,7 +373,7 @@ def translate_chat(body: Any, tokenizer, context_len: int, defaults: dict) -> Tr
     native = {"input_ids": ids, "sampling_params": sp, "return_logprob": logprobs,
               "top_logprobs_num": top or 0, "logprob_start_len": -1, "return_text_in_logprobs": True}
     return Translated(native, _opt(body, "model", "str", "default"), sp["n"], stream, include_usage,
-                      top_logprobs=top or 0, logprobs=logprobs)
+                      top_logprobs=top or 0, logprobs=logprobs, token_bytes=token_bytes_fn(tokenizer))
 
 
 # --------------------------------------------------------------------------- responses
@@ -380,15 +411,16 @@ def completion_logprobs(o: dict, echo: bool) -> dict:
     return {"text_offset": [-1] * len(tokens), "token_logprobs": values, "tokens": tokens, "top_logprobs": tops}
 
 
-def chat_logprobs(o: dict) -> dict:
+def chat_logprobs(o: dict, token_bytes=None) -> dict:
+    token_bytes = token_bytes or (lambda _tid, text: list((text or "").encode("utf-8")))
     meta = o["meta_info"]
     tops = meta.get("output_top_logprobs") or []
     content = []
-    for i, (lp, _tid, text) in enumerate(meta.get("output_token_logprobs") or []):
+    for i, (lp, tid, text) in enumerate(meta.get("output_token_logprobs") or []):
         row = tops[i] if i < len(tops) and tops[i] is not None else []
-        content.append({"token": text or "", "bytes": list((text or "").encode("utf-8")), "logprob": lp,
-                        "top_logprobs": [{"token": t or "", "bytes": list((t or "").encode("utf-8")),
-                                          "logprob": v} for v, _i, t in row]})
+        content.append({"token": text or "", "bytes": token_bytes(tid, text), "logprob": lp,
+                        "top_logprobs": [{"token": t or "", "bytes": token_bytes(j, t), "logprob": v}
+                                         for v, j, t in row]})
     return {"content": content}
 
 
@@ -412,7 +444,7 @@ def chat_response(tr: Translated, objs: list[dict], rid: str, created: int) -> d
         reason, matched = _finish(o)
         choices.append({"index": i, "message": {"role": "assistant", "content": o.get("text", ""),
                                                 "reasoning_content": None},
-                        "logprobs": chat_logprobs(o) if tr.logprobs else None,
+                        "logprobs": chat_logprobs(o, tr.token_bytes) if tr.logprobs else None,
                         "finish_reason": reason, "matched_stop": matched})
     return {"id": rid, "object": "chat.completion", "created": created, "model": tr.model, "choices": choices,
             "usage": usage(objs, tr.n), "metadata": {"weight_version": objs[0]["meta_info"]["weight_version"]}}
@@ -440,7 +472,8 @@ def chat_chunks(tr: Translated, objs: list[dict], rid: str, created: int) -> lis
     chunks = []
     for i, o in enumerate(objs):
         chunks.append(chunk(i, {"role": "assistant", "content": ""}))
-        chunks.append(chunk(i, {"content": o.get("text", "")}, chat_logprobs(o) if tr.logprobs else None))
+        chunks.append(chunk(i, {"content": o.get("text", "")},
+                            chat_logprobs(o, tr.token_bytes) if tr.logprobs else None))
     for i, o in enumerate(objs):
         reason, matched = _finish(o)
         chunks.append(chunk(i, {}, None, reason, matched))
