@@ -475,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     # Before jax initialises: simulated host devices for --mesh on CPU-only hosts, then multi-host.
     setup_host_devices(cfg.train.mesh or None)
     from aepo_jax.trainer import distributed, startup
+    from aepo_jax.trainer.checkpoint import CheckpointError, CheckpointSaveError, NonFiniteStateError
 
     _install_signal_handlers()
     t = cfg.train
@@ -506,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
+    except CheckpointError as e:  # a restore at start-up (2), or a save that failed mid-run (1)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1 if isinstance(e, (CheckpointSaveError, NonFiniteStateError)) else 2
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130

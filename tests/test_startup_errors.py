@@ -146,3 +146,15 @@ def test_unreachable_rollout_server_is_named(tmp_path):
     line = _assert_one_line_error(_start([f"--rollout.urls={url}", "--rollout.startup_timeout_s=1"], tmp_path),
                                   "rollout.urls", url)
     assert "rollout.startup_timeout_s=1s" in line
+
+
+def test_unknown_reward_and_unwritable_run_dir(tmp_path):
+    _assert_one_line_error(_start(["--algorithm.reward=exact"], tmp_path), "algorithm.reward", "'exact'")
+    _assert_one_line_error(_start(["--algorithm.reward=aepo_jax.nowhere:fn"], tmp_path), "algorithm.reward",
+                           "aepo_jax.nowhere")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = subprocess.run([sys.executable, "-m", "aepo_jax.train", f"--run-dir={blocker / 'run'}"], cwd=ROOT,
+                       env=dict(os.environ, AEPO_JAX_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
+                       timeout=300)
+    _assert_one_line_error(r, "train.run_dir", str(blocker / "run"))

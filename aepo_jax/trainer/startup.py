@@ -23,13 +23,16 @@ class StartupError(RuntimeError):
 
 
 def check_inputs(cfg: RunConfig, *, talks_to_servers: bool = True) -> None:
-    """Model directory, data files and (when this process talks to them) the rollout servers."""
+    """Model directory, data files, reward, (when this process talks to them) the rollout servers,
+    and last the run directory (created here, so only once everything else is known to be good)."""
     if cfg.model.path:
         check_model_dir(cfg.model.path)
     if cfg.data.train_files:
         check_data(cfg)
+    check_reward(cfg.algorithm.reward)
     if cfg.rollout.urls and talks_to_servers:
         check_servers(cfg)
+    check_run_dir(cfg.train.run_dir)
 
 
 def check_model_dir(path: str) -> None:
@@ -59,6 +62,29 @@ def check_data(cfg: RunConfig) -> None:
     if len(problems) < d.prompts_per_step:
         raise StartupError(f"config key 'data.prompts_per_step' ({d.prompts_per_step}) is more than the "
                            f"{len(problems)} usable problems in {d.train_files}")
+
+
+def check_reward(name: str) -> None:
+    """A registered reward name or an importable ``module:function`` (``auto`` picks one itself)."""
+    if name == "auto":
+        return
+    from aepo_jax.rewards import resolve_reward  # noqa: PLC0415
+
+    try:
+        resolve_reward(name)
+    except (KeyError, ValueError, ImportError, AttributeError, TypeError) as e:
+        raise StartupError(f"config key 'algorithm.reward': {_first_line(e).strip(chr(34))}") from None
+
+
+def check_run_dir(run_dir: str) -> None:
+    p = Path(run_dir)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StartupError(f"config key 'train.run_dir': cannot write to {str(p)!r}: {e.strerror or e}") from None
 
 
 def check_servers(cfg: RunConfig) -> None:
