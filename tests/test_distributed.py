@@ -90,6 +90,17 @@ _CHILD = textwrap.dedent(
         except ValueError as e:
             out["differing_refused"] = str(e)
         out["steps"] = m.all_steps()
+        # A damaged latest step: both processes skip it together and restore step 3.
+        m.save(7, {"params": {"w": w}}, {"shared": 7})
+        m.wait()
+        d.sync("saved-7")
+        if pid == 0:
+            import pathlib
+            for f in pathlib.Path(ckpt, "7", "state").rglob("d/*"):
+                os.truncate(f, f.stat().st_size // 2)
+        d.sync("damaged-7")
+        r = m.restore(target=target)
+        out["fallback"] = [r.step, r.extras, m.all_steps()]
     print("RESULT " + json.dumps(out), flush=True)
     d.shutdown_distributed()
     """
@@ -140,11 +151,12 @@ def test_two_processes_broadcast_gather_global_batch_and_checkpoint(tmp_path):
         assert r["extras_refused"] is not None and "(process 1)" in r["extras_refused"]
         assert "extras differ between process 0 and process 1; step 6 not saved" in r["differing_refused"]
         assert r["steps"] == [3]
+        assert r["fallback"] == [3, {"shared": 1}, [3]]
     assert r0["local_rows"] == [0, 1] and r1["local_rows"] == [2, 3]
     # the shared extras, and each process its own data-iterator position (grain's per-process files)
     assert r0["restored_extras"] == r1["restored_extras"] == {"shared": 1}
     assert r0["iterator_next"] == 3 and r1["iterator_next"] == 6
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["3"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["3", "damaged-7"]
 
     # One process cannot take over two processes' differing iterator states: a clear refusal.
     import grain
