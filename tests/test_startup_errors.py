@@ -158,3 +158,20 @@ def test_unknown_reward_and_unwritable_run_dir(tmp_path):
                        env=dict(os.environ, AEPO_JAX_CACHE=str(tmp_path / "cache")), capture_output=True, text=True,
                        timeout=300)
     _assert_one_line_error(r, "train.run_dir", str(blocker / "run"))
+
+
+@pytest.mark.slow
+def test_checkpoint_that_does_not_fit_the_model_is_one_line(tmp_path):
+    """Resuming a run directory whose checkpoints were written for another model: exit 2, the
+    checkpoint directory named, and the checkpoint left as it was."""
+    from aepo_jax.rollout.testing import make_tiny_model_dir
+    from aepo_jax.trainer.checkpoint import CheckpointManager
+
+    model = make_tiny_model_dir(str(tmp_path / "model"), with_tokenizer=True)
+    ckpt = tmp_path / "run" / "checkpoints"
+    with CheckpointManager(ckpt) as m:
+        m.save(1, {"params": {"other": np.zeros((3, 5), np.float32)}}, {"num_updates": 1})
+    line = _assert_one_line_error(_start([f"--model.path={model}", "--data.template=plain"], tmp_path),
+                                  "restoring step 1", str(ckpt))
+    assert "structure/shapes" in line
+    assert sorted(p.name for p in ckpt.iterdir()) == ["1"]
