@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from typing import Any, Awaitable, Callable
 
 from aepo_jax.rollout import protocol
 from aepo_jax.rollout.contract import INT64_MAX, INT64_MIN, RequestError, parse_json
+
+log = logging.getLogger("aepo_jax.rollout.server")
 
 MAX_STOP_COUNT = protocol.MAX_STOP_COUNT
 CHAT_MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs
@@ -320,6 +323,10 @@ def read_generation_defaults(model_dir: str) -> dict:
         return {}
     with open(path) as f:
         cfg = json.load(f)
+    rp = cfg.get("repetition_penalty")
+    if _is_num(rp) and rp != 1.0:
+        log.warning("%s: repetition_penalty=%s is not applied to chat requests (the embedded server has no "
+                    "penalties); temperature, top_p, top_k and min_p defaults are", path, rp)
     return {k: cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if _is_num(cfg.get(k))}
 
 
