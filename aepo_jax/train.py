@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aepo_jax.compilation_cache import setup_compilation_cache
 from aepo_jax.config import ConfigError, build_config, help_text, to_dict
 from aepo_jax.platform import setup_host_devices
 from aepo_jax.trainer.config import ALIASES, RunConfig, validate
@@ -52,6 +53,18 @@ class Trainer:
     """Wires the stages together; everything heavy lives in the modules it calls."""
 
     def __init__(self, cfg: RunConfig):
+        from aepo_jax.trainer.startup_clock import StartupClock
+
+        self.startup = StartupClock()  # phases printed once, after the first step
+        self.server = None
+        try:
+            self._setup(cfg)
+        except BaseException:
+            if self.server is not None:  # started early, while the learner initialises
+                self.server.kill()
+            raise
+
+    def _setup(self, cfg: RunConfig) -> None:
         # Imported here, not at the top: main() must set XLA_FLAGS before jax starts a backend.
         import jax
         from transformers import AutoTokenizer
@@ -69,6 +82,7 @@ class Trainer:
         self.is_main = distributed.is_main_process()
         self.run_dir = Path(cfg.train.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.startup.mark("imports")
 
         # ---- mesh and start-up validation (errors name keys and numbers)
         self.mesh = make_mesh(cfg.train.mesh or None)
@@ -76,14 +90,17 @@ class Trainer:
 
         # ---- model and tokenizer
         model_path = cfg.model.path or data_lib.ensure_toy_base()
+        self.startup.mark("model path" if cfg.model.path else "toy base")
         if not Path(model_path).is_dir():
             raise ConfigError(f"config key 'model.path': {model_path!r} is not a directory")
         self.model_path = str(Path(model_path).resolve())
         self.cfg = cfg = replace(cfg, model=replace(cfg.model, path=self.model_path))
+        self._launch_embedded_server()  # its start-up overlaps the learner's; run() waits for it
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         model = load_pretrained(self.model_path, dtype=cfg.model.dtype, mesh=self.mesh,
                                 compute_dtype=cfg.model.compute_dtype or None, remat=cfg.model.remat)
+        self.startup.mark("model load")
 
         # ---- data
         toy = not cfg.data.train_files
@@ -159,24 +176,33 @@ class Trainer:
         self.logprob_rows = mbs or grpo_rows
         self.num_updates = 0
         self.start_step = 0
-        self.server = None
         self.client = None
         self.loop = asyncio.new_event_loop()
+        self.startup.mark("data and learner")
 
     # ------------------------------------------------------------------ lifecycle
+    def _launch_embedded_server(self) -> None:
+        """Start the embedded server (no --rollout.urls) without waiting: it loads and compiles
+        while the learner initialises; ``_start_rollout`` waits until it is healthy."""
+        cfg = self.cfg.rollout
+        if cfg.urls or not self.is_main:
+            return
+        from aepo_jax.rollout.launch import start_server
+
+        extra = cfg.server_args.split() if cfg.server_args else []
+        extra += ["--dtype", self.cfg.model.dtype]
+        log.info("starting the embedded SGLang-compatible server for %s", self.model_path)
+        self.server = start_server(self.model_path, extra_args=extra, log_path=str(self.run_dir / "server.log"))
+
     def _start_rollout(self) -> None:
         from aepo_jax.rollout.client import RolloutClient
 
         cfg = self.cfg.rollout
         urls = list(cfg.urls)
         if not urls:
-            from aepo_jax.rollout.launch import launch_server
+            from aepo_jax.rollout.launch import wait_healthy
 
-            extra = cfg.server_args.split() if cfg.server_args else []
-            extra += ["--dtype", self.cfg.model.dtype]
-            log.info("starting the embedded SGLang-compatible server for %s", self.model_path)
-            self.server = launch_server(self.model_path, extra_args=extra, wait_s=cfg.startup_timeout_s,
-                                        log_path=str(self.run_dir / "server.log"))
+            wait_healthy(self.server, cfg.startup_timeout_s)
             urls = [self.server.url]
         self.client = RolloutClient(urls, weight_update_urls=list(cfg.weight_update_urls) or None,
                                     timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
@@ -418,12 +444,15 @@ class Trainer:
                                resume_step=self.start_step, total_steps=cfg.train.steps) as logger:
                 if self.is_main:
                     self._start_rollout()
+                self.startup.mark("server start (rest)" if self.server is not None else "servers healthy")
                 # The servers must sample from this run's policy: the restored one on a resume, and
                 # the base model on a fresh start (a long-lived server may hold another run's weights).
                 self._sync(self.start_step)
+                self.startup.mark("first sync")
                 last_ckpt_s = None
                 for step in range(self.start_step, cfg.train.steps):
                     m = self.train_step(step)
+                    m.update(self.startup.report_once("first step", log))  # the start-up's phases, once
                     if last_ckpt_s is not None:
                         m["timing_s/checkpoint"] = last_ckpt_s  # the previous step's save
                     # Log before checkpointing: a run killed in between resumes at the previous
@@ -474,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Before jax initialises: simulated host devices for --mesh on CPU-only hosts, then multi-host.
     setup_host_devices(cfg.train.mesh or None)
+    setup_compilation_cache(cfg.train.compilation_cache)  # before anything compiles; the server inherits it
     from aepo_jax.trainer import distributed, startup
     from aepo_jax.trainer.checkpoint import CheckpointError, CheckpointSaveError, NonFiniteStateError
 

@@ -40,6 +40,7 @@ def test_ours_command_is_a_valid_run_with_the_shared_settings():
     assert cfg.algorithm.agg == "seq-mean-token-mean" and cfg.model.dtype == "float32" and not cfg.model.remat
     assert cfg.algorithm.clip_low == cfg.algorithm.clip_high == bench.CLIP and cfg.algorithm.reward == "toy"
     assert cfg.train.epochs == 1 and cfg.train.mini_batch_prompts == 0 and not cfg.train.resume
+    assert cfg.train.compilation_cache == "/tmp/cc"
 
 
 def _fake_run(side, step_times, rewards, process_s):

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 
 from aepo_jax.platform import mesh_spec_from_argv, setup_host_devices
+from aepo_jax.compilation_cache import setup_compilation_cache
 
 
 @dataclass
@@ -124,6 +125,7 @@ def die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> None:
     die_with_parent()
     setup_host_devices(mesh_spec_from_argv(argv))  # before anything imports jax
+    setup_compilation_cache()  # JAX's persistent cache: as a launching trainer set it, else auto
     args = parse_args(argv)
     if not os.path.isdir(args.model_path):
         sys.exit(f"--model-path: {args.model_path!r} is not a directory")

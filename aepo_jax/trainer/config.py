@@ -133,6 +133,8 @@ class TrainSection:
     coordinator_address: str = field(default="", metadata=_help("multi-host: host:port of process 0 (empty = auto-detect / single host)"))
     num_processes: int = field(default=0, metadata=_help("multi-host: number of processes (0 = auto)"))
     process_id: int = field(default=-1, metadata=_help("multi-host: this process's index (-1 = auto)"))
+    compilation_cache: str = field(default="auto", metadata=_help(
+        "JAX persistent compilation cache: auto ($AEPO_JAX_CACHE or ~/.cache/aepo_jax, /jax/<versions>) | off | DIR"))
 
 
 @dataclass
