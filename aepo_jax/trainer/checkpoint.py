@@ -10,8 +10,10 @@ data_iterator=None)``
     ``data_iterator``: a ``grain.DatasetIterator`` (e.g. the trainer's ``PromptPipeline``) saved
     with every step and restored in place by :meth:`restore`, through grain's orbax handler (one
     JSON file per process). Use the manager as a context manager (or call ``close()``): exit waits
-    for an async save to finish; a process that exits without it loses that one save (reported at
-    exit), never an earlier one.
+    for an async save to finish, also when the block ends with an exception. An async save still
+    pending when the interpreter exits is lost (never an earlier step), and orbax's writer threads
+    may then keep the process from exiting: Python stops the thread pools they need before any
+    public exit hook runs.
 
 ``mgr.should_save(step) -> bool``        orbax's decision: step % save_every == 0 or a preemption notice
 ``mgr.save(step, state, extras=None, *, force=False) -> bool``
@@ -52,7 +54,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import json
 import logging
@@ -60,7 +61,6 @@ import math
 import os
 import re
 import shutil
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -276,9 +276,6 @@ class CheckpointManager:
         handlers = {_STATE: ocp.PyTreeCheckpointHandler(), _EXTRAS: ocp.JsonCheckpointHandler(),
                     _DATA: grain.checkpoint.CheckpointHandler()}
         self._orbax = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
-        # Plain atexit runs after Python has stopped the thread pools orbax needs to finish an async
-        # write, so this can only report the loss; close() (or ``with``) is what completes the save.
-        atexit.register(_report_unclosed_at_exit, weakref.ref(self))
 
     # -- queries ---------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -507,21 +504,6 @@ class CheckpointManager:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _report_unclosed_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
-    mngr = ref()
-    if mngr is None or mngr._closed or mngr._pending_step is None:
-        return
-    step = mngr._pending_step
-    try:
-        mngr.close()
-    except Exception:  # noqa: BLE001 - at exit, report instead of raising into atexit
-        prev = mngr.latest_step()
-        log.error(
-            "checkpoint: the process exited during the async save of step %d without closing its "
-            "CheckpointManager (use `with CheckpointManager(...)` or close()); that step was not "
-            "completed, the previous checkpoint (step %s) is intact", step, prev)
 
 
 def _numpy_restore_args(tree: Any) -> Any:
