@@ -131,13 +131,15 @@ def _configure_jax(directory: Path | None) -> None:
 
 # ----------------------------------------------------------------------------------- compile counter
 class CompileCounter:
-    """Counts XLA compilations (and their seconds) and persistent-cache hits and misses, through
+    """Counts XLA compilations (and their seconds), the seconds spent tracing and lowering to XLA
+    (which the persistent cache does not save), and persistent-cache hits and misses, through
     ``jax.monitoring`` listeners (installed once per process)."""
 
     BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
     HIT = "/jax/compilation_cache/cache_hits"
     MISS = "/jax/compilation_cache/cache_misses"
     SAVED = "/jax/compilation_cache/compile_time_saved_sec"
+    TRACE = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
 
     def __init__(self):
         self.compiles = 0
@@ -145,6 +147,7 @@ class CompileCounter:
         self.hits = 0
         self.misses = 0
         self.saved_s = 0.0
+        self.trace_s = 0.0
         self.installed = False
         self._lock = threading.Lock()
 
@@ -162,6 +165,8 @@ class CompileCounter:
         if event == self.BACKEND_COMPILE:
             self.compiles += 1
             self.compile_s += seconds
+        elif event in self.TRACE:
+            self.trace_s += seconds
         elif event == self.SAVED:
             self.saved_s += seconds
 
@@ -172,8 +177,8 @@ class CompileCounter:
             self.misses += 1
 
     def snapshot(self) -> dict:
-        return {"compiles": self.compiles, "compile_s": self.compile_s, "cache_hits": self.hits,
-                "cache_misses": self.misses}
+        return {"compiles": self.compiles, "compile_s": self.compile_s, "trace_s": self.trace_s,
+                "cache_hits": self.hits, "cache_misses": self.misses}
 
 
 COMPILES = CompileCounter()

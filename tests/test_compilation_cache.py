@@ -91,6 +91,7 @@ def test_second_process_loads_what_the_first_compiled(tmp_path):
     assert second["dir"] == first["dir"]
     same, other = second["per_program"]
     assert same["cache_misses"] == 0 and same["cache_hits"] == first["per_program"][0]["cache_misses"]
+    assert same["trace_s"] > 0  # tracing and lowering happen again: the cache holds compiled programs only
     assert other["cache_misses"] >= 1  # another program is compiled, not loaded
     off = _run_program("off", "5", env)
     assert off["dir"] == "None" and off["cache_hits"] == 0 and off["cache_misses"] == 0

@@ -24,7 +24,7 @@ def test_clock_phases_summary_and_metrics_once(caplog):
         m = clock.report_once("first step")
     assert [p for p, _ in clock.phases] == ["model load", "server start", "first step"]
     assert set(m) == {"timing_s/startup/model_load", "timing_s/startup/server_start", "timing_s/startup/first_step",
-                      "timing_s/startup_total", "timing_s/startup_compile"}
+                      "timing_s/startup_total", "timing_s/startup_compile", "timing_s/startup_trace"}
     assert m["timing_s/startup_total"] == pytest.approx(sum(dt for _, dt in clock.phases))
     assert caplog.text.count("start-up") == 1 and "model load" in caplog.text and "first step" in caplog.text
     assert clock.report_once("first step") == {} and caplog.text.count("start-up") == 1

@@ -308,15 +308,19 @@ def ours_command(model_dir: str, run_dir: str, steps: int, compilation_cache: st
 OUR_STAGES = ("rollout", "reward", "old_logp", "batch", "update", "sync")
 
 
-def read_ours(run_dir: str | Path) -> list[dict]:
-    """Our run's per-step records from ``metrics.jsonl``."""
-    out = []
+def read_ours(run_dir: str | Path) -> tuple[list[dict], dict]:
+    """Our run's per-step records from ``metrics.jsonl``, and its start-up phases (``timing_s/startup*``
+    of the first step; empty for versions that do not log them)."""
+    out, startup = [], {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
+        if not out:
+            startup = {k.removeprefix("timing_s/"): round(v, 2) for k, v in m.items()
+                       if k.startswith("timing_s/startup")}
         out.append({"step": m["step"], "step_s": m["timing_s/step"], "reward": m.get("rollout/reward_mean"),
                     "entropy": m.get("policy/entropy_full"),
                     "stages": {s: m[f"timing_s/{s}"] for s in OUR_STAGES if f"timing_s/{s}" in m}})
-    return out
+    return out, startup
 
 
 # ----------------------------------------------------------------------------------- one run
@@ -344,8 +348,9 @@ def run_side(side: str, spec: dict, workdir: Path, index: int) -> dict:
         tail = log_path.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"{side} run {index} failed (exit {proc.returncode}): {' '.join(cmd[:4])} ...\n{tail}")
     if side == "ours":
-        steps = read_ours(run_dir / "run")
-        extra = {"startup_line": next((ln for ln in log_path.read_text().splitlines() if "start-up" in ln), None)}
+        steps, startup = read_ours(run_dir / "run")
+        line = next((ln for ln in log_path.read_text().splitlines() if "start-up " in ln), None)
+        extra = {"startup": startup, "startup_line": line.split(": ", 1)[-1] if line else None}
     else:
         res = json.loads((run_dir / "trl.json").read_text())
         steps = [trl_record(s) for s in res["steps"]]
@@ -384,6 +389,7 @@ def summarise(runs: list[dict], steps: int) -> dict:
             "reward_last": [r["steps"][-1].get("reward") for r in rs],
         }
         if side == "ours":
+            out[side]["startup_s"] = [r.get("startup") for r in rs]
             out[side]["startup_line"] = [r.get("startup_line") for r in rs]
         else:
             out[side]["phases_s"] = [r["phases_s"] for r in rs]

@@ -68,7 +68,8 @@ class StartupClock:
         parts = ", ".join(f"{name} {dt:.1f}" for name, dt in self.phases)
         c = self.compiles()
         # jax times a program's compilation and its load from the persistent cache as one event.
-        line = f"start-up {self.total_s():.1f} s: {parts}; XLA programs {c['compiles']} in {c['compile_s']:.1f} s"
+        line = (f"start-up {self.total_s():.1f} s: {parts}; tracing and lowering {c['trace_s']:.1f} s, "
+                f"XLA programs {c['compiles']} in {c['compile_s']:.1f} s")
         cache = os.environ.get(JAX_DIR_ENV) if os.environ.get(SETTING_ENV) != "off" else None
         if cache and COMPILES.installed:
             line += f" (compilation cache: {c['cache_hits']} loaded, {c['cache_misses']} compiled; {cache})"
@@ -77,12 +78,14 @@ class StartupClock:
         return line
 
     def metrics(self) -> dict:
-        """The phases as ``timing_s/startup/<phase>`` plus ``timing_s/startup_total`` and
+        """The phases as ``timing_s/startup/<phase>`` plus ``timing_s/startup_total``,
         ``timing_s/startup_compile`` (this process's seconds compiling, or loading from the
-        persistent cache, XLA programs)."""
+        persistent cache, XLA programs) and ``timing_s/startup_trace`` (tracing and lowering them)."""
         out = {f"timing_s/startup/{_slug(name)}": dt for name, dt in self.phases}
         out["timing_s/startup_total"] = self.total_s()
-        out["timing_s/startup_compile"] = self.compiles()["compile_s"]  # compiling or loading XLA programs
+        c = self.compiles()
+        out["timing_s/startup_compile"] = c["compile_s"]  # compiling or loading XLA programs
+        out["timing_s/startup_trace"] = c["trace_s"]  # tracing and lowering them (not cached)
         return out
 
     def report_once(self, phase: str, logger: logging.Logger | None = None) -> dict:
