@@ -412,7 +412,7 @@ CHAT_BAD = [
 
 @pytest.mark.parametrize("body,field", CHAT_BAD, ids=[f for _, f in CHAT_BAD])
 def test_chat_validation_names_the_field(learner, body, field):
-    from aepo_jax.rollout.openai_api import OpenAIError, translate_chat
+    from aepo_jax.rollout.openai_requests import OpenAIError, translate_chat
 
     with pytest.raises(OpenAIError) as ei:
         translate_chat(body, learner[1], 512, {})
@@ -421,7 +421,7 @@ def test_chat_validation_names_the_field(learner, body, field):
 
 
 def test_chat_translation_neutral_values_and_defaults(learner):
-    from aepo_jax.rollout.openai_api import translate_chat
+    from aepo_jax.rollout.openai_requests import translate_chat
 
     tok = learner[1]
     body = {"messages": [{"role": "system", "content": "s"},
