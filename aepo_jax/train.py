@@ -504,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     # Before jax initialises: simulated host devices for --mesh on CPU-only hosts, then multi-host.
     setup_host_devices(cfg.train.mesh or None)
     setup_compilation_cache(cfg.train.compilation_cache)  # before anything compiles; the server inherits it
+    # The error classes main() reports (imported after the device flags: these modules import jax).
+    from aepo_jax.rollout.client import RolloutError
+    from aepo_jax.rollout.weight_sync import WeightSyncError
     from aepo_jax.trainer import distributed, startup
     from aepo_jax.trainer.checkpoint import CheckpointError, CheckpointSaveError, NonFiniteStateError
 
@@ -543,12 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
-    except Exception as e:
-        from aepo_jax.rollout.client import RolloutError
-        from aepo_jax.rollout.weight_sync import WeightSyncError
-
-        if not isinstance(e, (RolloutError, WeightSyncError)):
-            raise
+    except (RolloutError, WeightSyncError) as e:  # after start-up: the servers failed mid-run
         last = _latest_checkpoint(cfg.train.run_dir)
         print(f"error: the rollout servers failed and retries are exhausted: {e}\n"
               f"The run stopped; its last checkpoint ({last}) is intact: run the same command to resume.",
