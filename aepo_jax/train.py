@@ -66,36 +66,41 @@ class Trainer:
 
     def _setup(self, cfg: RunConfig) -> None:
         # Imported here, not at the top: main() must set XLA_FLAGS before jax starts a backend.
-        import jax
-        from transformers import AutoTokenizer
-
         from aepo_jax import data as data_lib
-        from aepo_jax.entropy_control import ControllerConfig, EntropyController, TargetSchedule
-        from aepo_jax.losses import LossConfig
-        from aepo_jax.models import load_pretrained
-        from aepo_jax.models.sharding import make_mesh
         from aepo_jax.trainer import distributed
-        from aepo_jax.trainer.learner import Learner, LearnerSpec
 
         self.cfg = cfg
-        self.jax = jax
         self.is_main = distributed.is_main_process()
         self.run_dir = Path(cfg.train.run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.startup.mark("imports")
 
-        # ---- mesh and start-up validation (errors name keys and numbers)
-        self.mesh = make_mesh(cfg.train.mesh or None)
-        validate(cfg, data_axis_size=int(self.mesh.shape["data"]))
-
-        # ---- model and tokenizer
+        # ---- model path, then the embedded server: it starts while the rest is imported and the
+        # learner initialises (run() waits for it)
         model_path = cfg.model.path or data_lib.ensure_toy_base()
         self.startup.mark("model path" if cfg.model.path else "toy base")
         if not Path(model_path).is_dir():
             raise ConfigError(f"config key 'model.path': {model_path!r} is not a directory")
         self.model_path = str(Path(model_path).resolve())
         self.cfg = cfg = replace(cfg, model=replace(cfg.model, path=self.model_path))
-        self._launch_embedded_server()  # its start-up overlaps the learner's; run() waits for it
+        self._launch_embedded_server()
+
+        import jax
+        from transformers import AutoTokenizer  # imports torch when it is installed: seconds
+
+        from aepo_jax.entropy_control import ControllerConfig, EntropyController, TargetSchedule
+        from aepo_jax.losses import LossConfig
+        from aepo_jax.models import load_pretrained
+        from aepo_jax.models.sharding import make_mesh
+        from aepo_jax.trainer.learner import Learner, LearnerSpec
+
+        self.startup.mark("learner imports")
+        self.jax = jax
+        # ---- mesh and start-up validation (errors name keys and numbers)
+        self.mesh = make_mesh(cfg.train.mesh or None)
+        validate(cfg, data_axis_size=int(self.mesh.shape["data"]))
+
+        # ---- tokenizer and model
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         model = load_pretrained(self.model_path, dtype=cfg.model.dtype, mesh=self.mesh,
