@@ -258,3 +258,102 @@ def test_sharded_sampler_matches_single_device(sampler, model_dir):
     for a, b in zip(sharded.generate(reqs), sampler.generate(reqs)):
         assert a.output_ids == b.output_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def copy_with_weights(src, dst, change):
+    """A copy of the checkpoint at src whose tensors went through change(name, array)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(f"{src}/model.safetensors")
+    save_file({k: change(k, v) for k, v in tensors.items()}, f"{dst}/model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_seeded_output_in_the_same_buckets_ignores_the_rest_of_the_batch(sampler):
+    """The documented guarantee, bit for bit: same seed, prompt and buckets -> same output,
+    whatever the other rows are and wherever the row sits."""
+    from aepo_jax.rollout.sampler import SamplingRequest
+
+    rng = np.random.default_rng(1)
+
+    def rand_req(seed, **kw):
+        ids = tuple(int(t) for t in rng.integers(3, VOCAB, rng.integers(1, 16)))
+        kw = {"temperature": float(rng.choice([0.0, 0.6, 1.0, 1.4])), "top_p": float(rng.choice([1.0, 0.9])), **kw}
+        return SamplingRequest(input_ids=ids, max_new_tokens=int(rng.integers(1, 16)), seed=seed, **kw)
+
+    subjects = [rand_req(1000 + i, temperature=1.0) for i in range(6)]
+    alone = [sampler.generate([r])[0] for r in subjects]  # batch bucket 8
+    for trial in range(2):
+        others = [rand_req(int(rng.integers(1 << 40))) for _ in range(4)]
+        batch = others + subjects[:4] if trial == 0 else subjects[2:] + others  # other positions, still <= 8 rows
+        got = {id(r): res for r, res in zip(batch, sampler.generate(batch))}
+        for r, ref in zip(subjects, alone):
+            if id(r) in got:
+                assert got[id(r)].output_ids == ref.output_ids
+                assert got[id(r)].logprobs == ref.logprobs and got[id(r)].logprobs_t1 == ref.logprobs_t1
+
+
+def test_seeded_output_in_other_buckets_agrees_to_rounding(sampler):
+    """In another batch bucket (8 -> 512 rows) only float rounding differs: log-probs agree to
+    1e-4 for as long as the tokens agree (a draw at a distribution boundary may then differ)."""
+    from aepo_jax.rollout.sampler import SamplingRequest
+
+    subjects = [SamplingRequest(input_ids=p, max_new_tokens=12, temperature=1.0, seed=77 + i, ignore_eos=True)
+                for i, p in enumerate(PROMPTS)]
+    alone = [sampler.generate([r])[0] for r in subjects]
+    filler = [SamplingRequest(input_ids=(7, 8, 9), max_new_tokens=12, seed=i) for i in range(20)]
+    big = sampler.generate(subjects + filler)[:len(subjects)]  # 24 rows: the 512 bucket
+    agree = 0
+    for a, b in zip(alone, big):
+        n = next((k for k, (x, y) in enumerate(zip(a.output_ids, b.output_ids)) if x != y), len(a.output_ids))
+        np.testing.assert_allclose(a.logprobs[:n + 1], b.logprobs[:n + 1], atol=1e-4)
+        agree += n == len(a.output_ids)
+    assert agree >= len(subjects) - 1  # a divergence needs a draw within ~1e-6 of a boundary: rare
+
+
+def test_cancelled_requests_stop_early(sampler):
+    """cancelled() is polled before every STEPS_PER_CALL decode steps; a request marked True
+    stops there, and a batch with every request cancelled stops at once."""
+    from aepo_jax.rollout.sampler import STEPS_PER_CALL, SamplingRequest
+
+    n_new = 2 * STEPS_PER_CALL + 5
+    reqs = [SamplingRequest(input_ids=p, max_new_tokens=n_new, temperature=1.0, seed=3, ignore_eos=True)
+            for p in PROMPTS[:2]]
+    polls = []
+
+    def cancel_first_after_one_call():
+        polls.append(1)
+        return [len(polls) > 1, False]
+
+    res = sampler.generate(reqs, cancelled=cancel_first_after_one_call)
+    assert len(polls) == 3  # ceil(n_new / STEPS_PER_CALL) calls
+    assert len(res[0].output_ids) == STEPS_PER_CALL and len(res[1].output_ids) == n_new
+    full = sampler.generate(reqs)
+    assert res[0].output_ids == full[0].output_ids[:STEPS_PER_CALL] and res[1].output_ids == full[1].output_ids
+    assert [r.output_ids for r in sampler.generate(reqs, cancelled=lambda: [True, True])] == [[], []]
+
+
+def test_non_finite_weights_refused_and_overflow_stays_in_the_vocabulary(sampler, model_dir, tmp_path):
+    """NaN weights: refused, the served weights stay. Finite weights that overflow to NaN
+    logits: the tokens are still inside the vocabulary (320, not a multiple of the 256 block)."""
+    from aepo_jax.rollout.sampler import Sampler, SamplingRequest
+
+    req = [SamplingRequest(input_ids=PROMPTS[0], max_new_tokens=8, temperature=0.0, ignore_eos=True)]
+    before = sampler.generate(req)[0].output_ids
+    nan = copy_with_weights(model_dir, tmp_path / "nan", lambda k, v: np.where(
+        np.arange(v.size).reshape(v.shape) == 5, np.nan, v).astype(v.dtype) if "layers.1.mlp.down" in k else v)
+    with pytest.raises(ValueError, match=r"layers.*1.*mlp.*down.*non-finite"):
+        sampler.load_weights(nan, weight_version="nan")
+    assert sampler.weight_version != "nan" and sampler.generate(req)[0].output_ids == before
+    with pytest.raises(ValueError, match="non-finite"):
+        Sampler.from_pretrained(nan, config=sampler.config)
+
+    huge = copy_with_weights(model_dir, tmp_path / "huge", lambda k, v: v * np.float32(1e38) if "lm_head" in k else v)
+    over = Sampler.from_pretrained(huge, config=sampler.config)
+    reqs = [SamplingRequest(input_ids=p, max_new_tokens=6, temperature=t, seed=1, ignore_eos=True)
+            for p in PROMPTS for t in (0.0, 1.0)]
+    for r in over.generate(reqs):
+        assert len(r.output_ids) == 6 and all(0 <= t < VOCAB for t in r.output_ids), r.output_ids

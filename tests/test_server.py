@@ -16,7 +16,15 @@ from aepo_jax.rollout.testing import load_sglang_api_types, make_tiny_model_dir
 
 VOCAB = 320
 SERVER_ARGS = ["--max-batch", "16", "--batch-buckets", "16", "--prompt-buckets", "32",
-               "--gen-buckets", "16,256", "--random-seed", "0"]
+               "--gen-buckets", "16,256", "--random-seed", "0",
+               "--max-n", "8", "--max-rows-per-request", "64", "--max-body-mb", "1"]
+
+
+def strict_json(payload: bytes):
+    """json.loads that refuses NaN/Infinity, which are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{name} in a response body")
+    return json.loads(payload, parse_constant=refuse)
 
 
 def http(method, url, body=None, raw=None, timeout=120):
@@ -28,7 +36,7 @@ def http(method, url, body=None, raw=None, timeout=120):
     except urllib.error.HTTPError as e:
         status, payload, ctype = e.code, e.read(), e.headers.get("Content-Type", "")
     if "json" in ctype and payload:
-        return status, json.loads(payload)
+        return status, strict_json(payload)
     return status, payload.decode()
 
 
@@ -329,3 +337,123 @@ def test_unloadable_model_exits_with_the_reason(tmp_path):
     (bad / "config.json").write_text('{"model_type": "qwen2"}')
     with pytest.raises(RuntimeError, match="vocab_size"):
         launch_server(str(bad), wait_s=120, log_path=str(tmp_path / "log"))
+
+
+# ---------------------------------------------------------------- hostile and odd requests
+
+
+def test_limits_on_n_rows_and_body_size(server):
+    status, err = gen(server, {"input_ids": [1, 2], "sampling_params": {"n": 9, "max_new_tokens": 1}})
+    assert status == 400 and "sampling_params.n" in err["error"]["message"] and "--max-n" in err["error"]["message"]
+    status, err = gen(server, {"input_ids": [[1, 2]] * 9, "sampling_params": {"n": 8, "max_new_tokens": 1}})
+    assert status == 400 and "72 sequences" in err["error"]["message"], err
+    status, ok = gen(server, {"input_ids": [[1, 2]] * 8, "sampling_params": {"n": 8, "max_new_tokens": 1}})
+    assert status == 200 and len(ok) == 64
+    big = json.dumps({"input_ids": [1] * 600_000}).encode()  # 1.8 MB > --max-body-mb 1
+    status, err = gen(server, None, raw=big)
+    assert status == 413 and isinstance(err, dict) and err["code"] == 413, err
+    assert http("GET", server.url + "/health") == (200, "")
+
+
+def test_deep_nesting_and_non_json_numbers_are_400(server):
+    for raw in (b"[" * 20000 + b"]" * 20000, b'{"input_ids": ' + b"[" * 20000 + b"]" * 20000 + b"}",
+                b'{"input_ids": [1, 2], "sampling_params": {"temperature": NaN}}',
+                b'{"input_ids": [1, 2], "sampling_params": {"top_p": Infinity}}'):
+        status, err = gen(server, None, raw=raw)
+        assert status == 400 and err["object"] == "error" and "JSON" in err["message"], (raw[:40], err)
+    status, err = http("POST", server.url + "/update_weights_from_disk", raw=b"[" * 20000)
+    assert status == 400 and "JSON" in err["message"]
+    status, err = http("POST", server.url + "/no_such_route", {})
+    assert status == 404 and err["code"] == 404  # aiohttp's own errors are JSON too
+    assert gen(server, greedy_body([1, 2], 1))[0] == 200
+
+
+def test_unknown_top_level_keys_refused_sglang_neutral_values_accepted(server):
+    status, err = gen(server, {**greedy_body([1, 2], 1), "return_logprobs": True})
+    assert status == 400 and "return_logprobs" in err["error"]["message"]
+    status, err = gen(server, {**greedy_body([1, 2], 1), "lora_path": "adapter"})
+    assert status == 400 and "lora_path" in err["error"]["message"]
+    # what SGLang's own frontend (sglang.lang, SglSamplingParams.to_srt_kwargs) sends by default
+    frontend = {"text": "hello", "sampling_params": {
+        "max_new_tokens": 4, "min_new_tokens": 0, "n": 1, "stop": [], "stop_token_ids": [], "stop_regex": [],
+        "temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "frequency_penalty": 0.0,
+        "presence_penalty": 0.0, "ignore_eos": False, "regex": None, "json_schema": None},
+        "return_logprob": False, "logprob_start_len": -1, "top_logprobs_num": 0,
+        "return_text_in_logprobs": False, "stream": False, "lora_path": None, "image_data": None,
+        "log_metrics": True, "routed_experts_start_len": 0, "custom_labels": {"team": "rl"}}
+    status, out = gen(server, frontend)
+    assert status == 200, out
+    check_generate(out)
+    status, err = gen(server, {**frontend, "sampling_params": {**frontend["sampling_params"], "stop_regex": ["x+"]}})
+    assert status == 400 and "stop_regex" in err["error"]["message"]
+
+
+def _copy_with_weights(src, dst, change):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(f"{src}/model.safetensors")
+    save_file({k: change(k, v) for k, v in tensors.items()}, f"{dst}/model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_nan_weights_refused_and_overflow_gives_valid_json(server, dirs, tmp_path):
+    body = {"input_ids": [[1, 2, 3], [9, 8]], "return_logprob": True,
+            "sampling_params": [{"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True},
+                                {"temperature": 1.0, "max_new_tokens": 6, "ignore_eos": True, "sampling_seed": 5}]}
+    before = gen(server, body)[1]
+    version = http("GET", server.url + "/model_info")[1]["weight_version"]
+    nan = _copy_with_weights(dirs[0], tmp_path / "nan", lambda k, v: v * np.float32(np.nan) if "layers.0.self_attn.o_proj" in k else v)
+    st, res = http("POST", server.url + "/update_weights_from_disk", {"model_path": nan, "weight_version": "nan"})
+    assert st == 400 and res["success"] is False and "non-finite" in res["message"] and "attn" in res["message"], res
+    assert http("GET", server.url + "/model_info")[1]["weight_version"] == version
+    assert [o["output_ids"] for o in gen(server, body)[1]] == [o["output_ids"] for o in before]
+    # finite weights whose logits overflow (inf - inf = NaN): still strict JSON, ids in the vocabulary
+    huge = _copy_with_weights(dirs[0], tmp_path / "huge", lambda k, v: v * np.float32(1e38) if "lm_head" in k else v)
+    try:
+        st, res = http("POST", server.url + "/update_weights_from_disk", {"model_path": huge, "weight_version": "huge"})
+        assert st == 200, res
+        status, outs = gen(server, body)  # http() parses with strict_json: a bare NaN would raise
+        assert status == 200
+        for o in outs:
+            check_generate(o)
+            assert all(0 <= t < VOCAB for t in o["output_ids"]), o["output_ids"]
+    finally:
+        http("POST", server.url + "/update_weights_from_disk", {"model_path": dirs[0], "weight_version": version})
+
+
+@pytest.mark.slow
+def test_abandoned_request_is_cancelled(tmp_path):
+    """A client that goes away stops its sequences: the next request does not wait for them.
+    (A model large enough that one long batch takes seconds, so the wait is measurable.)"""
+    from http.client import HTTPConnection
+    from urllib.parse import urlparse
+
+    from aepo_jax.rollout.launch import launch_server
+
+    model = make_tiny_model_dir(str(tmp_path / "m"), vocab_size=2048, hidden_size=256, intermediate_size=512,
+                                num_layers=4, max_position_embeddings=1024)
+    args = ["--max-batch", "16", "--batch-buckets", "16", "--prompt-buckets", "16", "--gen-buckets", "512",
+            "--skip-server-warmup"]
+    with launch_server(model, extra_args=args, wait_s=240, log_path=str(tmp_path / "log")) as sp:
+        long_body = {"input_ids": [[3, 4, 5]] * 16, "sampling_params": {"temperature": 1.0, "max_new_tokens": 500,
+                                                                         "ignore_eos": True}}
+        assert gen(sp, long_body)[0] == 200  # compiles the one bucket
+        t0 = time.time()
+        assert gen(sp, long_body)[0] == 200
+        full = time.time() - t0
+        u = urlparse(sp.url)
+        conn = HTTPConnection(u.hostname, u.port, timeout=120)
+        conn.request("POST", "/generate", body=json.dumps(long_body), headers={"Content-Type": "application/json"})
+        deadline = time.time() + 30
+        while time.time() < deadline:  # wait until the batch runs
+            if http("GET", sp.url + "/server_info")[1]["internal_states"][0]["num_running_reqs"] >= 16:
+                break
+            time.sleep(0.01)
+        conn.close()  # abandon it
+        t1 = time.time()
+        assert gen(sp, greedy_body([1, 2], 1))[0] == 200
+        waited = time.time() - t1
+        assert waited < 0.5 * full, (waited, full)

@@ -187,3 +187,31 @@ def test_sampling_keys_match_the_contract():
     assert (req.max_new_tokens, req.temperature, req.top_p, req.min_p) == (
         defaults.max_new_tokens, defaults.temperature, defaults.top_p, defaults.min_p)
     assert req.top_k == -1 and defaults.top_k == protocol.TOP_K_ALL  # both: the whole vocabulary
+
+
+def test_accepted_top_level_keys_are_sglangs_generate_req_input_fields():
+    """SGLang's own clients only send GenerateReqInput fields; we accept exactly those."""
+    assert protocol.GENERATE_REQ_INPUT_FIELDS == _struct_fields("GenerateReqInput")
+    assert set(api.GenerateRequest.__struct_fields__) <= protocol.GENERATE_REQ_INPUT_FIELDS
+    with pytest.raises(protocol.RequestError, match="return_logprobs"):
+        protocol.parse_generate({"input_ids": [1], "return_logprobs": True}, vocab_size=10, context_len=512)
+
+
+@pytest.mark.parametrize("key,value", [("stop_regex", []), ("stop_regex", None), ("regex", None), ("min_new_tokens", 0),
+                                       ("frequency_penalty", 0.0), ("logit_bias", {}), ("choice", []), ("stop", [])])
+def test_neutral_values_of_unsupported_sampling_keys_are_accepted(key, value):
+    body = {"input_ids": [1, 2], "sampling_params": {key: value}}
+    api.GenerateRequest.from_json_value(body)
+    protocol.parse_generate(body, vocab_size=10, context_len=512)
+
+
+def test_limits_on_n_and_rows():
+    limits = protocol.Limits(max_n=4, max_rows=6)
+    ok = protocol.parse_generate({"input_ids": [[1], [2], [3]], "sampling_params": {"n": 2}},
+                                 vocab_size=10, context_len=512, limits=limits)
+    assert len(ok.items) == 6
+    for body, word in (({"input_ids": [1], "sampling_params": {"n": 5}}, "sampling_params.n"),
+                       ({"input_ids": [[1]] * 7}, "7 sequences")):
+        with pytest.raises(protocol.RequestError, match=word.replace(".", r"\.")) as e:
+            protocol.parse_generate(body, vocab_size=10, context_len=512, limits=limits)
+        assert e.value.status == 400

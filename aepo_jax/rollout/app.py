@@ -96,7 +96,8 @@ class RolloutServer:
             self.sampler.generate([SamplingRequest(input_ids=(0,), max_new_tokens=1, temperature=0.0, seed=0)])
 
     async def startup(self, app: web.Application) -> None:
-        self.scheduler = BatchScheduler(lambda reqs: self.sampler.generate_versioned(reqs), self._executor,
+        self.scheduler = BatchScheduler(lambda reqs, cancelled: self.sampler.generate_versioned(reqs, cancelled),
+                                        self._executor,
                                         batch_wait_ms=self.args.batch_wait_ms)
         loop = asyncio.get_running_loop()
 
@@ -177,7 +178,8 @@ class RolloutServer:
             try:
                 outs = await asyncio.gather(*(p.future for p in pend))
             except asyncio.CancelledError:  # the client went away: stop its sequences
-                sched.abort(lambda p: p in pend)
+                sched.abandon(pend)
+                log.info("client went away: %d sequences abandoned", len(pend))
                 raise
             finally:
                 sched.release(pend)

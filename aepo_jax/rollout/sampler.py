@@ -18,7 +18,7 @@ import json
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,61 +80,101 @@ def split_seed(seed: int) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- the jitted generation
 
+Cancelled = Callable[[], Sequence[bool]]  # polled between decode calls: True = stop this request
 
-def _build_generate_fn(graphdef):
-    """The jitted whole-generation function; shapes (buckets) select the compiled version."""
 
-    def generate(state, prompt_ids, prompt_mask, temps, top_p, top_k, min_p, max_new, stop_ids,
-                 seed_hi, seed_lo, gen_len):
+STEPS_PER_CALL = 16  # decode steps per jitted call; between calls cancelled rows are dropped
+
+
+class _Carry(NamedTuple):
+    """The decode loop's state between jitted calls (device arrays; the cache is donated)."""
+
+    step: jax.Array  # scalar int32: tokens generated so far (the loop index)
+    logits: jax.Array  # [B, V] f32: the next token's logits
+    cache: Any  # the model's KV cache
+    cache_mask: jax.Array  # [B, T] bool
+    tokens: jax.Array  # [B, G] int32
+    logprobs: jax.Array  # [B, G] f32, at the sampling temperature
+    logprobs_t1: jax.Array  # [B, G] f32
+    done: jax.Array  # [B] bool
+    stopped: jax.Array  # [B] bool: finished on a stop token
+    n_gen: jax.Array  # [B] int32
+
+
+def _build_generate_fns(graphdef):
+    """(prefill, decode_steps), jitted; shapes (buckets) select the compiled versions.
+
+    ``prefill`` runs the left-padded prompts through the cache and returns the first carry;
+    ``decode_steps`` runs the one-token decode ``lax.while_loop`` up to step ``until`` or until
+    every row is done, whichever comes first. The host calls it again until the batch is
+    finished, and can mark rows done in between (``cancel``): a batch whose requests were all
+    abandoned stops within ``STEPS_PER_CALL`` steps instead of running to the end."""
+
+    def prefill(state, prompt_ids, prompt_mask, max_new, gen_len):
         model = nnx.merge(graphdef, state)
         b, plen = prompt_ids.shape
-        tlen = plen + gen_len
-        greedy = temps < GREEDY_EPS
-        need_trunc = (top_k < model.cfg.vocab_size) | (top_p < 1.0)
-        keys = jax.vmap(lambda h, l: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), h), l))(seed_hi, seed_lo)
-        lengths = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
         pos = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
-        cache = model.init_cache(b, tlen)
+        cache = model.init_cache(b, plen + gen_len)
         cache_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, gen_len), jnp.bool_)], axis=1)
         # Prefill all but the last prompt token without using their logits (XLA drops the LM
         # head for them: [B, P, V] logits would be GBs at a 150k vocabulary), then the last one.
         if plen > 1:
             _, cache = model.decode(prompt_ids[:, :-1], pos[:, :-1], cache, 0, cache_mask)
         logits, cache = model.decode(prompt_ids[:, -1:], pos[:, -1:], cache, plen - 1, cache_mask)
-        logits = logits[:, 0]
+        return _Carry(jnp.int32(0), logits[:, 0], cache, cache_mask, jnp.zeros((b, gen_len), jnp.int32),
+                      jnp.zeros((b, gen_len), jnp.float32), jnp.zeros((b, gen_len), jnp.float32),
+                      max_new <= 0, jnp.zeros((b,), jnp.bool_), jnp.zeros((b,), jnp.int32))
 
-        out_tok = jnp.zeros((b, gen_len), jnp.int32)
-        out_lpt = jnp.zeros((b, gen_len), jnp.float32)
-        out_lp1 = jnp.zeros((b, gen_len), jnp.float32)
-        done = max_new <= 0
-        stopped = jnp.zeros((b,), jnp.bool_)
-        n_gen = jnp.zeros((b,), jnp.int32)
+    def decode_steps(state, carry, until, cancel, lengths, temps, top_p, top_k, min_p, max_new, stop_ids,
+                     seed_hi, seed_lo):
+        model = nnx.merge(graphdef, state)
+        gen_len = carry.tokens.shape[1]
+        plen = carry.cache_mask.shape[1] - gen_len
+        greedy = temps < GREEDY_EPS
+        need_trunc = (top_k < model.cfg.vocab_size) | (top_p < 1.0)
+        keys = jax.vmap(lambda h, l: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), h), l))(seed_hi, seed_lo)
 
         def cond(c):
-            i, done = c[0], c[7]
-            return (i < gen_len) & ~jnp.all(done)
+            return (c.step < until) & ~jnp.all(c.done)
 
         def body(c):
-            i, logits, cache, cache_mask, out_tok, out_lpt, out_lp1, done, stopped, n_gen = c
-            tok, lpt, lp1 = sample_step(logits, temps, greedy, top_k, top_p, min_p, need_trunc, keys, i)
-            live = ~done
-            out_tok = out_tok.at[:, i].set(jnp.where(live, tok, 0))
-            out_lpt = out_lpt.at[:, i].set(jnp.where(live, lpt, 0.0))
-            out_lp1 = out_lp1.at[:, i].set(jnp.where(live, lp1, 0.0))
-            n_gen = n_gen + live.astype(jnp.int32)
+            i = c.step
+            tok, lpt, lp1 = sample_step(c.logits, temps, greedy, top_k, top_p, min_p, need_trunc, keys, i)
+            live = ~c.done
+            n_gen = c.n_gen + live.astype(jnp.int32)
             hit = jnp.any(tok[:, None] == stop_ids, axis=-1) & live
-            stopped = stopped | hit
-            done = done | hit | (n_gen >= max_new)
             slot = plen + i
-            cache_mask = cache_mask.at[:, slot].set(True)
-            logits, cache = model.decode(tok[:, None], (lengths + i)[:, None], cache, slot, cache_mask)
-            return (i + 1, logits[:, 0], cache, cache_mask, out_tok, out_lpt, out_lp1, done, stopped, n_gen)
+            cache_mask = c.cache_mask.at[:, slot].set(True)
+            logits, cache = model.decode(tok[:, None], (lengths + i)[:, None], c.cache, slot, cache_mask)
+            return _Carry(i + 1, logits[:, 0], cache, cache_mask,
+                          c.tokens.at[:, i].set(jnp.where(live, tok, 0)),
+                          c.logprobs.at[:, i].set(jnp.where(live, lpt, 0.0)),
+                          c.logprobs_t1.at[:, i].set(jnp.where(live, lp1, 0.0)),
+                          c.done | hit | (n_gen >= max_new), c.stopped | hit, n_gen)
 
-        c = (jnp.int32(0), logits, cache, cache_mask, out_tok, out_lpt, out_lp1, done, stopped, n_gen)
-        c = jax.lax.while_loop(cond, body, c)
-        return c[4], c[5], c[6], c[9], c[8]
+        return jax.lax.while_loop(cond, body, carry._replace(done=carry.done | cancel))
 
-    return jax.jit(generate, static_argnames=("gen_len",))
+    return (jax.jit(prefill, static_argnames=("gen_len",)),
+            jax.jit(decode_steps, donate_argnums=(1,)))
+
+
+def _restricted(cancelled: Cancelled | None, idx: list[int]) -> Cancelled | None:
+    """``cancelled`` for the requests ``idx`` only, in that order."""
+    if cancelled is None:
+        return None
+
+    def flags() -> list[bool]:
+        every = cancelled()
+        return [bool(every[i]) for i in idx]
+
+    return flags
+
+
+def _check_finite(state, path: str) -> None:
+    """ValueError naming the first parameter with a NaN or an infinity."""
+    for key, x in jax.tree_util.tree_leaves_with_path(state):
+        if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(x))):
+            raise ValueError(f"{path}: parameter {jax.tree_util.keystr(key)} has non-finite values (NaN or inf)")
 
 
 # --------------------------------------------------------------------------- engine
@@ -168,7 +208,7 @@ class Sampler:
         self.mesh = None  # new weights are loaded onto this mesh (from_pretrained's)
         self._graphdef, state = nnx.split(model)
         self._weights = (state, "default")  # replaced atomically as one tuple
-        self._fn = _build_generate_fn(self._graphdef)
+        self._prefill, self._decode_steps = _build_generate_fns(self._graphdef)
         c = self.config
         self._pb = c.prompt_buckets or tuple(_pow2_buckets(16, self.context_len))
         self._gb = c.gen_buckets or tuple(_pow2_buckets(16, self.context_len))
@@ -177,6 +217,7 @@ class Sampler:
     def from_pretrained(cls, path: str, *, dtype: Any = "float32", mesh: Any = None,
                         config: SamplerConfig | None = None, context_len: int | None = None) -> "Sampler":
         model = load_pretrained(path, dtype=dtype, mesh=mesh)
+        _check_finite(nnx.state(model), path)
         s = cls(model, eos_token_ids=read_eos_token_ids(path), context_len=context_len,
                 config=config, dtype=dtype, model_path=path)
         s.mesh = mesh
@@ -197,8 +238,8 @@ class Sampler:
     def load_weights(self, path: str, weight_version: str | None = None, mesh: Any = None) -> None:
         """Swap in the weights of the HF checkpoint at ``path`` (same architecture).
 
-        Raises ValueError naming the first parameter whose shape or dtype differs; the current
-        weights stay in place on any failure."""
+        Raises ValueError naming the first parameter whose shape or dtype differs or that holds a
+        NaN or an infinity; the current weights stay in place on any failure."""
         model = load_pretrained(path, dtype=self.dtype, mesh=mesh if mesh is not None else self.mesh)
         _, new_state = nnx.split(model)
         old_state = self._weights[0]
@@ -212,6 +253,7 @@ class Sampler:
                     f"{path}: parameter {jax.tree_util.keystr(pb)} is {b.dtype}{list(b.shape)}, "
                     f"the served model has {jax.tree_util.keystr(pa)} {a.dtype}{list(a.shape)}"
                 )
+        _check_finite(new_state, path)
         version = self._weights[1] if weight_version is None else str(weight_version)
         self._weights = (new_state, version)
         self.model_path = path
@@ -220,17 +262,34 @@ class Sampler:
     def _fresh_seed(self) -> int:
         return secrets.randbits(63)
 
-    def generate(self, requests: Sequence[SamplingRequest]) -> list[SampleResult]:
-        """Generate for every request (split into chunks of ``max_batch``); results in order."""
-        state, _ = self._weights  # one read: the whole call uses these weights
-        return self.generate_with(state, requests)
+    def generate(self, requests: Sequence[SamplingRequest], cancelled: Cancelled | None = None) -> list[SampleResult]:
+        """Generate for every request (split into chunks of ``max_batch``); results in order.
 
-    def generate_versioned(self, requests: Sequence[SamplingRequest]) -> tuple[list[SampleResult], str]:
+        ``cancelled() -> [bool per request]`` (polled every ``STEPS_PER_CALL`` steps, from this
+        thread) stops the requests marked True early; their results are then partial.
+
+        What a seed guarantees: a request's draws come only from its own seed, so its output
+        is a function of (seed, prompt, sampling parameters, weights) *and the compiled shape it
+        runs in*: the batch, prompt and generation buckets. In the same buckets, the output is
+        bit-for-bit the same whatever the other rows are and wherever the row sits. In other
+        buckets the logits differ by float rounding (XLA:CPU picks its matmul kernel by the
+        number of rows, and the attention reductions run over another key length), so log-probs
+        agree to ~1e-5 and the tokens agree until a draw lands within that rounding of a
+        boundary of the cumulative distribution; from there the continuation differs. For
+        batch-independent outputs, serve with one bucket per kind (e.g. ``--batch-buckets 64
+        --prompt-buckets 256 --gen-buckets 1024``): every request then runs in the same shape.
+        """
+        state, _ = self._weights  # one read: the whole call uses these weights
+        return self.generate_with(state, requests, cancelled)
+
+    def generate_versioned(self, requests: Sequence[SamplingRequest], cancelled: Cancelled | None = None
+                           ) -> tuple[list[SampleResult], str]:
         """Like ``generate`` and also returns the weight version every result came from."""
         state, version = self._weights
-        return self.generate_with(state, requests), version
+        return self.generate_with(state, requests, cancelled), version
 
-    def generate_with(self, state, requests: Sequence[SamplingRequest]) -> list[SampleResult]:
+    def generate_with(self, state, requests: Sequence[SamplingRequest],
+                      cancelled: Cancelled | None = None) -> list[SampleResult]:
         reqs = list(requests)
         for i, r in enumerate(reqs):
             self._check(i, r)
@@ -245,7 +304,9 @@ class Sampler:
         mb = self.config.max_batch
         for s in range(0, len(todo), mb):
             chunk = todo[s:s + mb]
-            for i, res in zip(chunk, self._run_chunk(state, [reqs[i] for i in chunk], [seeds[i] for i in chunk])):
+            rows = [reqs[i] for i in chunk]
+            for i, res in zip(chunk, self._run_chunk(state, rows, [seeds[i] for i in chunk],
+                                                     _restricted(cancelled, chunk))):
                 results[i] = res
         return results  # type: ignore[return-value]
 
@@ -255,7 +316,8 @@ class Sampler:
         except ValueError as e:
             raise ValueError(f"request {i}: {e}") from None
 
-    def _run_chunk(self, state, reqs: list[SamplingRequest], seeds: list[int]) -> list[SampleResult]:
+    def _run_chunk(self, state, reqs: list[SamplingRequest], seeds: list[int],
+                   cancelled: Cancelled | None) -> list[SampleResult]:
         c = self.config
         n = len(reqs)
         b = _bucket(n, c.batch_buckets)
@@ -287,8 +349,18 @@ class Sampler:
             hi[row], lo[row] = split_seed(sd)
         ids[n:, -1] = 0
         mask[n:, -1] = True
-        out = self._fn(state, ids, mask, temps, top_p, top_k, min_p, max_new, stop_ids, hi, lo, gen_len=glen)
-        tok, lpt, lp1, n_gen, stopped = (np.asarray(x) for x in out)
+        lengths = mask.sum(axis=-1, dtype=np.int32)
+        carry = self._prefill(state, ids, mask, max_new, gen_len=glen)
+        cancel = np.zeros((b,), bool)
+        for until in range(STEPS_PER_CALL, glen + STEPS_PER_CALL, STEPS_PER_CALL):
+            if cancelled is not None:
+                cancel[:n] = cancelled()
+            carry = self._decode_steps(state, carry, np.int32(min(until, glen)), cancel, lengths, temps, top_p,
+                                       top_k, min_p, max_new, stop_ids, hi, lo)
+            if bool(np.all(carry.done)):
+                break
+        tok, lpt, lp1, n_gen, stopped = (np.asarray(x) for x in (carry.tokens, carry.logprobs, carry.logprobs_t1,
+                                                                carry.n_gen, carry.stopped))
         results = []
         for row, r in enumerate(reqs):
             m = int(n_gen[row])

@@ -82,7 +82,9 @@ def inverse_cdf(q, u):
     cq = base[:, None] + jnp.cumsum(qb, axis=-1)
     j = jnp.minimum(jnp.sum(cq <= target[:, None], axis=-1), BLOCK - 1)
     j = nearest_positive(qb, j)
-    return blk * BLOCK + j
+    # q without positive mass (NaN logits from overflowing weights) lands in the padding:
+    # clamp, so a token id is always inside the vocabulary
+    return jnp.minimum(blk * BLOCK + j, v - 1)
 
 
 def sample_step(logits, temps, greedy, top_k, top_p, min_p, need_trunc, keys, step):

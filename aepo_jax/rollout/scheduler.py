@@ -69,10 +69,12 @@ class Pending:
 class BatchScheduler:
     """The queue, the worker that drains it into sampler calls, abort, and the update lock.
 
-    ``run_batch(requests) -> (results, weight_version)`` is the (blocking) sampler call; it runs
-    on ``executor``, the server's single sampler thread, which weight loads share."""
+    ``run_batch(requests, cancelled) -> (results, weight_version)`` is the (blocking) sampler
+    call; it runs on ``executor``, the server's single sampler thread, which weight loads share.
+    It polls ``cancelled() -> [bool]`` and stops the sequences that were aborted meanwhile (by
+    ``/abort_request`` or because their client went away), so the next batch does not wait."""
 
-    def __init__(self, run_batch: Callable[[Sequence[Any]], tuple[list, str]],
+    def __init__(self, run_batch: Callable[[Sequence[Any], Callable[[], list[bool]]], tuple[list, str]],
                  executor: concurrent.futures.Executor, batch_wait_ms: float = 5.0):
         self._run_batch = run_batch
         self._executor = executor
@@ -114,6 +116,13 @@ class BatchScheduler:
         for p in pend:
             self._inflight.discard(p)
 
+    def abandon(self, pend: Sequence[Pending]) -> None:
+        """Their caller went away (its futures are cancelled): drop them from the queue and stop
+        them in the running batch."""
+        for p in pend:
+            p.aborted = True
+        self.release(pend)
+
     def abort(self, match: Callable[[Pending], bool]) -> int:
         """Answer every matching unfinished sequence at once with None (abort); returns how many."""
         n = 0
@@ -141,7 +150,8 @@ class BatchScheduler:
                 p.running = True
             try:
                 results, version = await loop.run_in_executor(
-                    self._executor, self._run_batch, [p.request for p in batch])
+                    self._executor, self._run_batch, [p.request for p in batch],
+                    lambda: [p.aborted for p in batch])
             except Exception as e:  # an engine failure answers every caller with a 500
                 log.exception("generation failed")
                 for p in batch:
