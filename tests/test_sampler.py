@@ -331,6 +331,7 @@ def test_cancelled_requests_stop_early(sampler):
     res = sampler.generate(reqs, cancelled=cancel_first_after_one_call)
     assert len(polls) == 3  # ceil(n_new / STEPS_PER_CALL) calls
     assert len(res[0].output_ids) == STEPS_PER_CALL and len(res[1].output_ids) == n_new
+    assert res[0].finish_reason["type"] == "abort" and res[1].finish_reason == {"type": "length", "length": n_new}
     full = sampler.generate(reqs)
     assert res[0].output_ids == full[0].output_ids[:STEPS_PER_CALL] and res[1].output_ids == full[1].output_ids
     assert [r.output_ids for r in sampler.generate(reqs, cancelled=lambda: [True, True])] == [[], []]

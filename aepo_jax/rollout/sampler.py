@@ -1,8 +1,9 @@
 """JAX generation engine for the embedded SGLang-compatible server.
 
-One ``jit`` per (batch, prompt, generation) bucket runs the whole generation: a batched prefill of
-the left-padded prompts, then a ``lax.while_loop`` of one-token KV-cache decode steps that exits
-as soon as every row has finished (no Python loop per token). Both go through the model's own
+Per (batch, prompt, generation) bucket, two compiled programs run a generation: a batched prefill
+of the left-padded prompts, then a ``lax.while_loop`` of one-token KV-cache decode steps that
+exits as soon as every row has finished, called once per ``STEPS_PER_CALL`` steps so that
+cancelled requests can be dropped in between (no Python work per token). Both go through the model's own
 ``Decoder.init_cache`` / ``Decoder.decode``; the token draw of each step is
 ``sampling.sample_step`` (SGLang's sampling semantics, exact inverse-CDF draws).
 
@@ -266,7 +267,8 @@ class Sampler:
         """Generate for every request (split into chunks of ``max_batch``); results in order.
 
         ``cancelled() -> [bool per request]`` (polled every ``STEPS_PER_CALL`` steps, from this
-        thread) stops the requests marked True early; their results are then partial.
+        thread) stops the requests marked True early; their results are then partial, with finish_reason
+        ``{"type": "abort", "message": "Cancelled", ...}``.
 
         What a seed guarantees: a request's draws come only from its own seed, so its output
         is a function of (seed, prompt, sampling parameters, weights) *and the compiled shape it
@@ -367,6 +369,8 @@ class Sampler:
             toks = tok[row, :m].tolist()
             if stopped[row]:
                 fr = {"type": "stop", "matched": int(toks[-1])}
+            elif cancel[row] and m < r.max_new_tokens:
+                fr = {"type": "abort", "message": "Cancelled", "status_code": None, "err_type": None}
             else:
                 fr = {"type": "length", "length": int(r.max_new_tokens)}
             results.append(SampleResult(toks, fr, lpt[row, :m].tolist(), lp1[row, :m].tolist(), seeds[row]))
