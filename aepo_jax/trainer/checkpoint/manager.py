@@ -1,47 +1,5 @@
-"""Checkpoints of the RL run: orbax-checkpoint underneath, atomic, resumable, collective.
-
-API
----
-``CheckpointManager(directory, *, save_every=1, keep_last=3, async_save=None, read_only=False,
-data_iterator=None)``
-    ``directory`` is usually ``RUN_DIR/checkpoints`` (see :func:`checkpoint_dir`); created if
-    missing, and existing checkpoints there are picked up (the run directory resumes by default).
-    ``async_save=None`` means async on GPU/TPU (the write overlaps the next step) and sync on CPU.
-    ``data_iterator``: a ``grain.DatasetIterator`` (e.g. the trainer's ``PromptPipeline``) saved
-    with every step and restored in place by :meth:`restore`, through grain's orbax handler (one
-    JSON file per process). Use the manager as a context manager (or call ``close()``): exit waits
-    for an async save to finish, also when the block ends with an exception. An async save still
-    pending when the interpreter exits is lost (never an earlier step), and orbax's writer threads
-    may then keep the process from exiting: Python stops the thread pools they need before any
-    public exit hook runs.
-
-``mgr.should_save(step) -> bool``        orbax's decision: step % save_every == 0 or a preemption notice
-``mgr.save(step, state, extras=None, *, force=False) -> bool``
-    ``state``: a pytree of (possibly sharded) ``jax.Array`` / numpy arrays / scalars, e.g.
-    ``{"params": ..., "opt_state": ..., "rng": key}``. Keep params under the top-level key
-    ``"params"``: ``tools/export_hf.py`` reads exactly that subtree.
-    ``extras``: the run's small side state as plain JSON values (dicts with string keys, lists,
-    strings, ints, finite floats, bools, None), the same on every process; stored with orbax's JSON
-    handler (tuples come back as lists). Per-process state belongs in ``data_iterator``.
-    Returns False when the step is not due (unless ``force``). Raises :class:`NonFiniteStateError`
-    (nothing written) if any float leaf of ``state`` or any float in ``extras`` is NaN/inf,
-    :class:`CheckpointSaveError` if writing fails (for async saves: at the next ``save`` /
-    ``wait`` / ``close``); the previous checkpoint stays complete and loadable either way.
-    Collective: with several processes every process calls ``save`` with the same step.
-``mgr.wait()``                           block until an async save is on disk (raises its error)
-``mgr.latest_step() -> int | None``, ``mgr.all_steps() -> list[int]``
-``mgr.restore(step=None, target=None, *, partial=False) -> Restored(step, state, extras)``
-    ``step=None``: the newest *intact* step. A newer step that cannot be read (files truncated or
-    missing) is skipped with a warning naming it, and a writer moves it aside to
-    ``damaged-<step>`` (kept for inspection; the run then redoes those steps). ``target``: pytree
-    like ``state`` whose leaves are ``jax.Array`` or ``jax.ShapeDtypeStruct`` (with
-    ``.sharding``), restored straight into those shardings, numpy arrays or unsharded ``ShapeDtypeStruct`` (restored on host).
-    ``partial=True`` restores only the keys present in ``target`` (e.g. ``{"params": abstract}``).
-    ``target=None`` restores every leaf as a host numpy array (topology-independent). The data
-    iterator, if any, is set to the restored step's position.
-``restore_params_numpy(ckpt_path) -> (step, params)``: params subtree as numpy, no mesh needed.
-``resolve_checkpoint(path) -> (checkpoint_dir, step | None)``: accepts ``RUN_DIR``,
-    ``RUN_DIR/<step>``, ``RUN_DIR/checkpoints`` or ``RUN_DIR/checkpoints/<step>``.
+"""``CheckpointManager``: the run's checkpoints through orbax (save policy, retention, async
+writes) and grain's iterator handler; restore with the fallback past damaged steps.
 
 Guarantees (tested in tests/test_checkpoint.py): a step directory appears only when complete
 (orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it at the end), so SIGKILL at any moment
@@ -57,41 +15,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import grain
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from aepo_jax.trainer import distributed
+from aepo_jax.trainer.checkpoint.checks import check_json_extras, nonfinite_leaves
+from aepo_jax.trainer.checkpoint.errors import (
+    CheckpointError,
+    CheckpointSaveError,
+    NoCheckpointError,
+    NonFiniteStateError,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_PREFIX = "damaged-"
 _STATE = "state"
 _EXTRAS = "extras"
 _DATA = "data"
-
-
-class CheckpointError(RuntimeError):
-    """Base class for checkpoint failures the trainer should report and stop on."""
-
-
-class CheckpointSaveError(CheckpointError):
-    """Writing a checkpoint failed; the previous checkpoint is still complete."""
-
-
-class NonFiniteStateError(CheckpointError, ValueError):
-    """The state to save contains NaN/inf; nothing was written."""
-
-
-class NoCheckpointError(CheckpointError, FileNotFoundError):
-    """No (complete) checkpoint exists where one was asked for."""
 
 
 @dataclasses.dataclass
@@ -99,121 +48,6 @@ class Restored:
     step: int
     state: Any
     extras: dict[str, Any]
-
-
-def checkpoint_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """Where a run keeps its checkpoints: ``RUN_DIR/checkpoints``."""
-    return Path(run_dir) / CHECKPOINT_SUBDIR
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks before anything is written.
-# ---------------------------------------------------------------------------------------------
-
-
-def check_json_extras(obj: Any, where: str = "") -> None:
-    """Raise naming the path if ``obj`` is not plain, finite JSON (what orbax's JSON handler stores).
-
-    :class:`NonFiniteStateError` for NaN/inf (a controller state with a NaN temperature must never
-    become a checkpoint), ``TypeError`` for anything JSON would not round-trip.
-    """
-    if obj is None or isinstance(obj, (bool, str)) or type(obj) is int:
-        return
-    if type(obj) is float:
-        if not math.isfinite(obj):
-            raise NonFiniteStateError(f"checkpoint: extras{where} = {obj}; refusing to save a NaN/inf value")
-        return
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise TypeError(f"checkpoint: extras{where} has a non-string key {k!r}; JSON keys must be strings")
-            check_json_extras(v, f"{where}[{k!r}]")
-        return
-    if isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            check_json_extras(v, f"{where}[{i}]")
-        return
-    raise TypeError(
-        f"checkpoint: extras{where} has unsupported type {type(obj).__name__}; extras are plain JSON "
-        "(dict, list, str, int, float, bool, None; .item() / .tolist() for numpy values); arrays belong "
-        "in the state pytree and per-process iterator state in data_iterator"
-    )
-
-
-def nonfinite_leaves(tree: Any) -> list[str]:
-    """Paths (``jax.tree_util.keystr``) of float leaves holding any NaN/inf.
-
-    jax arrays are reduced on device in one jitted call (works for arrays sharded over several
-    processes: the verdict is a replicated array every process reads identically, so all
-    processes agree on whether to save).
-    """
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    bad: list[str] = []
-    dev_paths, dev_leaves = [], []
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = jax.tree_util.keystr(path)
-        if isinstance(x, jax.Array):
-            if jnp.issubdtype(x.dtype, jnp.inexact):
-                dev_paths.append(name)
-                dev_leaves.append(x)
-        elif isinstance(x, (np.ndarray, np.generic, float)):
-            a = np.asarray(x)
-            if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
-                bad.append(name)
-    if dev_leaves:
-        flags = np.asarray(_all_finite(dev_leaves))
-        bad.extend(p for p, ok in zip(dev_paths, flags, strict=True) if not ok)
-    return bad
-
-
-def _all_finite(leaves: list[Any]) -> Any:
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    global _ALL_FINITE_JIT
-    if _ALL_FINITE_JIT is None:
-        _ALL_FINITE_JIT = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
-    return _ALL_FINITE_JIT(leaves)
-
-
-_ALL_FINITE_JIT = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Paths.
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_step_dir(p: Path) -> bool:
-    return p.is_dir() and re.fullmatch(r"\d+", p.name) is not None
-
-
-def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, int | None]:
-    """Map a user path to ``(checkpoint directory, step or None = latest)``.
-
-    Accepted: ``RUN_DIR``, ``RUN_DIR/<step>``, ``RUN_DIR/checkpoints``, ``RUN_DIR/checkpoints/<step>``.
-    """
-    p = Path(path)
-    if (p / CHECKPOINT_SUBDIR).is_dir():  # first: a run directory may itself have a numeric name
-        return p / CHECKPOINT_SUBDIR, None
-    if re.fullmatch(r"\d+", p.name):
-        step = int(p.name)
-        parent = p.parent
-        ckpt = parent if parent.name == CHECKPOINT_SUBDIR or not (parent / CHECKPOINT_SUBDIR).is_dir() else parent / CHECKPOINT_SUBDIR
-        if not (ckpt / p.name).is_dir():
-            have = sorted(int(c.name) for c in ckpt.iterdir() if _is_step_dir(c)) if ckpt.is_dir() else []
-            raise NoCheckpointError(f"checkpoint: step {step} not found in {ckpt} (complete steps there: {have or 'none'})")
-        return ckpt, step
-    if p.is_dir() and any(_is_step_dir(c) for c in p.iterdir()):
-        return p, None
-    raise NoCheckpointError(f"checkpoint: no checkpoints under {p} (expected {p / CHECKPOINT_SUBDIR}/<step>/)")
-
-
-# ---------------------------------------------------------------------------------------------
-# The manager.
-# ---------------------------------------------------------------------------------------------
 
 
 def _describe(exc: BaseException) -> str:
@@ -228,7 +62,7 @@ class _NotDamage(CheckpointError):
 
 
 class CheckpointManager:
-    """See the module docstring."""
+    """See the package docstring (:mod:`aepo_jax.trainer.checkpoint`)."""
 
     def __init__(
         self,
@@ -240,10 +74,6 @@ class CheckpointManager:
         read_only: bool = False,
         data_iterator: Any = None,
     ) -> None:
-        import grain  # noqa: PLC0415
-        import jax  # noqa: PLC0415
-        import orbax.checkpoint as ocp  # noqa: PLC0415
-
         if int(save_every) < 1:
             raise ValueError(f"checkpoint.save_every must be >= 1, got {save_every}")
         if int(keep_last) < 1:
@@ -256,7 +86,6 @@ class CheckpointManager:
         self.read_only = bool(read_only)
         self.async_save = jax.default_backend() != "cpu" if async_save is None else bool(async_save)
         self.data_iterator = data_iterator
-        self._ocp, self._grain = ocp, grain
         self._pending_step: int | None = None
         self._closed = False
         policies = ocp.checkpoint_managers
@@ -290,7 +119,7 @@ class CheckpointManager:
 
     # -- save --------------------------------------------------------------------------------
     def save(self, step: int, state: Any, extras: Mapping[str, Any] | None = None, *, force: bool = False) -> bool:
-        """Write ``state``, ``extras`` and the data iterator as checkpoint ``step``; see module docstring."""
+        """Write ``state``, ``extras`` and the data iterator as checkpoint ``step``; see the package docstring."""
         self._check_open()
         step = int(step)
         self.wait()  # surfaces a failed async save of the previous step before starting a new one
@@ -304,10 +133,9 @@ class CheckpointManager:
                 f"the last good checkpoint (step {self.latest_step()}) is kept"
             )
         extras = self._agreed_extras(step, dict(extras or {}))
-        ocp = self._ocp
         items = {_STATE: ocp.args.PyTreeSave(state), _EXTRAS: ocp.args.JsonSave(extras)}
         if self.data_iterator is not None:
-            items[_DATA] = self._grain.checkpoint.CheckpointSave(self.data_iterator)
+            items[_DATA] = grain.checkpoint.CheckpointSave(self.data_iterator)
         try:
             self._orbax.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001 - every write failure becomes one clear error
@@ -347,7 +175,7 @@ class CheckpointManager:
     def _recover_from_failed_save(self, step: int) -> None:
         """Free the failed write's partial directory and resync orbax's step list with the disk."""
         if distributed.is_main_process():
-            suffix = self._ocp.path.atomicity_types.TMP_DIR_SUFFIX
+            suffix = ocp.path.atomicity_types.TMP_DIR_SUFFIX
             for p in self.directory.glob(f"{step}{suffix}*"):
                 shutil.rmtree(p, ignore_errors=True)
         # orbax forgets the steps it planned to delete (and the failed one) before the outcome is known.
@@ -440,9 +268,8 @@ class CheckpointManager:
         self._orbax.reload()
 
     def _restore_step(self, step: int, target: Any, partial: bool) -> Restored:
-        ocp = self._ocp
         if target is None:
-            tree = self._state_metadata(step)
+            tree = self.state_metadata(step)
             state_args = ocp.args.PyTreeRestore(restore_args=_numpy_restore_args(tree))
         else:
             state_args = ocp.args.PyTreeRestore(
@@ -453,7 +280,7 @@ class CheckpointManager:
         if self.data_iterator is not None:
             data_state = self._data_state_of_other_topology(step)
             if data_state is None:
-                items[_DATA] = self._grain.checkpoint.CheckpointRestore(self.data_iterator)
+                items[_DATA] = grain.checkpoint.CheckpointRestore(self.data_iterator)
         out = self._orbax.restore(step, args=ocp.args.Composite(**items))
         extras = out[_EXTRAS]
         if not isinstance(extras, dict):
@@ -480,7 +307,8 @@ class CheckpointManager:
             )
         return json.loads(texts[0])
 
-    def _state_metadata(self, step: int) -> Any:
+    def state_metadata(self, step: int) -> Any:
+        """The saved state tree's orbax metadata (shapes, dtypes) of ``step``, without reading arrays."""
         md = self._orbax.item_metadata(step)[_STATE]
         return md.tree if hasattr(md, "tree") else md
 
@@ -507,16 +335,10 @@ class CheckpointManager:
 
 
 def _numpy_restore_args(tree: Any) -> Any:
-    import jax  # noqa: PLC0415
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
     return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
 
 
 def _target_restore_args(target: Any) -> Any:
-    import jax  # noqa: PLC0415
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
     def one(x: Any) -> Any:
         if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and getattr(x, "sharding", None) is not None:
             return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
@@ -525,30 +347,3 @@ def _target_restore_args(target: Any) -> Any:
         return ocp.RestoreArgs()
 
     return jax.tree.map(one, target)
-
-
-def restore_params_numpy(path: str | os.PathLike[str], key: str = "params") -> tuple[int, Any]:
-    """Restore only ``state[key]`` of a checkpoint as host numpy arrays (no mesh, no optimizer).
-
-    ``path`` as in :func:`resolve_checkpoint`; without a step, the newest intact one.
-    """
-    import jax  # noqa: PLC0415
-
-    ckpt, step = resolve_checkpoint(path)
-    with CheckpointManager(ckpt, async_save=False, read_only=True) as mngr:
-        probe = mngr.latest_step() if step is None else step
-        if probe is None:
-            raise NoCheckpointError(f"checkpoint: no complete checkpoint in {ckpt}")
-        try:
-            tree = mngr._state_metadata(probe)
-        except Exception:  # noqa: BLE001 - a damaged latest: restore() below skips it and says so
-            tree = None
-        if tree is not None and (not isinstance(tree, Mapping) or key not in tree):
-            have = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
-            raise CheckpointError(f"checkpoint: {ckpt}/{probe} has no top-level state key {key!r} (has {have})")
-        if tree is None:  # shapes unknown: read everything (the fallback step) as numpy
-            restored = mngr.restore(step)
-        else:  # leaves without a sharding come back as host numpy arrays
-            target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[key])}
-            restored = mngr.restore(step, target=target, partial=True)
-        return restored.step, restored.state[key]
