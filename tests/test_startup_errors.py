@@ -181,3 +181,27 @@ def test_checkpoint_that_does_not_fit_the_model_is_one_line(tmp_path):
     assert line.startswith("error: checkpoint: restoring step 1 from " + str(ckpt)), r.stderr[-3000:]
     assert "structure/shapes" in line
     assert sorted(p.name for p in ckpt.iterdir()) == ["1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["port in use", "unknown server flag"])
+def test_embedded_server_that_fails_to_start_is_one_line(failure, tmp_path):
+    """The embedded server exits during start-up (after the start-up checks passed): exit 2, one
+    line naming the model path, the server's own last words and RUN_DIR/server.log."""
+    import socket
+
+    from aepo_jax.rollout.testing import make_tiny_model_dir
+
+    model = make_tiny_model_dir(str(tmp_path / "model"), with_tokenizer=True)
+    with socket.socket() as held:  # a port another process already listens on
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        server_args, said = {"port in use": (f"--port {port}", str(port)),
+                             "unknown server flag": ("--no-such-flag 3", "--no-such-flag")}[failure]
+        r = _start([f"--model.path={model}", "--data.template=plain", f"--rollout.server_args={server_args}"],
+                   tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]  # the run's own log lines come first
+    assert line.startswith(f"error: the rollout server for model {model} exited with status"), r.stderr[-3000:]
+    assert said in line and line.endswith(f"the full log is {tmp_path / 'run' / 'server.log'}"), line

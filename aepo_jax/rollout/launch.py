@@ -11,6 +11,23 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from aepo_jax.config import ConfigError
+
+
+class ServerStartError(ConfigError, RuntimeError):
+    """The server did not come up (a model it cannot load, a port it cannot bind, a crash or a
+    hang during load). One line: the model path, what happened, the log's last line, the log file.
+
+    A ``ConfigError``: what fixes it is in the caller's inputs (model, server arguments, memory),
+    so entry points report it like one (one line, exit status 2).
+    """
+
+    def __init__(self, model_path: str, what: str, reason: str, log_path: str | None):
+        where = f"the full log is {log_path}" if log_path else "no server log was kept (pass log_path)"
+        because = f": {reason}" if reason else ""
+        super().__init__(f"the rollout server for model {model_path} {what}{because}; {where}")
+        self.model_path, self.reason, self.log_path = model_path, reason, log_path
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -23,6 +40,7 @@ class ServerProcess:
     proc: subprocess.Popen
     url: str
     log_path: str | None = None
+    model_path: str = ""
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -47,6 +65,11 @@ class ServerProcess:
         with open(self.log_path, errors="replace") as f:
             return f.read()[-n:]
 
+    def last_log_line(self) -> str:
+        """The log's last non-empty line: the exception (or argparse complaint) that ended it."""
+        lines = [ln.strip() for ln in self.log_tail().splitlines() if ln.strip()]
+        return lines[-1][:500] if lines else ""
+
     def __enter__(self):
         return self
 
@@ -70,7 +93,7 @@ def start_server(model_path: str, *, port: int | None = None, host: str = "127.0
     proc = subprocess.Popen(cmd, env=e, stdout=out, stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL)
     if log_path:
         out.close()  # the child holds its own descriptor
-    return ServerProcess(proc, f"http://{host}:{port}", log_path)
+    return ServerProcess(proc, f"http://{host}:{port}", log_path, str(model_path))
 
 
 def launch_server(model_path: str, *, port: int | None = None, host: str = "127.0.0.1",
@@ -98,12 +121,14 @@ def launch_servers(model_path: str, count: int, *, wait_s: float = 300.0, log_di
 
 
 def wait_healthy(sp: ServerProcess, wait_s: float) -> None:
+    """Return once ``/health`` answers 200; :class:`ServerStartError` if the server exits first
+    or is not healthy within ``wait_s`` (then it is killed)."""
     proc = sp.proc
-    cmd = proc.args
     t_end = time.monotonic() + wait_s
     while time.monotonic() < t_end:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} during start-up: {cmd}\n{sp.log_tail()}")
+            raise ServerStartError(sp.model_path, f"exited with status {proc.returncode} during start-up",
+                                   sp.last_log_line(), sp.log_path)
         try:
             with urllib.request.urlopen(sp.url + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -112,4 +137,5 @@ def wait_healthy(sp: ServerProcess, wait_s: float) -> None:
             pass
         time.sleep(0.2)
     sp.kill()
-    raise TimeoutError(f"server not healthy after {wait_s}s: {cmd}\n{sp.log_tail()}")
+    raise ServerStartError(sp.model_path, f"was not healthy after {wait_s:g}s (killed)", sp.last_log_line(),
+                           sp.log_path)
