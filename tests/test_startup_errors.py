@@ -141,6 +141,21 @@ def test_truncated_model_file_is_named(tmp_path):
     _assert_one_line_error(_start([f"--model.path={model}"], tmp_path), "model.path", str(weights))
 
 
+def test_model_whose_tensors_do_not_fit_its_config_is_named(tmp_path):
+    """A config.json that disagrees with the weights (headers only: caught before any load)."""
+    from aepo_jax.rollout.testing import make_tiny_model_dir
+
+    rng = np.random.default_rng()
+    model = Path(make_tiny_model_dir(str(tmp_path / "model"), with_tokenizer=True))
+    cfg = json.loads((model / "config.json").read_text())
+    key, tensor = [("intermediate_size", "mlp.gate_proj.weight"), ("num_hidden_layers", "layers.2."),
+                   ("hidden_size", "embed_tokens.weight")][int(rng.integers(0, 3))]
+    cfg[key] += {"intermediate_size": 32, "num_hidden_layers": 1, "hidden_size": 16}[key]
+    (model / "config.json").write_text(json.dumps(cfg))
+    line = _assert_one_line_error(_start([f"--model.path={model}"], tmp_path), "model.path", tensor)
+    assert ("shape mismatch" in line) == (key != "num_hidden_layers") and not (tmp_path / "run").exists(), line
+
+
 def test_unreachable_rollout_server_is_named(tmp_path):
     url = "http://127.0.0.1:9"  # the discard port: nothing listens there
     line = _assert_one_line_error(_start([f"--rollout.urls={url}", "--rollout.startup_timeout_s=1"], tmp_path),

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -219,13 +219,43 @@ def _safe_open(fn: str) -> Iterator[Any]:
         yield f
 
 
+def _slice_reader(files: dict[str, str], stack: contextlib.ExitStack) -> Any:
+    """``get(name)``: the tensor's safetensors slice (header only until read), each file opened once."""
+    handles: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        fn = files[name]
+        if fn not in handles:
+            handles[fn] = stack.enter_context(_safe_open(fn))
+        return handles[fn].get_slice(name)
+
+    return get
+
+
+def _check_tensors(path: str | os.PathLike, maps: Iterable[TensorMap], files: dict[str, str], get: Any) -> None:
+    """Every tensor the config implies is in the checkpoint with that shape (headers only)."""
+    for m in maps:
+        for name, want in zip(m.hf_names, m.hf_shapes):
+            if name not in files:
+                raise CheckpointError(f"{name}: tensor missing from the checkpoint in {os.fspath(path)!r}")
+            got = tuple(get(name).get_shape())
+            if got != want:
+                raise CheckpointError(
+                    f"{name}: shape mismatch: checkpoint {files[name]} has {list(got)}, "
+                    f"config.json implies {list(want)}"
+                )
+
+
 def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
     """Everything about an HF directory that can be checked without loading it: config.json, the
-    shard index, and every safetensors file's header against its size. Returns the config."""
+    shard index, every safetensors file's header against its size, and every tensor the config
+    implies present with its shape. Returns the config."""
     cfg = read_config(path)
-    for fn in sorted(set(checkpoint_files(path).values())):
-        with _safe_open(fn):
-            pass
+    files = checkpoint_files(path)
+    with contextlib.ExitStack() as stack:
+        for fn in sorted(set(files.values())):  # every file's header, also of files no tensor needs
+            stack.enter_context(_safe_open(fn))
+        _check_tensors(path, tensor_map(cfg), files, _slice_reader(files, stack))
     return cfg
 
 
@@ -242,25 +272,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any =
     model = abstract_model(cfg, dtype=as_dtype(dtype), compute_dtype=compute_dtype, remat=remat, mesh=mesh)
     maps = {m.path: m for m in tensor_map(cfg)}
     with contextlib.ExitStack() as stack:
-        handles: dict[str, Any] = {}
-
-        def get(name: str):
-            fn = files[name]
-            if fn not in handles:
-                handles[fn] = stack.enter_context(_safe_open(fn))
-            return handles[fn].get_slice(name)
-
-        # Check every tensor before reading any, so a bad checkpoint fails fast and by name.
-        for m in maps.values():
-            for name, want in zip(m.hf_names, m.hf_shapes):
-                if name not in files:
-                    raise CheckpointError(f"{name}: tensor missing from the checkpoint in {os.fspath(path)!r}")
-                got = tuple(get(name).get_shape())
-                if got != want:
-                    raise CheckpointError(
-                        f"{name}: shape mismatch: checkpoint {files[name]} has {list(got)}, "
-                        f"config.json implies {list(want)}"
-                    )
+        get = _slice_reader(files, stack)
+        _check_tensors(path, maps.values(), files, get)  # every tensor before reading any: fails fast, by name
         missing = [p for p, _ in param_paths(model) if p not in maps]
         assert not missing, f"no HF mapping for {missing}"  # the table covers every Param
         materialize(model, mesh, lambda p, var, idx: _read_block(maps[p], cfg, get, idx))
