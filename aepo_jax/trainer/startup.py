@@ -13,7 +13,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from aepo_jax.trainer.config import RunConfig
+from aepo_jax.data import DataError, DatasetConfig, load_problems
+from aepo_jax.models.config import ConfigError as ModelConfigError
+from aepo_jax.models.hf_io import CheckpointError, check_checkpoint
+from aepo_jax.models.sharding import make_mesh
+from aepo_jax.rewards import resolve_reward
+from aepo_jax.rollout.client import RolloutClient
+from aepo_jax.trainer.config import ConfigError, RunConfig, validate
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -36,9 +42,6 @@ def check_inputs(cfg: RunConfig, *, talks_to_servers: bool = True) -> None:
 
 
 def check_model_dir(path: str) -> None:
-    from aepo_jax.models.config import ConfigError as ModelConfigError  # noqa: PLC0415
-    from aepo_jax.models.hf_io import CheckpointError, check_checkpoint  # noqa: PLC0415
-
     p = Path(path)
     if not p.is_dir():
         raise StartupError(f"config key 'model.path': {path!r} is not a directory")
@@ -51,8 +54,6 @@ def check_model_dir(path: str) -> None:
 
 
 def check_data(cfg: RunConfig) -> None:
-    from aepo_jax.data import DataError, DatasetConfig, load_problems  # noqa: PLC0415
-
     d = cfg.data
     try:
         problems, _ = load_problems(d.train_files, DatasetConfig(prompt_key=d.prompt_key, answer_key=d.answer_key,
@@ -68,8 +69,6 @@ def check_reward(name: str) -> None:
     """A registered reward name or an importable ``module:function`` (``auto`` picks one itself)."""
     if name == "auto":
         return
-    from aepo_jax.rewards import resolve_reward  # noqa: PLC0415
-
     try:
         resolve_reward(name)
     except (KeyError, ValueError, ImportError, AttributeError, TypeError) as e:
@@ -89,8 +88,6 @@ def check_run_dir(run_dir: str) -> None:
 
 def check_servers(cfg: RunConfig) -> None:
     """Every rollout server answers ``GET /health`` within ``rollout.startup_timeout_s``."""
-    from aepo_jax.rollout.client import RolloutClient  # noqa: PLC0415
-
     r = cfg.rollout
 
     async def probe() -> None:
@@ -109,9 +106,6 @@ def check_servers(cfg: RunConfig) -> None:
 
 def check_mesh(cfg: RunConfig) -> Any:
     """The mesh ``train.mesh`` asks for, on the devices there are (initialises the jax backend)."""
-    from aepo_jax.models.sharding import make_mesh  # noqa: PLC0415
-    from aepo_jax.trainer.config import ConfigError, validate  # noqa: PLC0415
-
     try:
         mesh = make_mesh(cfg.train.mesh or None)
     except ValueError as e:
