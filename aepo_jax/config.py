@@ -9,7 +9,9 @@ It is built once at start-up, in this order, later sources winning:
 
 and validated once. Unknown keys are errors that name the nearest valid key; values are coerced
 to the annotated type (``int``, ``float``, ``bool``, ``str``, ``list[...]``, ``dict``, ``X | None``)
-with errors that name the key and the value. Nothing else in the package reads the command line.
+with errors that name the key and the value. The trainer's command line is parsed here only; before
+that, ``aepo_jax.platform.mesh_spec_from_argv`` may peek at ``--mesh`` (device flags must be set
+before jax starts), and the rollout server and the tools parse their own arguments (argparse).
 """
 
 from __future__ import annotations

@@ -11,12 +11,15 @@ The controller is host-side Python (NumPy only, no jax); its whole state is a sm
 checkpoints, so a resumed run continues with the same temperature (the authors' code restarts
 from entropy 0, i.e. T_high, after a resume).
 
-Typical use per training step::
+Use per training step, as the trainer does (``aepo_jax/train.py``)::
 
+    # paper-exact (old log-probs recomputed): measure this step's policy first, then decide
+    ctl.observe(entropy_full=h_full, entropy_sampled=h_nll)   # entropy of the T = 1 rollout
     d = ctl.decide(step)                   # Decision(temperature, budget, target, mode, ...)
     ... draw temperature samples at d.temperature, keep <= d.budget positives (select_positives) ...
     ... update ...
-    ctl.observe(entropy_full=m["actor/entropy_full"], entropy_sampled=m["actor/entropy_nll"])
+    # on-policy shortcut: decide from the last observation, observe the update's own forward pass
+    # (``policy/entropy_full``, ``policy/entropy_nll``): the signal is one update behind
 """
 
 from __future__ import annotations
@@ -211,15 +214,6 @@ class Decision:
     target: float
     entropy: float | None  # the signal the decision used (None before any observation)
     mode: str  # "raise" | "lower" | "idle"
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "aepo/temperature": self.temperature,
-            "aepo/budget": float(self.budget),
-            "aepo/target": self.target,
-            "aepo/entropy_signal": float("nan") if self.entropy is None else self.entropy,
-            "aepo/raising": 1.0 if self.mode == "raise" else 0.0,
-        }
 
 
 class EntropyController:

@@ -48,6 +48,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from aepo_jax.advantages import entropy_adv_shaping
+
 __all__ = [
     "AGG_MODES",
     "REG_NORMS",
@@ -56,7 +58,6 @@ __all__ = [
     "loss_denominators",
     "merge_microbatch_metrics",
     "policy_loss",
-    "policy_loss_terms",
     "register_loss",
 ]
 
@@ -318,8 +319,6 @@ def _entropy_reg(b, cfg, agg):
 @register_loss("entropy_adv", required=("advantages", "entropy"))
 def _entropy_adv(b, cfg, agg):
     """Entropy-Adv: GRPO with A_t + min(beta * sg(H_t), |A_t| / kappa)."""
-    from aepo_jax.advantages import entropy_adv_shaping
-
     adv = entropy_adv_shaping(b["advantages"], b["entropy"], cfg.adv_beta, cfg.adv_kappa)
     return {"pg": _pg_all(b, cfg, agg, adv)}, adv
 
@@ -352,18 +351,6 @@ def _dens(b, denominators):
     if missing:
         raise ValueError(f"denominators: missing keys {missing}; build them with loss_denominators(minibatch)")
     return {k: jax.lax.stop_gradient(_f32(denominators[k])) for k in DENOMINATOR_KEYS}
-
-
-def policy_loss_terms(
-    method: str, batch: Mapping[str, Any], cfg: LossConfig = LossConfig(), *, denominators=None
-) -> dict[str, jax.Array]:
-    """The loss as a dict of differentiable scalar terms (``pg``, and ``reg`` / ``entropy`` where the
-    method has them) whose sum is ``policy_loss``'s value. For per-term parameter gradients."""
-    fn, required = _resolve(method)
-    b = _prepare(batch, required)
-    dens = _dens(b, denominators)
-    terms, _ = fn(b, cfg, _Agg(b["mask"], cfg.agg, dens))
-    return terms
 
 
 def policy_loss(

@@ -1,17 +1,23 @@
 """``python -m aepo_jax.train``: the AEPO / GRPO / baselines RL loop.
 
-One step, in stages (each timed as ``timing_s/<stage>``):
+One step is a chain of stages, each a function of the previous stage's output (each timed as
+``timing_s/<stage>``); what a method does at each stage comes from its entry in the method table
+(``aepo_jax/methods.py``):
 
-1. rollout       G samples per prompt at T = 1 from the SGLang servers
-2. reward        binary reward of every response (process pool with timeouts)
-3. old_logp      the learner recomputes log pi_old(o_t) and the full entropy H_t at T = 1;
-                 their means are the entropy of the current policy (both estimators)
-4. controller    AEPO picks T (T_high below the target, T_low above) and the positive budget
-5. reg_rollout   temperature samples for a share of the prompts (AEPO and the ablations only)
-6. batch         rows per method (docs/algorithms.md), advantages, fixed-shape mini-batches
-7. update        epochs x mini-batches of one jitted, sharded update (micro-batches inside)
-8. sync          the new weights to every server (safetensors on /dev/shm + update_weights_from_disk)
-9. checkpoint    orbax: params, optimiser, step, data iterator, controller, every N steps
+1. rollout       G samples per prompt at T = 1 from the SGLang servers, scored (``reward``): a Batch
+2. old_logp      (off-policy updates, or ``train.old_logp=recompute``) the learner's log pi_old and
+                 full entropy H_t at T = 1 of those samples; their means are the policy's entropy
+3. controller    AEPO picks T (T_high below the target, T_low above) and the positive budget, from
+                 this step's entropy (stage 2, or a forward pass over these rows: ``entropy``) or,
+                 with ``train.old_logp=reuse``, the previous update's forward pass
+4. reg_rollout   temperature samples for a share of the prompts (AEPO and the ablations), scored;
+                 the rows the method keeps (``select_reg_rows``), their old log-probs as in stage 2
+5. batch         main rows with their advantages + the kept rows: the training batch (``assemble``)
+6. update        epochs x mini-batches of one jitted, sharded update (micro-batches inside)
+7. sync          the new weights to every server: written (safetensors on /dev/shm) by a background
+                 thread while the step is logged and checkpointed and the next prompts are drawn,
+                 then loaded by every server (update_weights_from_disk) before the next rollout
+8. checkpoint    orbax: params, optimiser, step, data iterator, controller, every N steps
 
 With no arguments the run uses the built-in toy task and base model and starts the embedded
 SGLang-compatible server as a subprocess; ``--rollout.urls=...`` uses external SGLang servers.
@@ -26,15 +32,40 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+# Importing jax starts no backend: XLA_FLAGS (simulated host devices for --mesh on CPU-only hosts)
+# and jax.distributed are read when the first backend starts, which main() makes happen only after
+# setup_host_devices() and initialize_distributed(). Nothing below may touch a device at import.
+import jax
 import numpy as np
+import yaml
+from flax import nnx
+from jax.experimental import multihost_utils
 
+from aepo_jax import data as data_lib
 from aepo_jax.compilation_cache import setup_compilation_cache
 from aepo_jax.config import ConfigError, build_config, help_text, to_dict
+from aepo_jax.entropy_control import ControllerConfig, EntropyController, TargetSchedule
+from aepo_jax.losses import LossConfig
+from aepo_jax.methods import method_spec
+from aepo_jax.models import load_pretrained
+from aepo_jax.models.sharding import make_mesh
 from aepo_jax.platform import setup_host_devices
-from aepo_jax.trainer.config import ALIASES, RunConfig, validate
+from aepo_jax.rewards import RewardPool
+from aepo_jax.rollout.client import RolloutClient, RolloutError
+from aepo_jax.rollout.launch import start_server, wait_healthy
+from aepo_jax.rollout.weight_sync import WeightSyncError, publish_weights, write_weights
+from aepo_jax.trainer import distributed, startup
+from aepo_jax.trainer.batch import Batch, assemble, pack, response_means, select_reg_rows, split_minibatches
+from aepo_jax.trainer.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, NonFiniteStateError,
+                                         checkpoint_dir)
+from aepo_jax.trainer.config import ALIASES, RunConfig, uses_on_policy_update, validate
+from aepo_jax.trainer.learner import Learner, LearnerSpec
+from aepo_jax.trainer.metrics import CompileCounter, MetricsLogger, Timer
+from aepo_jax.trainer.startup_clock import StartupClock
 
 log = logging.getLogger("aepo_jax.train")
 
@@ -49,12 +80,28 @@ def _mean(xs) -> float:
     return float(sum(xs) / len(xs)) if xs else 0.0
 
 
+def rollout_metrics(b: Batch, prefix: str) -> dict:
+    lens = b.mask.sum(axis=1)
+    return {
+        f"{prefix}/reward_mean": float(b.rewards.mean()),
+        f"{prefix}/accuracy": float((b.rewards > 0.5).mean()),
+        f"{prefix}/response_length_mean": float(lens.mean()),
+        f"{prefix}/response_length_max": float(lens.max()),
+        f"{prefix}/truncation_rate": float(b.truncated.mean()),
+        f"{prefix}/num_samples": float(b.num_rows),
+    }
+
+
+def policy_entropy(b: Batch) -> tuple[float, float]:
+    """The policy's entropy on a rollout with old log-probs (Section 3.2's H): per-response token
+    means, then the mean over responses; (full-distribution, sampled -log pi) estimators."""
+    return float(_mean(response_means(b.entropy, b.mask))), float(_mean(response_means(-b.old_logp, b.mask)))
+
+
 class Trainer:
-    """Wires the stages together; everything heavy lives in the modules it calls."""
+    """Holds the run's parts; :meth:`train_step` chains the stages."""
 
     def __init__(self, cfg: RunConfig):
-        from aepo_jax.trainer.startup_clock import StartupClock
-
         self.startup = StartupClock()  # phases printed once, after the first step
         self.server = None
         try:
@@ -65,10 +112,6 @@ class Trainer:
             raise
 
     def _setup(self, cfg: RunConfig) -> None:
-        # Imported here, not at the top: main() must set XLA_FLAGS before jax starts a backend.
-        from aepo_jax import data as data_lib
-        from aepo_jax.trainer import distributed
-
         self.cfg = cfg
         self.is_main = distributed.is_main_process()
         self.run_dir = Path(cfg.train.run_dir).resolve()
@@ -85,17 +128,11 @@ class Trainer:
         self.cfg = cfg = replace(cfg, model=replace(cfg.model, path=self.model_path))
         self._launch_embedded_server()
 
-        import jax
-        from transformers import AutoTokenizer  # imports torch when it is installed: seconds
-
-        from aepo_jax.entropy_control import ControllerConfig, EntropyController, TargetSchedule
-        from aepo_jax.losses import LossConfig
-        from aepo_jax.models import load_pretrained
-        from aepo_jax.models.sharding import make_mesh
-        from aepo_jax.trainer.learner import Learner, LearnerSpec
+        # The one import not at the top: transformers imports torch when it is installed (seconds),
+        # which then overlaps the embedded server's start instead of delaying it.
+        from transformers import AutoTokenizer
 
         self.startup.mark("learner imports")
-        self.jax = jax
         # ---- mesh and start-up validation (errors name keys and numbers)
         self.mesh = make_mesh(cfg.train.mesh or None)
         validate(cfg, data_axis_size=int(self.mesh.shape["data"]))
@@ -137,52 +174,59 @@ class Trainer:
         self.reward_name = reward
         self.reward_pool = None
         if self.is_main:
-            from aepo_jax.rewards import RewardPool
-
             cheap = reward in ("toy", "exact_match")
             self.reward_pool = RewardPool(reward, num_workers=0 if cheap else 2, timeout_s=10.0)
 
-        # ---- controller, loss, learner
-        c = cfg.algorithm.controller
+        # ---- method, controller, loss, learner
+        a, c = cfg.algorithm, cfg.algorithm.controller
+        self.spec = method_spec(a.method, a.reading)
         self.controller = EntropyController(ControllerConfig(
             target=TargetSchedule.parse(c.target), t_high=c.t_high, t_low=c.t_low,
             budget_raise=c.budget_up, budget_lower=c.budget_down, estimator=c.estimator, dead_band=c.dead_band))
-        a = cfg.algorithm
         loss_cfg = LossConfig(clip_low=a.clip_low, clip_high=a.clip_high, clip_dual=a.clip_dual or None,
                               alpha=a.alpha, entropy_coef=a.entropy_coef, adv_beta=a.adv_beta,
                               adv_kappa=a.adv_kappa, agg=a.agg)
-        self.method = a.method
-        loss_method = "grpo" if (a.method == "aepo" and a.reading == "mix") else a.method
-        self.uses_reg = a.method in ("aepo", "ablation_eq2", "ablation_eq3")
-        self.reg_in_batch = self.uses_reg and not (a.method == "aepo" and a.reading == "mix")
+        # On-policy (one epoch of one mini-batch): pi_old is the policy being updated, so the update
+        # uses sg(log pi) and no separate forward pass runs (docs/algorithms.md, "Old log-probs").
+        self.reuse_old_logp = cfg.train.old_logp == "reuse" or (
+            cfg.train.old_logp == "auto" and uses_on_policy_update(cfg))
+        # The controller reads the policy's entropy on this step's T = 1 rollout, measured before it
+        # decides (the paper), when old log-probs are recomputed anyway or, under `auto`, when the
+        # method's second rollout depends on the decision (one forward pass over the main rows only).
+        # Otherwise (`reuse`, or methods without a second rollout) it reads the update's own forward
+        # pass, one step behind (the authors' code), and nothing extra runs.
+        self.measure_entropy = not self.reuse_old_logp or (
+            cfg.train.old_logp == "auto" and self.spec.uses_reg_rollout)
 
-        # Fixed mini-batch geometry: GRPO rows + a padded slot for regulariser rows.
+        # Fixed mini-batch geometry: main rows + a padded slot for appended regulariser rows.
         self.num_minibatches = cfg.data.prompts_per_step // (cfg.train.mini_batch_prompts or cfg.data.prompts_per_step)
         self.data_size = int(self.mesh.shape["data"])
-        grpo_rows = cfg.data.prompts_per_step * cfg.rollout.n // self.num_minibatches
-        cap = 0
-        if self.reg_in_batch:
-            cap = math.ceil(max(c.budget_up, c.budget_down) / self.num_minibatches)
+        main_rows = cfg.data.prompts_per_step * cfg.rollout.n // self.num_minibatches
+        cap = math.ceil(max(c.budget_up, c.budget_down) / self.num_minibatches) if self.spec.appends_reg_rows else 0
         mbs = cfg.train.micro_batch_size
         if mbs:
-            micro = math.ceil((grpo_rows + cap) / mbs)
+            micro = math.ceil((main_rows + cap) / mbs)
             rows = micro * mbs
         else:
             micro = 1
-            rows = grpo_rows + cap
+            rows = main_rows + cap
             rows += (-rows) % self.data_size
-        self.reg_cap = rows - grpo_rows
-        self.rows_per_minibatch = rows
-        spec = LearnerSpec(method=loss_method, loss=loss_cfg, prompt_len=self.prompt_len,
-                           response_len=self.response_len, logprob_chunk=cfg.model.logprob_chunk,
-                           micro_batches=micro)
+        self.reg_cap = rows - main_rows
+        learner_spec = LearnerSpec(loss_name=self.spec.loss, loss=loss_cfg, prompt_len=self.prompt_len,
+                                   response_len=self.response_len, logprob_chunk=cfg.model.logprob_chunk,
+                                   micro_batches=micro, entropy_grad=self.spec.entropy_grad,
+                                   reuse_old_logp=self.reuse_old_logp)
         total_updates = cfg.train.steps * cfg.train.epochs * self.num_minibatches
-        self.learner = Learner(model, spec, cfg.optim, total_updates, self.mesh)
-        self.logprob_rows = mbs or grpo_rows
+        self.learner = Learner(model, learner_spec, cfg.optim, total_updates, self.mesh)
+        self.logprob_rows = mbs or main_rows
         self.num_updates = 0
         self.start_step = 0
         self.client = None
         self.loop = asyncio.new_event_loop()
+        self.compiles = CompileCounter()
+        self.weights_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
+        self.pending_sync = None      # (version, future of (path, write seconds)) while weights are written
+        self.weight_version = None    # the version the servers hold (checked on every sample)
         self.startup.mark("data and learner")
 
     # ------------------------------------------------------------------ lifecycle
@@ -192,21 +236,15 @@ class Trainer:
         cfg = self.cfg.rollout
         if cfg.urls or not self.is_main:
             return
-        from aepo_jax.rollout.launch import start_server
-
         extra = cfg.server_args.split() if cfg.server_args else []
         extra += ["--dtype", self.cfg.model.dtype]
         log.info("starting the embedded SGLang-compatible server for %s", self.model_path)
         self.server = start_server(self.model_path, extra_args=extra, log_path=str(self.run_dir / "server.log"))
 
     def _start_rollout(self) -> None:
-        from aepo_jax.rollout.client import RolloutClient
-
         cfg = self.cfg.rollout
         urls = list(cfg.urls)
         if not urls:
-            from aepo_jax.rollout.launch import wait_healthy
-
             wait_healthy(self.server, cfg.startup_timeout_s)
             urls = [self.server.url]
         self.client = RolloutClient(urls, weight_update_urls=list(cfg.weight_update_urls) or None,
@@ -226,197 +264,194 @@ class Trainer:
         if self.reward_pool is not None:
             self.reward_pool.close()
             self.reward_pool = None
+        self.weights_writer.shutdown(wait=True)
+        self.compiles.close()
         self.loop.close()
 
-    # ------------------------------------------------------------------ stages
-    def _generate(self, examples, n: int, temperature: float, seed: int):
-        from aepo_jax.trainer.batch import Rollout
-
-        r = self.cfg.rollout
-        params = {"max_new_tokens": r.max_new_tokens, "top_p": r.top_p, "top_k": r.top_k}
-        samples = self.loop.run_until_complete(self.client.generate(
-            [list(e.prompt_ids) for e in examples], n=n, sampling_params=params, seed=seed,
-            temperature=temperature, return_logprob=False))
-        out = []
-        for i, row in enumerate(samples):
-            for s in row:
-                out.append(Rollout(prompt_index=i, prompt_ids=list(examples[i].prompt_ids),
-                                   output_ids=list(s.output_ids)[: self.response_len],
-                                   finish_reason=s.finish_type or "stop", temperature=temperature))
-        return out
-
-    def _score(self, rollouts, examples) -> dict:
-        texts = self.tokenizer.batch_decode([r.output_ids for r in rollouts], skip_special_tokens=True)
-        batch = self.reward_pool.score(texts, [examples[r.prompt_index].answer for r in rollouts])
-        for r, t, s in zip(rollouts, texts, batch.scores):
-            r.text, r.reward = t, float(s)
-        return {"timeouts": batch.timeouts, "crashes": batch.crashes}
-
-    def _attach_logprobs(self, rollouts) -> None:
-        """Learner log-probs and entropies at T = 1 for every rollout (stored on the rollouts)."""
-        from aepo_jax.trainer.batch import Rows, pack
-
-        if not rollouts:
-            return
-        n = len(rollouts)
-        rows = Rows(rollouts, np.zeros(n, np.float32), np.zeros(n, bool), np.zeros(n, np.int8))
-        p = pack(rows, self.prompt_len, self.response_len, self.pad_id)
-        lp, ent = self.learner.logprobs(p.arrays(), rows_per_call=self.logprob_rows)
-        for i, r in enumerate(rollouts):
-            k = len(r.output_ids)
-            r.old_logp, r.entropy = lp[i, :k].copy(), ent[i, :k].copy()
-
-    @staticmethod
-    def _entropy_stats(rollouts) -> tuple[float, float]:
-        """Per-response token means, then the mean over responses (Section 3.2's H)."""
-        full = [float(r.entropy.mean()) for r in rollouts if len(r.output_ids)]
-        nll = [float(-r.old_logp.mean()) for r in rollouts if len(r.output_ids)]
-        return _mean(full), _mean(nll)
-
-    def _rollout_metrics(self, rollouts, prefix: str) -> dict:
-        if not rollouts:
-            return {}
-        lens = np.array([len(r.output_ids) for r in rollouts], np.float64)
-        rewards = np.array([r.reward for r in rollouts])
-        return {
-            f"{prefix}/reward_mean": float(rewards.mean()),
-            f"{prefix}/accuracy": float((rewards > 0.5).mean()),
-            f"{prefix}/response_length_mean": float(lens.mean()),
-            f"{prefix}/response_length_max": float(lens.max()),
-            f"{prefix}/truncation_rate": float(np.mean([r.finish_reason == "length" for r in rollouts])),
-            f"{prefix}/num_samples": float(len(rollouts)),
-        }
-
-    def _share(self, obj):
-        """Process 0's value on every process (rollouts are drawn by process 0 only)."""
-        from aepo_jax.trainer import distributed
-
-        if distributed.process_count() == 1:
-            return obj
-        return distributed.broadcast_object(obj if self.is_main else None)
-
-    def _sample_and_score(self, examples, n: int, temperature: float, seed: int, stage: str, m: dict):
-        """Rollout + reward on process 0, then the scored rollouts on every process."""
-        from aepo_jax.trainer.metrics import Timer
-
-        if self.is_main:
-            with Timer(stage, m):
-                rollouts = self._generate(examples, n, temperature, seed)
-            with Timer("reward" if stage == "rollout" else f"{stage}_reward", m):
-                stats = self._score(rollouts, examples)
-            payload = (rollouts, stats)
-        else:
-            payload = None
-        return self._share(payload)
-
+    # ------------------------------------------------------------------ the step
     def train_step(self, step: int) -> dict:
         """One RL step; returns its metrics. Every process runs it: process 0 talks to the
         servers and the reward pool, the learner's computations are collective."""
-        from aepo_jax.trainer.batch import build_rows, pack, split_minibatches
-        from aepo_jax.trainer.metrics import Timer
-
-        cfg = self.cfg
-        t0 = time.perf_counter()
+        cfg, seed = self.cfg, self.cfg.train.seed
+        t0, compiles = time.perf_counter(), self.compiles.count
         m: dict = {}
         examples = next(self.pipeline)
-
-        # 1-2. rollout at T = 1 and rewards
-        grpo, stats = self._sample_and_score(examples, cfg.rollout.n, cfg.rollout.temperature,
-                                             _step_seed(cfg.train.seed, step, 0), "rollout", m)
-        # 3. old log-probs and the current policy's entropy, both estimators
-        with Timer("old_logp", m):
-            self._attach_logprobs(grpo)
-        h_full, h_nll = self._entropy_stats(grpo)
-        # 4. the controller picks T and the positive budget
-        self.controller.observe(entropy_full=h_full, entropy_sampled=h_nll)
-        decision = self.controller.decide(step)
-        # 5. temperature rollout for a share of the prompts (AEPO and the ablations)
-        reg = []
-        if self.uses_reg:
-            n_prompts = max(1, math.ceil(cfg.algorithm.reg_prompt_fraction * len(examples)))
-            temperature = 1.0 if self.method == "ablation_eq2" else decision.temperature
-            reg, s2 = self._sample_and_score(examples[:n_prompts], cfg.algorithm.reg_samples_per_prompt or cfg.rollout.n,
-                                             temperature, _step_seed(cfg.train.seed, step, 1), "reg_rollout", m)
-            stats = {k: stats[k] + s2[k] for k in stats}
-        m.update(self._rollout_metrics(grpo, "rollout"))
-        m.update(self._rollout_metrics(reg, "reg_rollout"))
-        m.update({
-            "entropy": h_full if cfg.algorithm.controller.estimator == "full" else h_nll,
-            # The current policy on this step's T = 1 rollout, before the update (the controller's
-            # signal). actor/entropy_* (from the loss) are over the training batch, during the update.
-            "policy/entropy_full": h_full,
-            "policy/entropy_nll": h_nll,
-            "entropy_target": decision.target,
-            "temperature": decision.temperature if self.uses_reg else 1.0,
-            "reward_mean": m["rollout/reward_mean"],
-            "reward/timeouts": float(stats["timeouts"]),
-            "reward/crashes": float(stats["crashes"]),
-            "aepo/budget": float(decision.budget),
-            "aepo/raising": 1.0 if decision.mode == "raise" else 0.0,
-        })
-
-        # 6. the method's rows, their old log-probs, fixed-shape mini-batches
+        with Timer("sync", m):
+            self._sync_finish(m)  # the previous update's weights, written meanwhile, reach the servers
+        main = self._rollout(examples, cfg.rollout.n, cfg.rollout.temperature, _step_seed(seed, step, 0), "rollout", m)
+        main = self._old_logp(main, m)
+        decision = self._control(step, main, m)
+        reg = self._reg_rollout(examples, decision, _step_seed(seed, step, 1), m)
+        reg = self._old_logp(reg, m)
         with Timer("batch", m):
-            rng = np.random.default_rng([cfg.train.seed, step, 2])
-            rows, sel = build_rows(self.method, cfg.algorithm.reading, grpo, reg, decision.budget, rng)
-            m.update(sel)
-            self._attach_logprobs([r for r in rows.rollouts if r.old_logp is None])
-            packed = pack(rows, self.prompt_len, self.response_len, self.pad_id)
+            batch = assemble(self.spec, main, reg)
+        self._update(step, batch, m)
+        self._observe_entropy(main, m)
+        self._sync_begin(step + 1)
+        tokens = float(batch.mask.sum())
+        m["timing_s/step"] = time.perf_counter() - t0
+        m["perf/tokens_per_s"] = tokens / max(m["timing_s/step"], 1e-9)
+        m["perf/train_tokens"] = tokens
+        m["perf/compiles"] = float(self.compiles.count - compiles)  # this process's: 0 after step 1
+        return m
 
-        # 7. updates
+    # ------------------------------------------------------------------ stages
+    def _rollout(self, examples, n: int, temperature: float, seed: int, stage: str, m: dict) -> Batch:
+        """Samples and their rewards (process 0), packed; the same Batch on every process."""
+        if self.is_main:
+            with Timer(stage, m):
+                r = self.cfg.rollout
+                params = {"max_new_tokens": r.max_new_tokens, "top_p": r.top_p, "top_k": r.top_k}
+                samples = self.loop.run_until_complete(self.client.generate(
+                    [list(e.prompt_ids) for e in examples], n=n, sampling_params=params, seed=seed,
+                    temperature=temperature, return_logprob=False))
+                self._check_weight_version(samples)
+            with Timer("reward" if stage == "rollout" else f"{stage}_reward", m):
+                rows = [(i, s) for i, group in enumerate(samples) for s in group]
+                outputs = [list(s.output_ids)[: self.response_len] for _, s in rows]
+                texts = self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
+                scored = self.reward_pool.score(texts, [examples[i].answer for i, _ in rows])
+                batch = pack([list(examples[i].prompt_ids) for i, _ in rows], outputs, scored.scores,
+                             [i for i, _ in rows], [s.truncated for _, s in rows], main_rollout=stage == "rollout",
+                             prompt_len=self.prompt_len, response_len=self.response_len, pad_id=self.pad_id)
+            payload = (batch, {"reward/timeouts": float(scored.timeouts), "reward/crashes": float(scored.crashes)})
+        else:
+            payload = None
+        # Rollouts are drawn by process 0 only: its Batch on every process.
+        batch, stats = payload if distributed.process_count() == 1 else distributed.broadcast_object(payload)
+        for k, v in stats.items():
+            m[k] = m.get(k, 0.0) + v
+        m.update(rollout_metrics(batch, stage))
+        if stage == "rollout":
+            m["reward_mean"] = m["rollout/reward_mean"]
+        return batch
+
+    def _old_logp(self, batch: Batch | None, m: dict) -> Batch | None:
+        """The learner's log pi_old and entropy at T = 1 of every row (skipped when the update is
+        on-policy: it then uses sg(log pi) of its own forward pass)."""
+        if batch is None or self.reuse_old_logp or batch.num_rows == 0:
+            return batch
+        with Timer("old_logp", m):
+            logp, entropy = self.learner.logprobs(batch, rows_per_call=self.logprob_rows)
+        return replace(batch, old_logp=logp, entropy=entropy)
+
+    def _control(self, step: int, main: Batch, m: dict):
+        """AEPO's decision for this step: T and the positive budget from the policy's entropy.
+
+        ``measure_entropy``: the signal is this step's rollout, measured before the controller
+        decides (the paper; from the recomputed old log-probs, or a forward pass over the main
+        rows). Otherwise it is the previous update's forward pass on the previous step's rollout
+        (one update behind, as in the authors' code; :meth:`_observe_entropy`).
+        """
+        if self.measure_entropy:
+            if main.old_logp is None:
+                with Timer("entropy", m):
+                    logp, entropy = self.learner.logprobs(main, rows_per_call=self.logprob_rows)
+                h_full, h_nll = policy_entropy(replace(main, old_logp=logp, entropy=entropy))
+            else:
+                h_full, h_nll = policy_entropy(main)
+            self.controller.observe(entropy_full=h_full, entropy_sampled=h_nll)
+            m["policy/entropy_full"], m["policy/entropy_nll"] = h_full, h_nll
+        decision = self.controller.decide(step)
+        m["entropy_target"] = decision.target
+        m["aepo/budget"] = float(decision.budget)
+        m["aepo/raising"] = 1.0 if decision.mode == "raise" else 0.0
+        if decision.entropy is not None:
+            m["aepo/entropy_signal"] = decision.entropy
+        return decision
+
+    def _reg_rollout(self, examples, decision, seed: int, m: dict) -> Batch | None:
+        """The method's second rollout and the rows of it the batch keeps (None without one)."""
+        cfg, spec = self.cfg, self.spec
+        temperature = 1.0 if spec.reg_rollout in ("none", "t1") else decision.temperature
+        m["temperature"] = temperature
+        if not spec.uses_reg_rollout:
+            return None
+        n_prompts = max(1, math.ceil(cfg.algorithm.reg_prompt_fraction * len(examples)))
+        reg = self._rollout(examples[:n_prompts], cfg.algorithm.reg_samples_per_prompt or cfg.rollout.n,
+                            temperature, seed, "reg_rollout", m)
+        with Timer("batch", m):
+            rows, stats = select_reg_rows(spec, reg, decision.budget, np.random.default_rng([cfg.train.seed, decision.step, 2]))
+        m.update(stats)
+        return rows
+
+    def _update(self, step: int, batch: Batch, m: dict) -> None:
+        """Epochs x mini-batches of the jitted update; their metrics averaged into ``m``."""
+        cfg = self.cfg
         update_metrics = []
         with Timer("update", m):
             rng = np.random.default_rng([cfg.train.seed, step, 3])
             for _ in range(cfg.train.epochs):
-                for mb in split_minibatches(packed, self.num_minibatches, self.reg_cap, self.pad_id, rng):
-                    um = self.learner.update(mb.arrays())
-                    um["optim/lr"] = self.learner.learning_rate(self.num_updates)
+                for mb in split_minibatches(batch, self.num_minibatches, self.reg_cap, self.pad_id, rng):
+                    um = self.learner.update(mb, self.num_updates)
                     if um["actor/update_skipped"] == 0.0:
                         self.num_updates += 1
                     else:
                         log.warning("step %d: non-finite loss or gradient; update skipped", step + 1)
                     update_metrics.append(um)
         for k in update_metrics[0]:
+            if k.startswith("policy/") and k in m:
+                continue  # measured exactly on the rollout before the update (recomputed old log-probs)
             vals = [u[k] for u in update_metrics]
             m[k] = float(np.sum(vals)) if k == "actor/update_skipped" else _mean(vals)
         m["optim/num_updates"] = float(self.num_updates)
 
-        with Timer("sync", m):
-            self._sync(step + 1)
-        tokens = float(packed.response_mask.sum())
-        m["timing_s/step"] = time.perf_counter() - t0
-        m["perf/tokens_per_s"] = tokens / max(m["timing_s/step"], 1e-9)
-        m["perf/train_tokens"] = tokens
-        return m
+    def _observe_entropy(self, main: Batch, m: dict) -> None:
+        """``entropy``: the policy's entropy on this step's rollout, before the update (the controller's
+        estimator). On-policy it comes from the update's forward pass and feeds the next decision."""
+        if not self.measure_entropy:
+            self.controller.observe(entropy_full=m["policy/entropy_full"], entropy_sampled=m["policy/entropy_nll"])
+        est = self.cfg.algorithm.controller.estimator
+        m["entropy"] = m["policy/entropy_full"] if est == "full" else m["policy/entropy_nll"]
 
-    def _sync(self, version: int) -> None:
-        """Weights to the sampling servers (main process talks to them)."""
-        from aepo_jax.rollout.weight_sync import sync_weights_async
-
+    def _sync_begin(self, version: int) -> None:
+        """Start moving the updated weights to the servers: a background thread writes them while
+        the step is logged and checkpointed and the next prompts are drawn (off the critical path);
+        :meth:`_sync_finish` has the servers load them before the next rollout."""
         model = self.learner.model()
-        if self.jax.process_count() > 1:
+        if jax.process_count() > 1:
             # Every process takes part in gathering the parameters; only process 0 writes and posts.
-            from jax.experimental import multihost_utils
-
             params = multihost_utils.process_allgather(self.learner.params, tiled=True)
             if not self.is_main:
                 return
-            from flax import nnx
-
             model = nnx.merge(self.learner.graphdef, params)
         if not self.is_main:
             return
-        self.loop.run_until_complete(sync_weights_async(
-            model, self.client, str(version), self.cfg.rollout.sync_dir or None,
-            dtype=self.cfg.model.dtype, source_dir=self.model_path))
+        sync_dir, t0 = self.cfg.rollout.sync_dir or None, time.perf_counter()
+
+        def write():
+            path = write_weights(model, str(version), sync_dir, dtype=self.cfg.model.dtype, source_dir=self.model_path)
+            return path, time.perf_counter() - t0
+
+        # The next update (which donates the parameters) comes after the next rollout, which waits
+        # for this write: the thread never reads a donated array.
+        self.pending_sync = (str(version), self.weights_writer.submit(write))
+
+    def _sync_finish(self, m: dict | None = None) -> None:
+        """Every server loads the written weights. No /model_info round trip: each sample of the
+        next rollout carries its server's weight_version, checked by :meth:`_check_weight_version`."""
+        if self.pending_sync is None:
+            return
+        version, written = self.pending_sync
+        self.pending_sync = None
+        path, write_s = written.result()
+        self.loop.run_until_complete(publish_weights(self.client, path, version, verify=False))
+        self.weight_version = version
+        if m is not None:
+            m["timing_s/sync_write"] = write_s  # in the background thread, overlapping the previous step's end
+
+    def _check_weight_version(self, samples) -> None:
+        wrong = {s.server: s.weight_version for group in samples for s in group
+                 if s.weight_version is not None and s.weight_version != self.weight_version}
+        if wrong:
+            raise WeightSyncError(f"samples came from weight_version {wrong} (server: version), "
+                                  f"not the synced {self.weight_version!r}")
 
     # ------------------------------------------------------------------ checkpoints
     def _extras(self) -> dict:
         return {"controller": self.controller.to_dict(), "num_updates": self.num_updates}
 
     def _restore(self, ckpt) -> None:
-        from aepo_jax.entropy_control import EntropyController
-
         if ckpt.latest_step() is None or not self.cfg.train.resume:
             return
         # The newest intact step (a damaged newer one is skipped with a warning); the data
@@ -431,11 +466,6 @@ class Trainer:
         log.info("resumed from %s at step %d", self.run_dir / "checkpoints", step)
 
     def run(self) -> Path:
-        import yaml
-
-        from aepo_jax.trainer.checkpoint import CheckpointManager, checkpoint_dir
-        from aepo_jax.trainer.metrics import MetricsLogger
-
         cfg = self.cfg
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -452,7 +482,8 @@ class Trainer:
                 self.startup.mark("server start (rest)" if self.server is not None else "servers healthy")
                 # The servers must sample from this run's policy: the restored one on a resume, and
                 # the base model on a fresh start (a long-lived server may hold another run's weights).
-                self._sync(self.start_step)
+                self._sync_begin(self.start_step)
+                self._sync_finish()
                 self.startup.mark("first sync")
                 last_ckpt_s = None
                 for step in range(self.start_step, cfg.train.steps):
@@ -468,12 +499,11 @@ class Trainer:
                         t0 = time.perf_counter()
                         ckpt.save(step + 1, self.learner.state(), self._extras(), force=True)
                         last_ckpt_s = time.perf_counter() - t0
+                self._sync_finish()  # the servers end with the final policy
         return self.run_dir
 
 
 def _latest_checkpoint(run_dir: str) -> str:
-    from aepo_jax.trainer.checkpoint import CheckpointManager, checkpoint_dir
-
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
         return "none yet"
@@ -509,12 +539,6 @@ def main(argv: list[str] | None = None) -> int:
     # Before jax initialises: simulated host devices for --mesh on CPU-only hosts, then multi-host.
     setup_host_devices(cfg.train.mesh or None)
     setup_compilation_cache(cfg.train.compilation_cache)  # before anything compiles; the server inherits it
-    # The error classes main() reports (imported after the device flags: these modules import jax).
-    from aepo_jax.rollout.client import RolloutError
-    from aepo_jax.rollout.weight_sync import WeightSyncError
-    from aepo_jax.trainer import distributed, startup
-    from aepo_jax.trainer.checkpoint import CheckpointError, CheckpointSaveError, NonFiniteStateError
-
     _install_signal_handlers()
     t = cfg.train
     try:

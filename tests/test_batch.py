@@ -1,17 +1,19 @@
 """Host-side batch building: which rows each method trains on, packing, fixed-shape mini-batches."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from aepo_jax.trainer.batch import Rollout, build_rows, group_advantages, pack, split_minibatches
+from aepo_jax.methods import METHODS, method_spec
+from aepo_jax.trainer.batch import assemble, group_advantages, pack, select_reg_rows, split_minibatches
 
 
-def _rollouts(rewards, group_size, temperature=1.0, start=0):
-    return [
-        Rollout(prompt_index=start + i // group_size, prompt_ids=[1, 2 + i % 3], output_ids=[5] * (1 + i % 4),
-                finish_reason="stop", temperature=temperature, reward=float(r))
-        for i, r in enumerate(rewards)
-    ]
+def _batch(rewards, group_size, *, main=True, start=0):
+    n = len(rewards)
+    return pack([[1, 2 + i % 3] for i in range(n)], [[5 + i] * (1 + i % 4) for i in range(n)], rewards,
+                [start + i // group_size for i in range(n)], [i % 5 == 0 for i in range(n)],
+                main_rollout=main, prompt_len=3, response_len=5, pad_id=0)
 
 
 def test_group_advantages_match_definition():
@@ -23,80 +25,102 @@ def test_group_advantages_match_definition():
     assert np.all(adv[4:8] == 0)  # equal rewards -> 0
 
 
+def test_pack_layout():
+    b = _batch([1, 0, 1], 3)
+    assert b.input_ids.shape == (3, 8) and b.mask.shape == (3, 5)
+    assert b.input_ids[0, 1:3].tolist() == [1, 2] and b.attention_mask[0, 0] == 0
+    assert b.input_ids[1, 3:5].tolist() == [6, 6] and b.mask[1].tolist() == [1, 1, 0, 0, 0]
+    assert b.position_ids[0, 1] == 0 and b.position_ids[0, 3] == 2
+    assert b.truncated.tolist() == [True, False, False] and b.main_rollout.all()
+    assert b.old_logp is None and not b.is_reg.any()
+    with pytest.raises(ValueError, match="row 0"):
+        pack([[1] * 9], [[2]], [1.0], [0], [False], main_rollout=True, prompt_len=3, response_len=5, pad_id=0)
+
+
+def test_batch_is_immutable():
+    b = _batch([1, 0], 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.advantages = np.ones(2)
+
+
 def test_positive_selection_follows_the_reading_and_budget():
-    grpo = _rollouts([1, 0, 1, 0], 2)
-    reg = _rollouts([1, 1, 1, 1, 0, 1, 0, 0], 4, temperature=1.2)  # group 0 all right, group 1 mixed
-    rows, stats = build_rows("aepo", "paper", grpo, reg, 10, np.random.default_rng(0))
+    reg = _batch([1, 1, 1, 1, 0, 1, 0, 0], 4, main=False)  # group 0 all right, group 1 mixed
+    paper, mix = method_spec("aepo", "paper"), method_spec("aepo", "mix")
+    rows, stats = select_reg_rows(paper, reg, 10, np.random.default_rng(0))
     assert stats["aepo/positives_available"] == 5 and stats["aepo/positives_used"] == 5
     # the authors' rule: group advantage > 0.05, so an all-correct group contributes nothing
-    rows, stats = build_rows("aepo", "mix", grpo, reg, 10, np.random.default_rng(0))
-    assert stats["aepo/positives_available"] == 1 and rows.rollouts[0] is reg[5]
-    rows, stats = build_rows("aepo", "paper", grpo, reg, 2, np.random.default_rng(0))
-    assert stats["aepo/positives_used"] == 2
-    assert all(r in [reg[i] for i in (0, 1, 2, 3, 5)] for r in rows.rollouts[4:])
+    rows, stats = select_reg_rows(mix, reg, 10, np.random.default_rng(0))
+    assert stats["aepo/positives_available"] == 1 and rows.input_ids[0].tolist() == reg.input_ids[5].tolist()
+    rows, stats = select_reg_rows(paper, reg, 2, np.random.default_rng(0))
+    assert stats["aepo/positives_used"] == 2 and rows.num_rows == 2 and rows.is_reg.all()
+    assert (rows.rewards == 1).all() and (rows.advantages == 1).all() and not rows.main_rollout.any()
 
 
-@pytest.mark.parametrize("method", ["grpo", "entropy_reg", "entropy_adv", "reinforce"])
-def test_methods_without_regulariser_ignore_reg_rollout(method):
-    grpo = _rollouts([1, 0, 1, 1], 2)
-    reg = _rollouts([1, 1], 2, temperature=1.2)
-    rows, stats = build_rows(method, "paper", grpo, reg, 60, np.random.default_rng(0))
-    assert len(rows.rollouts) == 4 and not rows.is_reg.any()
+@pytest.mark.parametrize("method", [m for m, s in METHODS.items() if not s.uses_reg_rollout])
+def test_methods_without_regulariser_train_on_the_main_rows(method):
+    main = _batch([1, 0, 1, 1], 2)
+    b = assemble(METHODS[method], main, None)
+    assert b.num_rows == 4 and not b.is_reg.any()
     if method == "reinforce":
-        np.testing.assert_array_equal(rows.advantages, [1, 0, 1, 1])
+        np.testing.assert_array_equal(b.advantages, [1, 0, 1, 1])
     else:
-        assert rows.advantages[2] == 0 and rows.advantages[0] > 0 > rows.advantages[1]
+        assert b.advantages[2] == 0 and b.advantages[0] > 0 > b.advantages[1]
+    np.testing.assert_array_equal(b.rewards, [1, 0, 1, 1])  # advantages never overwrite rewards
 
 
-def test_aepo_paper_appends_positives_with_weight_one():
-    grpo = _rollouts([1, 0, 0, 0], 2)
-    reg = _rollouts([1, 0, 1, 1, 0, 0], 3, temperature=1.2)
-    rows, stats = build_rows("aepo", "paper", grpo, reg, 2, np.random.default_rng(0))
+def test_aepo_paper_appends_positives_with_their_reward_as_advantage():
+    spec = method_spec("aepo")
+    main = _batch([1, 0, 0, 0], 2)
+    reg = _batch([1, 0, 1, 1, 0, 0], 3, main=False)
+    rows, stats = select_reg_rows(spec, reg, 2, np.random.default_rng(0))
     assert stats == {"aepo/positives_available": 3.0, "aepo/positives_used": 2.0}
-    assert rows.is_reg.tolist() == [False] * 4 + [True] * 2
-    assert all(r.reward == 1.0 and r.temperature == 1.2 for r in rows.rollouts[4:])
-    p = pack(rows, prompt_len=4, response_len=6, pad_id=0)
-    np.testing.assert_array_equal(p.rewards[4:], [1, 1])
+    b = assemble(spec, main, rows)
+    assert b.is_reg.tolist() == [False] * 4 + [True] * 2
+    assert b.main_rollout.tolist() == [True] * 4 + [False] * 2
+    np.testing.assert_array_equal(b.rewards[4:], [1, 1])
+    np.testing.assert_array_equal(b.advantages[4:], [1, 1])
+    np.testing.assert_allclose(b.advantages[:4], group_advantages(main.rewards, main.group))
 
 
 def test_aepo_mix_replaces_first_k():
-    grpo = _rollouts([1, 0, 0, 1, 1, 0], 2)
-    reg = _rollouts([1, 0, 1, 0], 2, temperature=0.8)
-    rows, stats = build_rows("aepo", "mix", grpo, reg, 60, np.random.default_rng(0))
-    assert len(rows.rollouts) == 6 and not rows.is_reg.any()
-    assert rows.source.tolist() == [1, 1, 0, 0, 0, 0]
-    assert rows.rollouts[0].temperature == 0.8 and rows.advantages[:2].tolist() == [1.0, 1.0]
+    spec = method_spec("aepo", "mix")
+    main = _batch([1, 0, 0, 1, 1, 0], 2)
+    reg = _batch([1, 0, 1, 0], 2, main=False)
+    rows, _ = select_reg_rows(spec, reg, 60, np.random.default_rng(0))
+    b = assemble(spec, main, rows)
+    assert b.num_rows == 6 and not b.is_reg.any()
+    assert b.main_rollout.tolist() == [False, False, True, True, True, True]
+    assert b.advantages[:2].tolist() == [1.0, 1.0]
+    assert b.input_ids[0].tolist() == reg.input_ids[0].tolist()
 
 
 def test_zero_positives_is_a_normal_step():
-    grpo = _rollouts([1, 0], 2)
-    reg = _rollouts([0, 0, 0, 0], 2, temperature=1.2)
-    rows, stats = build_rows("aepo", "paper", grpo, reg, 60, np.random.default_rng(0))
-    assert stats["aepo/positives_used"] == 0 and len(rows.rollouts) == 2
+    spec = method_spec("aepo")
+    rows, stats = select_reg_rows(spec, _batch([0, 0, 0, 0], 2, main=False), 60, np.random.default_rng(0))
+    assert stats["aepo/positives_used"] == 0
+    assert assemble(spec, _batch([1, 0], 2), rows).num_rows == 2
 
 
 def test_eq3_keeps_negatives_with_grpo_advantages():
-    grpo = _rollouts([1, 0], 2)
-    reg = _rollouts([1, 0, 1, 1], 2, temperature=1.2)
-    rows, _ = build_rows("ablation_eq3", "paper", grpo, reg, 60, np.random.default_rng(0))
-    w = rows.advantages[rows.is_reg]
-    assert len(w) == 2 and w.min() < 0 < w.max()
+    spec = method_spec("ablation_eq3")
+    reg = _batch([1, 0, 1, 1], 2, main=False)
+    rows, _ = select_reg_rows(spec, reg, 60, np.random.default_rng(0))
+    assert rows.num_rows == 2 and rows.advantages.min() < 0 < rows.advantages.max()
+    np.testing.assert_array_equal(rows.rewards, [1, 0])
 
 
-def test_pack_layout_and_minibatches():
-    grpo = _rollouts([1, 0, 1, 0, 1, 1, 0, 0], 2)
-    reg = _rollouts([1, 1, 1], 3, temperature=1.2)
-    rows, _ = build_rows("aepo", "paper", grpo, reg, 60, np.random.default_rng(0))
-    p = pack(rows, prompt_len=3, response_len=5, pad_id=0)
-    r0 = rows.rollouts[0]
-    assert p.input_ids[0, 1:3].tolist() == r0.prompt_ids and p.attention_mask[0, 0] == 0
-    assert p.response_mask[0].sum() == len(r0.output_ids)
-    assert p.position_ids[0, 1] == 0 and p.position_ids[0, 3] == 2
-    mbs = split_minibatches(p, 2, reg_rows_cap=2, pad_id=0, rng=np.random.default_rng(1))
+def test_minibatches_have_one_shape_and_padding_counts_nowhere():
+    spec = method_spec("aepo")
+    main = _batch([1, 0, 1, 0, 1, 1, 0, 0], 2)
+    rows, _ = select_reg_rows(spec, _batch([1, 1, 1], 3, main=False), 60, np.random.default_rng(0))
+    b = assemble(spec, main, rows)
+    mbs = split_minibatches(b, 2, reg_rows_cap=2, pad_id=0, rng=np.random.default_rng(1))
     assert len(mbs) == 2 and all(m.input_ids.shape == (4 + 2, 8) for m in mbs)
     with pytest.raises(ValueError, match="exceed"):
-        split_minibatches(p, 2, reg_rows_cap=1, pad_id=0, rng=np.random.default_rng(1))
-    assert sum(int(m.row_valid.sum()) for m in mbs) == 11
-    assert sum(int((m.is_reg & m.row_valid).sum()) for m in mbs) == 3
-    pad = ~mbs[0].row_valid
-    assert np.all(mbs[0].response_mask[pad] == 0)
+        split_minibatches(b, 2, reg_rows_cap=1, pad_id=0, rng=np.random.default_rng(1))
+    real = [m.mask.sum(axis=1) > 0 for m in mbs]
+    assert sum(int(r.sum()) for r in real) == 11
+    assert sum(int((m.is_reg & r).sum()) for m, r in zip(mbs, real)) == 3
+    assert sum(float(m.mask.sum()) for m in mbs) == float(b.mask.sum())
+    pad = [~r & m.is_reg for m, r in zip(mbs, real)]
+    assert all(float(m.advantages[p].sum()) == 0 for m, p in zip(mbs, pad))

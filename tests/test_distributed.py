@@ -37,8 +37,9 @@ _CHILD = textwrap.dedent(
 
     # each process feeds its own rows; the global array holds both, in process order
     mesh = Mesh(np.array(jax.devices()).reshape(4, 1), ("data", "tensor"))
+    global_rows = lambda x: jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), x)  # noqa: E731
     local = np.arange(pid * 6, pid * 6 + 6, dtype=np.float32).reshape(2, 3)
-    batch = d.global_batch({"x": local, "mask": np.full((2,), pid, np.int32)}, mesh)
+    batch = {"x": global_rows(local), "mask": global_rows(np.full((2,), pid, np.int32))}
     out["global_shape"] = list(batch["x"].shape)
     out["global_sum"] = float(jax.jit(lambda x: x.sum())(batch["x"]))
     # a fully replicated result is readable on every process
@@ -50,7 +51,7 @@ _CHILD = textwrap.dedent(
     import grain
     from aepo_jax.trainer.checkpoint import CheckpointManager, NonFiniteStateError
     sharding = NamedSharding(mesh, P("data"))
-    w = d.global_batch(np.arange(pid * 8, pid * 8 + 8, dtype=np.float32).reshape(4, 2), mesh)
+    w = global_rows(np.arange(pid * 8, pid * 8 + 8, dtype=np.float32).reshape(4, 2))
     it = iter(grain.MapDataset.range(100).to_iter_dataset())
     for _ in range(3 * (pid + 1)):  # each process at its own position
         next(it)
@@ -73,7 +74,7 @@ _CHILD = textwrap.dedent(
         if pid == 1:
             bad_local[1, 1] = np.nan
         try:
-            m.save(4, {"params": {"w": d.global_batch(bad_local, mesh)}})
+            m.save(4, {"params": {"w": global_rows(bad_local)}})
             out["nan_refused"] = False
         except NonFiniteStateError as e:
             out["nan_refused"] = "['params']['w']" in str(e)
@@ -113,7 +114,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_broadcast_gather_global_batch_and_checkpoint(tmp_path):
+def test_two_processes_broadcast_gather_global_rows_and_checkpoint(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     procs = [
@@ -177,20 +178,6 @@ def test_single_process_shortcuts():
     assert distributed.broadcast_object(obj) is obj
     assert distributed.allgather_object(obj) == [obj]
     distributed.sync("noop")
-
-
-def test_single_process_global_batch_shards_rows():
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
-    x = np.arange(24).reshape(8, 3)
-    g = distributed.global_batch({"x": x}, mesh)["x"]
-    np.testing.assert_array_equal(np.asarray(g), x)
-    assert len({s.index[0].start for s in g.addressable_shards}) == 4  # rows split 4 ways, replicated over tensor
-    with pytest.raises(ValueError, match=r"leaf \['s'\] is a scalar"):
-        distributed.global_batch({"s": np.float32(1)}, mesh)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The jitted learner: log-probs match the model, one update step is the same on 1 device and on
 simulated 8x1 / 4x2 meshes and for any micro-batch count, and a non-finite gradient skips the update."""
 
-from dataclasses import replace
+import dataclasses
 
 import jax
 import numpy as np
@@ -10,6 +10,8 @@ import pytest
 from aepo_jax.losses import LossConfig
 from aepo_jax.models import ModelConfig, init_model
 from aepo_jax.models.sharding import make_mesh
+from aepo_jax.methods import method_spec
+from aepo_jax.trainer.batch import Batch
 from aepo_jax.trainer.config import OptimSection
 from aepo_jax.trainer.learner import Learner, LearnerSpec
 
@@ -39,26 +41,27 @@ def _batch(seed=0):
     pos = np.maximum(np.cumsum(attn, 1) - 1, 0).astype(np.int32)
     is_reg = np.zeros(N, bool)
     is_reg[-4:] = True
-    return {
-        "input_ids": ids, "attention_mask": attn, "position_ids": pos, "response_mask": rmask,
-        "advantages": rng.normal(size=N).astype(np.float32), "rewards": (rng.random(N) > 0.5).astype(np.float32),
-        "is_reg": is_reg,
-    }
+    return Batch(input_ids=ids, attention_mask=attn, position_ids=pos, mask=rmask,
+                 rewards=(rng.random(N) > 0.5).astype(np.float32), advantages=rng.normal(size=N).astype(np.float32),
+                 is_reg=is_reg, main_rollout=~is_reg, group=np.arange(N, dtype=np.int32) // 4,
+                 truncated=np.zeros(N, bool))
 
 
-def _learner(mesh_spec, micro=1, method="aepo"):
+def _learner(mesh_spec, micro=1, method="aepo", reuse_old_logp=False):
     d, t = (int(x) for x in mesh_spec.split("x"))
     mesh = make_mesh(mesh_spec, devices=jax.devices()[: d * t])
     model = init_model(_cfg(), seed=0, mesh=mesh)
-    spec = LearnerSpec(method=method, loss=LossConfig(), prompt_len=P_LEN, response_len=R_LEN,
-                       logprob_chunk=4, micro_batches=micro)
+    m = method_spec(method)
+    spec = LearnerSpec(loss_name=m.loss, loss=LossConfig(), prompt_len=P_LEN, response_len=R_LEN,
+                       logprob_chunk=4, micro_batches=micro, entropy_grad=m.entropy_grad,
+                       reuse_old_logp=reuse_old_logp)
     # eps >> round-off in g: with a tiny eps Adam would turn a 1e-9 difference into a +-lr step.
     return Learner(model, spec, OptimSection(lr=1e-2, eps=1e-3), total_updates=10, mesh=mesh)
 
 
 def _step(learner, batch):
     lp, _ = learner.logprobs(batch, rows_per_call=8)
-    m = learner.update({**batch, "old_logp": lp - 0.05 * batch["response_mask"]})
+    m = learner.update(dataclasses.replace(batch, old_logp=lp - 0.05 * batch.mask))
     return m, jax.tree.map(np.asarray, learner.params)
 
 
@@ -66,10 +69,10 @@ def test_logprobs_match_model_log_softmax():
     learner = _learner("1x1")
     b = _batch()
     lp, ent = learner.logprobs(b, rows_per_call=5)  # 5 does not divide 16: padding path
-    logits = np.asarray(learner.model()(b["input_ids"], b["attention_mask"], b["position_ids"]), np.float64)
+    logits = np.asarray(learner.model()(b.input_ids, b.attention_mask, b.position_ids), np.float64)
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     logsm = logits - logz[..., None]
-    want = np.take_along_axis(logsm[:, P_LEN - 1 : -1], b["input_ids"][:, P_LEN:, None], -1)[..., 0]
+    want = np.take_along_axis(logsm[:, P_LEN - 1 : -1], b.input_ids[:, P_LEN:, None], -1)[..., 0]
     np.testing.assert_allclose(lp, want, atol=1e-4)
     p = np.exp(logsm[:, P_LEN - 1 : -1])
     np.testing.assert_allclose(ent, -(p * logsm[:, P_LEN - 1 : -1]).sum(-1), atol=1e-4)
@@ -96,11 +99,62 @@ def test_nonfinite_gradient_skips_update():
     b = _batch()
     before = jax.tree.map(np.asarray, learner.params)
     lp, _ = learner.logprobs(b, rows_per_call=16)
-    adv = b["advantages"].copy()
+    adv = b.advantages.copy()
     adv[0] = np.nan
-    m = learner.update({**b, "advantages": adv, "old_logp": lp})
+    m = learner.update(dataclasses.replace(b, advantages=adv, old_logp=lp))
     assert m["actor/update_skipped"] == 1.0
     for a, c in zip(jax.tree.leaves(before), jax.tree.leaves(learner.params)):
         np.testing.assert_array_equal(a, np.asarray(c))
-    m = learner.update({**b, "old_logp": lp})  # and the next finite update goes through
+    m = learner.update(dataclasses.replace(b, old_logp=lp))  # and the next finite update goes through
     assert m["actor/update_skipped"] == 0.0
+
+
+@pytest.mark.parametrize("method", ["aepo", "entropy_reg", "grpo"])
+def test_on_policy_reuse_equals_recomputed_old_logprobs(method):
+    """One epoch of one mini-batch: sg(log pi) of the update's own forward pass is log pi_old, so
+    skipping the separate forward pass gives the same loss, gradient, update and policy entropy."""
+    b = _batch(3)
+    exact = _learner("1x1", 1, method)
+    lp, ent = exact.logprobs(b, rows_per_call=16)
+    m1 = exact.update(dataclasses.replace(b, old_logp=lp, entropy=ent))
+    reuse = _learner("1x1", 1, method, reuse_old_logp=True)
+    m2 = reuse.update(b)
+    for k in ("loss/total", "loss/pg", "loss/reg", "loss/entropy", "actor/grad_norm", "actor/ratio_mean"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-7), k
+    assert m1["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    for a, c in zip(jax.tree.leaves(exact.params), jax.tree.leaves(reuse.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
+    # the update's entropy of the main-rollout rows == the separate pass's (the controller's signal)
+    main = b.main_rollout & (b.mask.sum(1) > 0)
+    want_full = np.mean(((ent * b.mask).sum(1) / b.mask.sum(1))[main])
+    want_nll = np.mean(((-lp * b.mask).sum(1) / b.mask.sum(1))[main])
+    assert m2["policy/entropy_full"] == pytest.approx(want_full, rel=1e-5)
+    assert m2["policy/entropy_nll"] == pytest.approx(want_nll, rel=1e-5)
+    # without old log-probs an off-policy learner refuses the batch instead of guessing
+    with pytest.raises(ValueError, match="old_logp"):
+        _learner("1x1", 1, method).update(b)
+
+
+@pytest.mark.parametrize("mesh,micro,reuse", [("1x1", 1, True), ("4x2", 2, False)])
+def test_updates_after_the_first_compile_nothing(mesh, micro, reuse):
+    """The optimiser state starts where the update keeps it, so the second update hits the jit
+    cache (it used to compile again at step 2); new batch values never recompile."""
+    from aepo_jax.trainer.metrics import CompileCounter
+
+    learner = _learner(mesh, micro, "aepo", reuse_old_logp=reuse)
+    counter = CompileCounter()
+    try:
+        for seed in range(3):
+            b = _batch(seed)
+            before = counter.count
+            if not reuse:
+                lp, ent = learner.logprobs(b, rows_per_call=8)
+                b = dataclasses.replace(b, old_logp=lp, entropy=ent)
+            m = learner.update(b, seed)
+            assert m["optim/lr"] == pytest.approx(1e-2)  # constant schedule, computed inside the update
+            if seed == 0:
+                assert counter.count > before  # the counter sees compilations
+            else:
+                assert counter.count == before, f"update {seed + 1} compiled {counter.count - before} time(s)"
+    finally:
+        counter.close()

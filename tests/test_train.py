@@ -19,9 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aepo_jax.methods import method_spec
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["aepo", "grpo", "entropy_reg", "entropy_adv", "ablation_eq2", "ablation_eq3", "reinforce"]
-NONDETERMINISTIC = ("timing_s/", "perf/tokens_per_s")
+METHOD_SPECS = {m: method_spec(m) for m in METHODS}
+NONDETERMINISTIC = ("timing_s/", "perf/tokens_per_s", "perf/compiles")  # compiles: the process's, not the run's
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,39 @@ def _run_cli(args, env_extra=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def _check_method_semantics(method: str, ms: list[dict]) -> None:
+    """What distinguishes each method in its logged metrics (routing a method to another's rows,
+    temperature or loss fails here). The update is on-policy (ratio 1), so the policy-gradient
+    term is -mean(advantage) over sequences: 0 for GRPO advantages (each group sums to 0)."""
+    for m in ms:
+        pg, reg, ent = m["loss/pg"], m["loss/reg"], m["loss/entropy"]
+        assert m["loss/total"] == pytest.approx(pg + reg + ent, abs=1e-6), method
+        assert m["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-5), method
+        assert (ent < 0) == (method == "entropy_reg"), (method, ent)  # -lambda * H only for Entropy-Reg
+        if method in ("grpo", "entropy_reg", "aepo", "ablation_eq2", "ablation_eq3"):
+            assert pg == pytest.approx(0.0, abs=1e-5), (method, pg)
+        elif method == "entropy_adv":
+            assert pg < -1e-4, pg  # A + min(beta H, |A| / kappa): the shaping only adds
+        elif method == "reinforce":
+            assert pg == pytest.approx(-m["rollout/reward_mean"], abs=1e-5)  # advantage = reward
+        used = m.get("aepo/positives_used", 0.0)
+        assert m["aepo/num_reg_samples"] == used
+        if method in ("aepo", "ablation_eq2"):
+            assert (reg < 0) == (used > 0), (method, reg, used)  # REINFORCE with R = 1 on each positive
+        elif method == "ablation_eq3":
+            # every informative sample fits the budget: whole groups, whose GRPO advantages sum to 0
+            assert used > 0 and reg == pytest.approx(0.0, abs=1e-5), (reg, used)
+        else:
+            assert reg == 0 and "reg_rollout/num_samples" not in m, method
+        if method in ("aepo", "ablation_eq3"):
+            # target 8.0 is above any entropy of this vocabulary (ln V < 8), so the controller raises: T_high.
+            assert m["temperature"] == pytest.approx(1.2) and m["aepo/budget"] == 60
+        else:  # Eq. (2) draws its second rollout from pi_old itself
+            assert m["temperature"] == 1.0, method
+        if method == "ablation_eq2":
+            assert m["reg_rollout/num_samples"] > 0 and m["aepo/budget"] == 60
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_end_to_end(method, base_model, server, tmp_path):
     from aepo_jax.train import main
@@ -83,23 +119,28 @@ def test_every_method_runs_end_to_end(method, base_model, server, tmp_path):
             assert key in m and m[key] is not None and np.isfinite(m[key]), (method, key)
         assert m["actor/update_skipped"] == 0
         assert 0 < m["policy/entropy_full"] and m["entropy"] == m["policy/entropy_full"]
-        if method in ("aepo", "ablation_eq3"):
-            # target 8.0 is above any entropy of this vocabulary (ln V < 8), so the controller raises: T_high.
-            assert m["temperature"] == pytest.approx(1.2) and m["aepo/budget"] == 60
-        elif method == "ablation_eq2":
-            assert m["reg_rollout/num_samples"] > 0
-        else:
-            assert m["temperature"] == 1.0 and "reg_rollout/num_samples" not in m
+        # on-policy: no separate old-log-prob pass
+        assert "timing_s/old_logp" not in m
+    if METHOD_SPECS[method].uses_reg_rollout:
+        # the second rollout depends on the decision: entropy measured on this step's rollout first
+        assert all(m["aepo/entropy_signal"] == m["entropy"] and m["timing_s/entropy"] > 0 for m in ms)
+    else:  # nothing extra runs: the controller reads the previous update's forward pass
+        assert "aepo/entropy_signal" not in ms[0] and ms[1]["aepo/entropy_signal"] == ms[0]["entropy"]
+        assert all("timing_s/entropy" not in m for m in ms)
+    assert ms[1]["perf/compiles"] == 0, "the learner compiled again after step 1"
+    _check_method_semantics(method, ms)
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints" / "2").is_dir()
 
 
 def test_aepo_mix_reading_runs_end_to_end(base_model, server, tmp_path):
-    """The authors' reading: the kept positives replace GRPO rows (no is_reg rows in the loss)."""
+    """The authors' reading: the kept positives replace GRPO rows (no is_reg rows in the loss); and
+    the paper-exact path: old log-probs recomputed, the controller reads this step's entropy."""
     from aepo_jax.train import main
 
     rc = main(_args(base_model, server.url, tmp_path, "--method=aepo", "--algorithm.reading=mix", "--steps=2",
                     "--mesh=8x1", "--algorithm.controller.target=8.0", "--algorithm.agg=token-mean",
-                    "--algorithm.clip_dual=3.0", "--algorithm.controller.estimator=sampled"))
+                    "--algorithm.clip_dual=3.0", "--algorithm.controller.estimator=sampled",
+                    "--train.old_logp=recompute"))
     assert rc == 0
     ms = _metrics(tmp_path)
     assert [m["step"] for m in ms] == [1, 2]
@@ -108,6 +149,22 @@ def test_aepo_mix_reading_runs_end_to_end(base_model, server, tmp_path):
         assert m["aepo/num_reg_samples"] == 0  # mixed into the GRPO rows, not a separate term
         assert m["loss/reg"] == 0 and np.isfinite(m["loss/total"])
         assert m["entropy"] == m["policy/entropy_nll"]  # the sampled estimator drives the controller
+        assert m["aepo/entropy_signal"] == m["entropy"] and m["timing_s/old_logp"] > 0
+    assert ms[1]["perf/compiles"] == 0
+
+
+def test_aepo_reuse_reads_the_previous_update(base_model, server, tmp_path):
+    """train.old_logp=reuse: no forward pass besides the update; the controller decides from the
+    entropy the previous step's update measured (one step behind, as the authors' code)."""
+    from aepo_jax.train import main
+
+    rc = main(_args(base_model, server.url, tmp_path, "--method=aepo", "--steps=2", "--mesh=8x1",
+                    "--train.old_logp=reuse", "--algorithm.controller.target=8.0"))
+    assert rc == 0
+    ms = _metrics(tmp_path)
+    assert all("timing_s/old_logp" not in m and "timing_s/entropy" not in m for m in ms)
+    assert "aepo/entropy_signal" not in ms[0] and ms[1]["aepo/entropy_signal"] == ms[0]["entropy"]
+    _check_method_semantics("aepo", ms)
 
 
 def test_help_lists_options_and_bad_config_is_rejected(capsys):
@@ -118,6 +175,22 @@ def test_help_lists_options_and_bad_config_is_rejected(capsys):
     assert "--algorithm.controller.target=" in out and "--train.mesh=" in out
     assert main(["--algorithm.contrller.target=0.3"]) == 2
     assert "algorithm.controller.target" in capsys.readouterr().err
+
+
+def test_importing_the_trainer_starts_no_backend():
+    """train.py imports jax and the whole package at the top; the device flags main() sets for
+    --mesh on a CPU-only host still take effect because no import starts a backend."""
+    code = ("import aepo_jax.train as t\n"
+            "from jax._src import xla_bridge\n"
+            "assert not xla_bridge.backends_are_initialized(), 'an import started a jax backend'\n"
+            "t.setup_host_devices('8x1')\n"
+            "import jax\n"
+            "print('devices', jax.device_count())\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "devices 8" in r.stdout
 
 
 def test_export_reloads_in_transformers_with_learner_logits(base_model, server, tmp_path):

@@ -54,7 +54,7 @@ def test_sync_then_server_logprobs_equal_learner(server, dirs, tmp_path):
     res = sync_weights_to_sampler(learner, client, 3, sync_dir=sync_dir)
     assert res.weight_version == "3" and res.servers == [server.url]
     assert res.path == os.path.join(sync_dir, "weights_v3") and os.path.exists(os.path.join(res.path, "config.json"))
-    assert res.total_s > 0 and set(res.metrics()) >= {"timing_s/sync"}
+    assert res.total_s > 0 and min(res.save_s, res.update_s, res.verify_s) >= 0
 
     prompts = [[1, 5, 9, 13], [200, 3]]
 

@@ -12,6 +12,9 @@ One code path for the embedded server and real SGLang:
 3. ``GET /model_info`` on every server: each must report the new ``weight_version``; anything else
    raises :class:`WeightSyncError`.
 
+:func:`write_weights` (1) and :func:`publish_weights` (2-3) are the two halves, for a caller that
+writes while it does other work (the trainer) and checks the version on its samples instead of 3.
+
 Older ``weights_v*`` directories of this sync dir are removed once every server has the new one
 (``keep`` most recent are kept); the default sync dir is removed when the process exits.
 """
@@ -19,6 +22,7 @@ Older ``weights_v*`` directories of this sync dir are removed once every server 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import re
 import shutil
@@ -26,6 +30,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from aepo_jax.models import save_pretrained
+from aepo_jax.rollout.client import run_sync
 
 
 class WeightSyncError(RuntimeError):
@@ -45,10 +52,6 @@ class SyncResult:
     def total_s(self) -> float:
         return self.save_s + self.update_s + self.verify_s
 
-    def metrics(self) -> dict[str, float]:
-        return {"timing_s/sync_save": self.save_s, "timing_s/sync_update": self.update_s,
-                "timing_s/sync_verify": self.verify_s, "timing_s/sync": self.total_s}
-
 
 def default_sync_dir() -> str:
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
@@ -63,8 +66,6 @@ def _remove_at_exit(path: str) -> None:
     servers hold the weights in memory once loaded; a directory the caller chose is left alone.)"""
     if path in _CLEANUP_REGISTERED:
         return
-    import atexit
-
     _CLEANUP_REGISTERED.add(path)
     atexit.register(shutil.rmtree, path, True)
 
@@ -84,12 +85,12 @@ def _prune(sync_dir: str, keep_paths: set[str], keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-async def sync_weights_async(model, client, weight_version: str | int, sync_dir: str | None = None, *,
-                             dtype: Any = None, keep: int = 1, source_dir: str | None = None,
-                             timeout_s: float | None = None) -> SyncResult:
-    """Save ``model`` and make every server of ``client`` serve it as ``weight_version``."""
-    from aepo_jax.models import save_pretrained
+def write_weights(model, weight_version: str | int, sync_dir: str | None = None, *, dtype: Any = None,
+                  source_dir: str | None = None) -> str:
+    """Step 1 alone: save ``model`` as an HF checkpoint ``sync_dir/weights_v<version>``; returns its path.
 
+    Blocking and thread-safe (the trainer runs it in a background thread, overlapping the step's
+    logging, checkpoint and next prompts)."""
     version = str(weight_version)
     if sync_dir is None:
         sync_dir = default_sync_dir()
@@ -99,24 +100,45 @@ async def sync_weights_async(model, client, weight_version: str | int, sync_dir:
     path = os.path.join(sync_dir, f"weights_v{_safe_version(version)}")
     if dtype is None:  # the learner's own dtype: the server then reproduces its log-probs exactly
         dtype = getattr(model, "param_dtype", "float32")
-    t0 = time.perf_counter()
     kw = {} if source_dir is None else {"source_dir": source_dir}
-    await asyncio.to_thread(save_pretrained, model, path, dtype, **kw)
+    save_pretrained(model, path, dtype, **kw)
+    return path
+
+
+async def publish_weights(client, path: str, weight_version: str | int, *, verify: bool = True, keep: int = 1,
+                          timeout_s: float | None = None) -> tuple[float, float, list[str]]:
+    """Steps 2-3: every server loads ``path`` as ``weight_version`` (and, with ``verify``, reports it
+    in ``/model_info``); older ``weights_v*`` beside ``path`` are pruned. Returns (update_s,
+    verify_s, servers). Without ``verify`` the caller checks the ``weight_version`` that every
+    ``/generate`` response carries (one HTTP round trip less per sync)."""
+    version = str(weight_version)
     t1 = time.perf_counter()
     await client.update_weights_from_disk(path, version, flush_cache=True, timeout_s=timeout_s)
     t2 = time.perf_counter()
-    versions = await client.weight_versions()
-    wrong = {u: v for u, v in versions.items() if v != version}
-    if wrong:
-        raise WeightSyncError(f"after update_weights_from_disk({path!r}) these servers report another "
-                              f"weight_version than {version!r}: {wrong}")
+    servers: list[str] = []
+    if verify:
+        versions = await client.weight_versions()
+        wrong = {u: v for u, v in versions.items() if v != version}
+        if wrong:
+            raise WeightSyncError(f"after update_weights_from_disk({path!r}) these servers report another "
+                                  f"weight_version than {version!r}: {wrong}")
+        servers = sorted(versions)
     t3 = time.perf_counter()
-    _prune(sync_dir, {path}, max(1, keep))
-    return SyncResult(version, path, t1 - t0, t2 - t1, t3 - t2, sorted(versions))
+    _prune(os.path.dirname(path), {path}, max(1, keep))
+    return t2 - t1, t3 - t2, servers
+
+
+async def sync_weights_async(model, client, weight_version: str | int, sync_dir: str | None = None, *,
+                             dtype: Any = None, keep: int = 1, source_dir: str | None = None,
+                             timeout_s: float | None = None) -> SyncResult:
+    """Save ``model`` and make every server of ``client`` serve it as ``weight_version``."""
+    t0 = time.perf_counter()
+    path = await asyncio.to_thread(write_weights, model, weight_version, sync_dir, dtype=dtype, source_dir=source_dir)
+    save_s = time.perf_counter() - t0
+    update_s, verify_s, servers = await publish_weights(client, path, weight_version, keep=keep, timeout_s=timeout_s)
+    return SyncResult(str(weight_version), path, save_s, update_s, verify_s, servers)
 
 
 def sync_weights_to_sampler(model, client, weight_version: str | int, sync_dir: str | None = None, **kw) -> SyncResult:
     """Synchronous wrapper of :func:`sync_weights_async` (runs its own event loop)."""
-    from aepo_jax.rollout.client import run_sync
-
     return run_sync(sync_weights_async(model, client, weight_version, sync_dir, **kw), client)

@@ -1,7 +1,7 @@
 """The trainer's configuration tree (plain data, validated once at start-up).
 
 Every option is listed, with its default, by ``python -m aepo_jax.train --help``. The defaults are
-the built-in toy run (a tiny model on the built-in arithmetic task, CPU-friendly); the YAML files in
+the built-in toy run (a tiny model on the built-in link-following task, CPU-friendly); the YAML files in
 ``configs/`` set the paper's values (Table 4 of arXiv 2510.08141) and name their source.
 """
 
@@ -12,8 +12,10 @@ import math
 from dataclasses import dataclass, field
 
 from aepo_jax.config import ConfigError
+from aepo_jax.entropy_control import TargetSchedule
+from aepo_jax.methods import METHODS as METHOD_TABLE, READINGS, method_help
 
-METHODS = ("aepo", "grpo", "entropy_reg", "entropy_adv", "ablation_eq2", "ablation_eq3", "reinforce")
+METHODS = tuple(METHOD_TABLE)  # the names of aepo_jax/methods.py's table
 
 
 def _help(text: str):
@@ -86,9 +88,10 @@ class ControllerSection:
 class AlgorithmSection:
     """Method, AEPO reading, loss settings."""
 
-    method: str = field(default="aepo", metadata=_help("|".join(METHODS)))
+    method: str = field(default="aepo", metadata=_help(method_help()))
     reading: str = field(default="paper", metadata=_help("paper (Eq. 1, explicit alpha) | mix (authors' code)"))
-    reward: str = field(default="auto", metadata=_help("auto | math | exact_match | module:function"))
+    reward: str = field(default="auto", metadata=_help(
+        "auto (toy task: toy, else math) | a registered name (math, exact_match, toy) | module:function"))
     reg_prompt_fraction: float = field(default=1.0, metadata=_help(
         "share of the step's prompts given a temperature rollout (the authors' code: 0.25)"))
     reg_samples_per_prompt: int = field(default=0, metadata=_help("samples per prompt in the temperature rollout; 0 = rollout.n"))
@@ -125,6 +128,11 @@ class TrainSection:
     steps: int = 100
     mini_batch_prompts: int = field(default=0, metadata=_help("prompts per update; 0 = all prompts of the step (one update)"))
     epochs: int = field(default=1, metadata=_help("passes over each step's batch"))
+    old_logp: str = field(default="auto", metadata=_help(
+        "auto (on-policy, i.e. 1 epoch of 1 mini-batch: log pi_old = sg(log pi) of the update's own forward pass, "
+        "and the controller's entropy is measured on the T = 1 rollout only for methods with a second rollout; "
+        "else recompute) | reuse (no separate pass at all; the controller reads the previous update's entropy) | "
+        "recompute (a separate pass over every row; the paper-exact path)"))
     micro_batch_size: int = field(default=0, metadata=_help("samples per gradient-accumulation micro-batch; 0 = none"))
     seed: int = 0
     mesh: str = field(default="", metadata=_help("DxT: D-way data/FSDP x T-way tensor parallel; empty = all devices x 1"))
@@ -179,6 +187,12 @@ ALIASES = {
 }
 
 
+def uses_on_policy_update(cfg: RunConfig) -> bool:
+    """One epoch of one mini-batch: the update starts from the policy that sampled the batch."""
+    mbp = cfg.train.mini_batch_prompts or cfg.data.prompts_per_step
+    return cfg.train.epochs == 1 and mbp == cfg.data.prompts_per_step
+
+
 def _one_of(key: str, value: str, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
@@ -231,12 +245,16 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
     """Start-up checks that need no model or data; raise ConfigError naming the key and numbers."""
     a, c = cfg.algorithm, cfg.algorithm.controller
     _one_of("algorithm.method", a.method, METHODS)
-    _one_of("algorithm.reading", a.reading, ("paper", "mix"))
+    _one_of("algorithm.reading", a.reading, READINGS)
+    _one_of("train.old_logp", cfg.train.old_logp, ("auto", "reuse", "recompute"))
+    if cfg.train.old_logp == "reuse" and not uses_on_policy_update(cfg):
+        raise ConfigError(
+            f"config key 'train.old_logp': 'reuse' needs an on-policy update (train.epochs=1 and one mini-batch), "
+            f"got train.epochs={cfg.train.epochs}, train.mini_batch_prompts={cfg.train.mini_batch_prompts}; "
+            "use 'auto' or 'recompute'")
     _one_of("algorithm.agg", a.agg, ("seq-mean-token-mean", "token-mean"))
     _finite_numbers(cfg)
     try:
-        from aepo_jax.entropy_control import TargetSchedule
-
         schedule = TargetSchedule.parse(c.target)
     except ValueError as e:
         raise ConfigError(f"config key 'algorithm.controller.target': {e}") from None
@@ -337,6 +355,3 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
                 )
     return cfg
 
-
-def field_names(section) -> list[str]:
-    return [f.name for f in dataclasses.fields(section)]

@@ -13,8 +13,6 @@ local_device_ids=None) -> DistributedInfo``
 ``broadcast_object(obj) -> obj``: process 0's picklable object, returned on every process.
 ``allgather_object(obj) -> list``: every process's object, indexed by process id.
 ``sync(name)``: barrier across processes.
-``global_batch(local, mesh, spec=P("data"))``: global ``jax.Array`` (pytree) for a batch whose
-    rows are split across processes; each process passes only its own rows, in process order.
 
 Every helper is a no-op shortcut with one process, so the single-host trainer pays nothing.
 All cross-process helpers are collective: every process must call them in the same order.
@@ -27,7 +25,9 @@ import os
 import pickle
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 _ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 _ENV_NUM = "JAX_NUM_PROCESSES"
@@ -80,8 +80,6 @@ def initialize_distributed(
     initialization_timeout_s: int = 300,
 ) -> DistributedInfo:
     """Join (or skip) the multi-process JAX runtime; see the module docstring."""
-    import jax  # noqa: PLC0415
-
     coordinator_address = coordinator_address or os.environ.get(_ENV_ADDRESS) or None
     num_processes = num_processes if num_processes is not None else _env_int(_ENV_NUM)
     process_id = process_id if process_id is not None else _env_int(_ENV_ID)
@@ -125,21 +123,15 @@ def initialize_distributed(
 
 def shutdown_distributed() -> None:
     """Leave the multi-process runtime (no-op when it was never started)."""
-    import jax  # noqa: PLC0415
-
     if _is_initialized():
         jax.distributed.shutdown()
 
 
 def process_index() -> int:
-    import jax  # noqa: PLC0415
-
     return jax.process_index()
 
 
 def process_count() -> int:
-    import jax  # noqa: PLC0415
-
     return jax.process_count()
 
 
@@ -152,8 +144,6 @@ def sync(name: str) -> None:
     """Barrier: returns once every process has reached ``sync(name)``."""
     if process_count() == 1:
         return
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     multihost_utils.sync_global_devices(name)
 
 
@@ -169,8 +159,6 @@ def broadcast_object(obj: Any) -> Any:
     """
     if process_count() == 1:
         return obj
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     main = is_main_process()
     payload = _to_bytes_array(obj) if main else np.zeros(0, np.uint8)
     # Two rounds: the length first, so every process can allocate a same-shaped receive buffer.
@@ -184,36 +172,9 @@ def allgather_object(obj: Any) -> list[Any]:
     """Every process's ``obj``, as a list indexed by process id (on every process)."""
     if process_count() == 1:
         return [obj]
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     payload = _to_bytes_array(obj)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[: payload.size] = payload
     rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return [pickle.loads(rows[i, : int(s)].tobytes()) for i, s in enumerate(sizes)]
-
-
-def global_batch(local: Any, mesh: Any, spec: Any = None) -> Any:
-    """Assemble global arrays from each process's rows of a batch.
-
-    ``local`` is a pytree of numpy arrays holding this process's contiguous slice of the global
-    batch along axis 0 (process p holds rows p*n .. (p+1)*n - 1). The result is a pytree of
-    ``jax.Array`` with global shape ``(n * process_count, ...)``, sharded as ``spec`` (default:
-    rows over the mesh's ``"data"`` axis) on ``mesh``.
-    """
-    import jax  # noqa: PLC0415
-    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
-
-    spec = PartitionSpec("data") if spec is None else spec
-    sharding = NamedSharding(mesh, spec)
-    nproc = jax.process_count()
-
-    def one(path: Any, x: Any) -> Any:
-        x = np.asarray(x)
-        if x.ndim == 0:
-            raise ValueError(f"global_batch: leaf {jax.tree_util.keystr(path)} is a scalar; batches need a row axis")
-        global_shape = (x.shape[0] * nproc, *x.shape[1:])
-        return jax.make_array_from_process_local_data(sharding, x, global_shape)
-
-    return jax.tree_util.tree_map_with_path(one, local)

@@ -1,11 +1,18 @@
 """The learner: the policy's parameters, the optimiser, and two jitted, sharded functions.
 
 * :meth:`Learner.logprobs` - log pi(o_t) at temperature 1 and the full-distribution entropy of
-  every response token (old log-probs, and the entropy signal of AEPO's controller).
+  every response token of a :class:`~aepo_jax.trainer.batch.Batch` (old log-probs, and the
+  paper-exact entropy signal of AEPO's controller).
 * :meth:`Learner.update` - one optimiser update on one mini-batch: micro-batches scanned inside
   the jit with the mini-batch's global loss denominators (so the loss and gradient do not depend
   on the micro-batch size or the device count), global-norm clipping, AdamW, and a skip of the
   whole update when the loss or the gradient is not finite.
+
+On-policy updates (``LearnerSpec.reuse_old_logp``: one epoch of one mini-batch, as in the paper)
+use ``stop_gradient(log pi_theta)`` as log pi_old: before the update theta = theta_old, so this is
+the same number without a separate forward pass. The update then also returns the policy's
+entropy on the batch's main-rollout rows (``policy/entropy_full``, ``policy/entropy_nll``) from
+its own forward pass: the signal the controller reads at the next step.
 
 Parameters live as an ``nnx.State`` sharded by the model's logical-axis rules over the mesh; the
 batch's row dimension is sharded over the mesh's ``data`` axis. Shapes are fixed per run (rows
@@ -14,34 +21,38 @@ per mini-batch, prompt length P, response length R), so each function compiles o
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aepo_jax.logprobs import chunked_logprobs_entropy
 from aepo_jax.losses import LossConfig, loss_denominators, merge_microbatch_metrics, policy_loss
-
-LOSS_BATCH_KEYS = ("old_logp", "response_mask", "advantages", "rewards", "is_reg")
-TOKEN_KEYS = ("input_ids", "attention_mask", "position_ids")
+from aepo_jax.trainer.batch import Batch
 
 
 @dataclass(frozen=True)
 class LearnerSpec:
-    """Static facts the jitted functions are specialised on."""
+    """Static facts the jitted functions are specialised on.
 
-    method: str
+    loss_name: the registered loss (``MethodSpec.loss``); entropy_grad: differentiate the entropy
+    (``MethodSpec.entropy_grad``); reuse_old_logp: on-policy update, log pi_old = sg(log pi_theta).
+    """
+
+    loss_name: str
     loss: LossConfig
     prompt_len: int
     response_len: int
     logprob_chunk: int = 256
     micro_batches: int = 1
+    entropy_grad: bool = False
+    reuse_old_logp: bool = False
 
 
 def make_optimizer(optim, total_updates: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -77,16 +88,18 @@ def response_logprobs(model, input_ids, attention_mask, position_ids, spec: Lear
                                     batch_groups=batch_groups)
 
 
-def _loss_batch(mb: dict, logp, entropy) -> dict:
-    return {
-        "logp": logp,
-        "old_logp": mb["old_logp"],
-        "mask": mb["response_mask"],
-        "advantages": mb["advantages"],
-        "rewards": mb["rewards"],
-        "is_reg": mb["is_reg"],
-        "entropy": entropy,
-    }
+def _policy_entropy_sums(b: Batch, logp, entropy) -> dict:
+    """Sums (over main-rollout rows with tokens) of the per-response token means of the full and
+    the sampled (-log pi) entropy, and their count: the controller's estimators, additive over
+    micro-batches."""
+    mask = b.mask
+    lens = jnp.sum(mask, axis=1)
+    rows = b.main_rollout.astype(jnp.float32) * (lens > 0)
+    inv = rows / jnp.maximum(lens, 1.0)
+    sg = jax.lax.stop_gradient
+    return {"full": jnp.sum(jnp.sum(sg(entropy) * mask, axis=1) * inv),
+            "nll": jnp.sum(jnp.sum(-sg(logp) * mask, axis=1) * inv),
+            "rows": jnp.sum(rows)}
 
 
 class Learner:
@@ -97,13 +110,21 @@ class Learner:
         self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)
         self.tx, self.schedule = make_optimizer(optim, total_updates)
+        replicated = NamedSharding(mesh, P())
+        # A plain jit(tx.init) leaves Adam's step counts and moments wherever XLA puts them (one
+        # device, uncommitted), while the update returns them committed with its own shardings: a
+        # new jit cache key, so the update compiled again at step 2. The state is created where
+        # the update keeps it (moments like their parameters, counts replicated) and out_shardings
+        # pins that placement.
         param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
-        self.opt_state = jax.jit(self.tx.init)(self.params)
-        self._param_shardings = param_shardings
-        self.row_sharding = NamedSharding(mesh, P("data"))
+        opt_shardings = optax.tree_utils.tree_map_params(
+            self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, self.params), param_shardings,
+            transform_non_params=lambda _: replicated)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(self.params)
         self.data_size = int(mesh.shape["data"])
         self._logprob_fn = jax.jit(self._logprobs_impl)
-        self._update_fn = jax.jit(self._update_impl, donate_argnums=(0, 1))
+        self._update_fn = jax.jit(self._update_impl, donate_argnums=(0, 1),
+                                  out_shardings=(param_shardings, opt_shardings, replicated))
 
     # ------------------------------------------------------------------ model access
     def model(self):
@@ -117,15 +138,10 @@ class Learner:
         self.params, self.opt_state = state["params"], state["opt_state"]
 
     def abstract_state(self) -> dict:
-        """ShapeDtypeStructs with shardings: the restore target for checkpoints. Leaves on one device
-        (optax's step counts) are restored replicated over the mesh: restored arrays are committed,
-        and one committed to a single device cannot meet the mesh's arrays in the update."""
-        replicated = NamedSharding(self.mesh, P())
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=x.sharding if len(x.sharding.device_set) > 1 else replicated), self.state())
-
-    def learning_rate(self, update_index: int) -> float:
-        return float(self.schedule(update_index))
+        """ShapeDtypeStructs with shardings: the restore target for checkpoints. Every leaf already
+        lives where the update keeps it (optax's step counts replicated over the mesh, see
+        ``__init__``), so a restored state has the update's shardings and compiles nothing new."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state())
 
     # ------------------------------------------------------------------ placement
     def _put_rows(self, x: np.ndarray, axis: int = 0) -> jax.Array:
@@ -139,8 +155,6 @@ class Learner:
     def _gather(self, x: jax.Array) -> np.ndarray:
         if x.is_fully_addressable or x.is_fully_replicated:
             return np.asarray(x)
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     # ------------------------------------------------------------------ log-probs
@@ -149,66 +163,80 @@ class Learner:
         logp, ent = response_logprobs(model, input_ids, attention_mask, position_ids, self.spec, entropy_grad=False)
         return jax.lax.stop_gradient(logp), jax.lax.stop_gradient(ent)
 
-    def logprobs(self, arrays: dict[str, np.ndarray], rows_per_call: int) -> tuple[np.ndarray, np.ndarray]:
-        """Log-probs and entropies of every row, ``rows_per_call`` rows per compiled call (the last
-        call is padded so every call has the same shape)."""
-        n = arrays["input_ids"].shape[0]
+    def logprobs(self, batch: Batch, rows_per_call: int) -> tuple[np.ndarray, np.ndarray]:
+        """Log-probs and entropies (T = 1) of every row, ``rows_per_call`` rows per compiled call
+        (the last call is padded so every call has the same shape)."""
+        n = batch.num_rows
         rows = max(rows_per_call, self.data_size)
         rows += (-rows) % self.data_size
+        tokens = (batch.input_ids, batch.attention_mask, batch.position_ids)
         logps, ents = [], []
         for start in range(0, n, rows):
-            chunk = {k: arrays[k][start : start + rows] for k in TOKEN_KEYS}
-            m = chunk["input_ids"].shape[0]
+            chunk = [x[start : start + rows] for x in tokens]
+            m = chunk[0].shape[0]
             if m < rows:
-                chunk = {k: np.concatenate([v, np.repeat(v[-1:], rows - m, axis=0)]) for k, v in chunk.items()}
-            lp, en = self._logprob_fn(self.params, *(self._put_rows(chunk[k]) for k in TOKEN_KEYS))
+                chunk = [np.concatenate([x, np.repeat(x[-1:], rows - m, axis=0)]) for x in chunk]
+            lp, en = self._logprob_fn(self.params, *(self._put_rows(x) for x in chunk))
             logps.append(self._gather(lp)[:m])
             ents.append(self._gather(en)[:m])
         return np.concatenate(logps), np.concatenate(ents)
 
     # ------------------------------------------------------------------ update
-    def _update_impl(self, params, opt_state, mb):
+    def _update_impl(self, params, opt_state, mb: Batch, update_index):
         spec = self.spec
-        entropy_grad = spec.method == "entropy_reg"
-        flat = {"mask": mb["response_mask"].reshape(-1, spec.response_len), "is_reg": mb["is_reg"].reshape(-1)}
-        dens = loss_denominators(flat)
+        dens = loss_denominators({"mask": mb.mask.reshape(-1, spec.response_len), "is_reg": mb.is_reg.reshape(-1)})
 
-        def micro_loss(p, micro):
+        def micro_loss(p, micro: Batch):
             model = nnx.merge(self.graphdef, p)
             # batch_groups = data-axis size: the LM-head gradient is summed over devices once after
             # the chunk loop instead of once per chunk (see aepo_jax/logprobs.py).
-            logp, ent = response_logprobs(model, micro["input_ids"], micro["attention_mask"],
-                                          micro["position_ids"], spec, entropy_grad, self.data_size)
-            return policy_loss(spec.method, _loss_batch(micro, logp, ent), spec.loss, denominators=dens)
+            logp, ent = response_logprobs(model, micro.input_ids, micro.attention_mask, micro.position_ids,
+                                          spec, spec.entropy_grad, self.data_size)
+            old = jax.lax.stop_gradient(logp) if spec.reuse_old_logp else micro.old_logp
+            loss, metrics = policy_loss(spec.loss_name, {
+                "logp": logp, "old_logp": old, "mask": micro.mask, "advantages": micro.advantages,
+                "rewards": micro.rewards, "is_reg": micro.is_reg, "entropy": ent,
+            }, spec.loss, denominators=dens)
+            return loss, (metrics, _policy_entropy_sums(micro, logp, ent))
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def body(gsum, micro):
-            (_, metrics), g = grad_fn(params, micro)
-            return jax.tree.map(jnp.add, gsum, g), metrics
+            (_, aux), g = grad_fn(params, micro)
+            return jax.tree.map(jnp.add, gsum, g), aux
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, stacked = jax.lax.scan(body, zeros, mb)
+        grads, (stacked, ent_sums) = jax.lax.scan(body, zeros, mb)
         metrics = merge_microbatch_metrics(stacked)
+        ent_sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), ent_sums)
+        rows = jnp.maximum(ent_sums["rows"], 1.0)
+        metrics["policy/entropy_full"] = ent_sums["full"] / rows
+        metrics["policy/entropy_nll"] = ent_sums["nll"] / rows
         grad_norm = optax.tree_utils.tree_norm(grads)
         finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(grad_norm)
         updates, new_opt = self.tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         metrics["actor/grad_norm"] = grad_norm
+        metrics["optim/lr"] = self.schedule(update_index)  # this update's, returned with the other metrics
         metrics["actor/update_skipped"] = 1.0 - finite.astype(jnp.float32)
         return keep(new_params, params), keep(new_opt, opt_state), metrics
 
-    def update(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        """One optimiser update on one mini-batch (host arrays with a leading row axis)."""
+    def update(self, batch: Batch, update_index: int = 0) -> dict[str, float]:
+        """One optimiser update on one mini-batch (a host :class:`Batch`); ``update_index`` (updates
+        applied so far) only sets the logged ``optim/lr``: the optimiser counts its own steps."""
         m = self.spec.micro_batches
-        n = arrays["input_ids"].shape[0]
+        n = batch.num_rows
         if n % m:
             raise ValueError(f"mini-batch of {n} rows does not split into {m} micro-batches")
-        mb = {}
-        for k in TOKEN_KEYS + LOSS_BATCH_KEYS:
-            x = np.asarray(arrays[k])
-            mb[k] = self._put_rows(x.reshape((m, n // m) + x.shape[1:]), axis=1)
-        self.params, self.opt_state, metrics = self._update_fn(self.params, self.opt_state, mb)
+        if not self.spec.reuse_old_logp and batch.old_logp is None:
+            raise ValueError("batch.old_logp is None: compute it with Learner.logprobs, or set reuse_old_logp")
+        if self.spec.reuse_old_logp:
+            batch = dataclasses.replace(batch, old_logp=None, entropy=None)
+        else:
+            batch = dataclasses.replace(batch, entropy=None)  # the loss recomputes it (with a gradient if needed)
+        # [micro, rows / micro, ...]: the scan walks the leading axis; rows are sharded over "data".
+        mb = jax.tree.map(lambda x: self._put_rows(np.asarray(x).reshape((m, n // m) + x.shape[1:]), axis=1), batch)
+        self.params, self.opt_state, metrics = self._update_fn(self.params, self.opt_state, mb, np.int32(update_index))
         # The metrics are replicated scalars: one device-to-host transfer for all of them.
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
