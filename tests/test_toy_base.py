@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from aepo_jax.data import toy_task
-from aepo_jax.data.toy_base import ToyBaseConfig, build_toy_base, ensure_toy_base, response_token_count
+from aepo_jax.data.toy_base import ToyBaseConfig, ensure_toy_base, response_token_count
 
 TINY = ToyBaseConfig(steps=3, warmup_steps=1, n_train_problems=64)
 
@@ -53,10 +54,47 @@ def test_files_and_loaders(tiny_base):
     assert info["recipe"]["steps"] == 3 and 0.0 <= info["teacher_forced_test"]["value_token_p"] <= 1.0
 
 
-def test_build_is_deterministic(tiny_base, tmp_path):
-    again = build_toy_base(tmp_path / "again", TINY)
-    for fn in ("model.safetensors", "tokenizer.json", "config.json"):
-        assert (again / fn).read_bytes() == (tiny_base / fn).read_bytes(), fn
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for fn in names:
+        assert (a / fn).read_bytes() == (b / fn).read_bytes(), fn
+
+
+_BUILD_IN_A_PROCESS = """
+import json, sys
+import jax
+from aepo_jax.data.toy_base import ToyBaseConfig, build_toy_base
+assert jax.device_count() == int(sys.argv[3]), jax.devices()
+jax.jit(lambda x: x.sum())(jax.numpy.ones(8)).block_until_ready()  # a live backend, as in the trainer
+build_toy_base(sys.argv[1], ToyBaseConfig(**json.loads(sys.argv[2])))
+"""
+
+
+def test_build_is_the_same_bytes_from_any_process(tiny_base, tmp_path):
+    """The cache must never hold a different model under one name: a build asked for by a process
+    with 1 device on one core, or with 8 simulated devices on all cores (this test process, see
+    conftest), writes the same bytes in every file."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    assert json.loads((tiny_base / "toy_base.json").read_text())["recipe"] == dataclasses.asdict(TINY)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    one_core = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if shutil.which("taskset") else []
+    out = tmp_path / "one_device"
+    subprocess.run([*one_core, sys.executable, "-c", _BUILD_IN_A_PROCESS, str(out),
+                    json.dumps(dataclasses.asdict(TINY)), "1"], env=env, check=True, timeout=600)
+    _same_files(out, tiny_base)  # tiny_base: built from this 8-device process, jax running
+
+
+def test_build_refuses_an_unpinned_process(tmp_path, monkeypatch):
+    from aepo_jax.data import toy_base
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    with pytest.raises(RuntimeError, match="XLA_FLAGS"):
+        toy_base._pin_build_process()
 
 
 def test_cache_reuses_and_rebuilds_on_recipe_change(tiny_base):

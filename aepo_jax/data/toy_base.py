@@ -15,8 +15,16 @@ Outputs (``build_toy_base(out_dir)``): ``model.safetensors`` + ``config.json`` +
 ``generation_config.json`` (via :func:`aepo_jax.models.save_pretrained`), a real byte-level BPE
 ``tokenizer.json`` trained with the ``tokenizers`` library, with ``tokenizer_config.json`` and a chat
 template (``AutoTokenizer.from_pretrained(out_dir)`` loads it and splits text exactly as the file
-does), and ``toy_base.json`` with the build settings and teacher-forced diagnostics. The build is
-deterministic given the seed (same bytes).
+does), and ``toy_base.json`` with the build settings and teacher-forced diagnostics.
+
+The build is the same bytes for the same recipe whatever process asks for it. XLA's CPU backend
+splits long reductions (the K dimension of a matmul, a sum) into as many partial sums as its
+thread pool has threads, and that pool is sized by the visible cores *and* by the number of
+simulated host devices (``--xla_force_host_platform_device_count``), so a float32 training run of
+700 steps lands on a different, and measurably weaker, model under ``--mesh=8x1`` than on one
+device. :func:`build_toy_base` therefore never trains in the calling process: it runs the recipe in
+a fresh Python subprocess with one CPU device, one core (CPU affinity) and XLA's single-threaded
+Eigen, so every reduction is summed in one fixed order (:data:`BUILD_ENV`, checked by the child).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,7 +51,20 @@ from aepo_jax.data.prompts import DEFAULT_INSTRUCTION, PromptConfig, tokenize_pr
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 4  # bump when the recipe changes: cached models of another version are rebuilt
+BUILD_VERSION = 5  # bump when the recipe changes: cached models of another version are rebuilt
+# The one process environment the build runs in (see the module doc): one CPU device, XLA's Eigen
+# single-threaded, and (set by the child itself) CPU affinity to one core.
+BUILD_XLA_FLAGS = "--xla_force_host_platform_device_count=1 --xla_cpu_multi_thread_eigen=false"
+BUILD_ENV = {
+    "XLA_FLAGS": BUILD_XLA_FLAGS,
+    "JAX_PLATFORMS": "cpu",
+    "JAX_ENABLE_X64": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAYON_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 GENERATION_PROMPT = "Answer:"
 # The chat template writes the user's words, then the generation prompt. It keeps the problem and
@@ -285,10 +308,44 @@ def teacher_forced_diagnostics(model, tokenizer, problems: list[toy_task.ToyProb
 
 
 def build_toy_base(out_dir: str | Path, cfg: ToyBaseConfig = ToyBaseConfig()) -> Path:
-    """Build the toy base model into ``out_dir`` (overwritten); return the path."""
+    """Build the toy base model into ``out_dir`` (overwritten); return the path.
+
+    The recipe runs in a fresh subprocess with :data:`BUILD_ENV` (one device, one core), so the
+    bytes do not depend on this process's devices, threads or jax state. Its log goes to stderr;
+    a failed build raises RuntimeError with the child's exit status.
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "TF_"))}
+    env.update(BUILD_ENV)
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding the aepo_jax package
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "aepo_jax.data.toy_base", str(out_dir), json.dumps(dataclasses.asdict(cfg))]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"toy base: the build subprocess failed (exit {proc.returncode}); its log is above")
+    logger.info("toy base built in %.1f s at %s", time.time() - t0, out_dir)
+    return out_dir
+
+
+def _pin_build_process() -> None:
+    """In the build subprocess, before jax starts: check the environment, then take one core."""
+    for k, v in BUILD_ENV.items():
+        if os.environ.get(k) != v:
+            raise RuntimeError(f"toy base: the build must run with {k}={v!r} (got {os.environ.get(k)!r}); use build_toy_base()")
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+def _build_here(out_dir: Path, cfg: ToyBaseConfig) -> Path:
+    """The recipe itself, in this process (only ever the pinned subprocess: see the module doc)."""
     import jax  # noqa: PLC0415
 
     from aepo_jax.data.datasets import Problem  # noqa: PLC0415
+
+    if jax.device_count() != 1 or jax.default_backend() != "cpu":
+        raise RuntimeError(f"toy base: the build needs exactly one CPU device, got {jax.devices()}")
     from aepo_jax.models import ModelConfig, init_model, save_pretrained  # noqa: PLC0415
 
     t0 = time.time()
@@ -328,8 +385,9 @@ def build_toy_base(out_dir: str | Path, cfg: ToyBaseConfig = ToyBaseConfig()) ->
         "max_len": max_len,
         "loss_curve": losses,
         "teacher_forced_test": diag,
-        "build_seconds": round(time.time() - t0, 1),
-        "jax_backend": jax.default_backend(),
+        # Not the build time: every byte of the directory is a function of the recipe (and of
+        # these versions), so two builds can be compared file by file.
+        "built_with": {"jax": jax.__version__, "numpy": np.__version__, "xla_flags": BUILD_XLA_FLAGS},
     }
     (out_dir / "toy_base.json").write_text(json.dumps(info, indent=2) + "\n")
     logger.info("toy base built in %.1f s at %s: %s", time.time() - t0, out_dir, diag)
@@ -387,3 +445,9 @@ def ensure_toy_base(cache_dir: str | os.PathLike | None = None, cfg: ToyBaseConf
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(target)
+
+
+if __name__ == "__main__":  # the build subprocess: python -m aepo_jax.data.toy_base OUT_DIR RECIPE_JSON
+    _pin_build_process()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s toy base build: %(message)s")
+    _build_here(Path(sys.argv[1]), ToyBaseConfig(**json.loads(sys.argv[2])))
