@@ -48,8 +48,7 @@ from jax.experimental import multihost_utils
 from aepo_jax import data as data_lib
 from aepo_jax.compilation_cache import setup_compilation_cache
 from aepo_jax.config import ConfigError, build_config, help_text, to_dict
-from aepo_jax.entropy_control import ControllerConfig, EntropyController, TargetSchedule
-from aepo_jax.losses import LossConfig
+from aepo_jax.entropy_control import EntropyController
 from aepo_jax.methods import method_spec
 from aepo_jax.models import load_pretrained
 from aepo_jax.models.sharding import make_mesh
@@ -62,7 +61,8 @@ from aepo_jax.trainer import distributed, startup
 from aepo_jax.trainer.batch import Batch, assemble, pack, response_means, select_reg_rows, split_minibatches
 from aepo_jax.trainer.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, NonFiniteStateError,
                                          checkpoint_dir)
-from aepo_jax.trainer.config import ALIASES, RunConfig, uses_on_policy_update, validate
+from aepo_jax.trainer.config import (ALIASES, RunConfig, controller_config, loss_config, uses_on_policy_update,
+                                    validate)
 from aepo_jax.trainer.learner import Learner, LearnerSpec
 from aepo_jax.trainer.metrics import CompileCounter, MetricsLogger, Timer
 from aepo_jax.trainer.startup_clock import StartupClock
@@ -180,12 +180,8 @@ class Trainer:
         # ---- method, controller, loss, learner
         a, c = cfg.algorithm, cfg.algorithm.controller
         self.spec = method_spec(a.method, a.reading)
-        self.controller = EntropyController(ControllerConfig(
-            target=TargetSchedule.parse(c.target), t_high=c.t_high, t_low=c.t_low,
-            budget_raise=c.budget_up, budget_lower=c.budget_down, estimator=c.estimator, dead_band=c.dead_band))
-        loss_cfg = LossConfig(clip_low=a.clip_low, clip_high=a.clip_high, clip_dual=a.clip_dual or None,
-                              alpha=a.alpha, entropy_coef=a.entropy_coef, adv_beta=a.adv_beta,
-                              adv_kappa=a.adv_kappa, agg=a.agg)
+        self.controller = EntropyController(controller_config(cfg))
+        loss_cfg = loss_config(cfg)
         # On-policy (one epoch of one mini-batch): pi_old is the policy being updated, so the update
         # uses sg(log pi) and no separate forward pass runs (docs/algorithms.md, "Old log-probs").
         self.reuse_old_logp = cfg.train.old_logp == "reuse" or (

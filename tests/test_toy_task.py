@@ -46,34 +46,93 @@ def test_worked_solution_format_and_rewards():
     p = ToyProblem(start=3, links=((7, 1), (3, 7), (5, 3), (1, 4)))
     assert toy_task.problem_text(p) == "Start at 3 and follow the links sevenone threeseven fivethree onefour ."
     sol = toy_task.solution_text(p)
-    assert sol == "3 threeseven=7 sevenone=1 onefour=4 \\boxed{4}"
+    assert sol == "okay so now 3 threeseven=7 sevenone=1 onefour=4 \\boxed{4}"
     assert p.hops == 3 and p.path == [3, 7, 1, 4]
     assert exact_match_reward(sol, "4") == 1.0 and math_reward(sol, "4") == 1.0
+    worded = toy_task.solution_text(p, separators=["~>", ":", "<>"], fillers=["hmm", "well", "go"])
+    assert worded == "hmm well go 3 threeseven~>7 sevenone:1 onefour<>4 \\boxed{4}"
+    assert exact_match_reward(worded, "4") == 1.0
     # A misread is carried forward along the links that exist.
-    assert toy_task.solution_text(p, {0: 5}) == "3 threeseven=5 fivethree=3 threeseven=7 sevenone=1 onefour=4 \\boxed{4}"
-    assert toy_task.solution_text(p, {1: 9}) == "3 threeseven=7 sevenone=9 \\boxed{9}"
+    assert toy_task.solution_text(p, {0: 5}) == (
+        "okay so now 3 threeseven=5 fivethree=3 threeseven=7 sevenone=1 onefour=4 \\boxed{4}")
+    assert toy_task.solution_text(p, {1: 9}) == "okay so now 3 threeseven=7 sevenone=9 \\boxed{9}"
     assert exact_match_reward(toy_task.solution_text(p, {1: 9}), "4") == 0.0
+    with pytest.raises(ValueError, match="filler"):
+        toy_task.solution_text(p, fillers=["okay"])
+
+
+_HOP_RE = re.compile(r"([a-z]+?)(\W+)(\d)")
 
 
 def test_noisy_solutions_follow_the_links_and_end():
     rng = random.Random(0)
     train, _ = toy_task.make_splits(seed=3, n_train=300, n_test=10)
     wrong = 0
+    slot_counts, sep_counts = [Counter() for _ in range(toy_task.FILLER_SLOTS)], Counter()
     for p in train:
         sol = toy_task.noisy_solution_text(p, 0.3, rng)
-        digits = [int(d) for d in re.findall(r"[=:>~](\d)", sol)]
+        words = sol.split()
+        fillers, start = words[: toy_task.FILLER_SLOTS], words[toy_task.FILLER_SLOTS]
+        assert all(w in toy_task.FILLERS for w in fillers) and int(start) == p.start
+        for counts, w in zip(slot_counts, fillers):
+            counts[w] += 1
+        hops = [_HOP_RE.fullmatch(w).groups() for w in words[toy_task.FILLER_SLOTS + 1: -1]]
+        digits = [int(h[2]) for h in hops]
         final_wrong = int(sol.split("boxed{")[1][0]) != p.answer
         misread = digits[: p.hops] != p.path[1:]
         assert final_wrong == misread  # a misread never reaches the answer by luck
         wrong += final_wrong
         table = dict(p.links)
         cur = p.start
-        for word, d in zip(sol.split()[1:-1], digits):
-            assert word[:-2] == f"{NAMES[cur]}{NAMES[table[cur]]}"  # always the right link
-            assert word[-2] in toy_task.SEPARATORS
-            cur = d
+        for link, sep, d in hops:
+            assert link == f"{NAMES[cur]}{NAMES[table[cur]]}"  # always the right link
+            assert sep in toy_task.SEPARATORS
+            sep_counts[sep] += 1
+            cur = int(d)
         assert cur not in table  # the walk stops where no link leaves
     assert 0.2 < wrong / len(train) < 0.9
+    # The plain wording dominates; the others occur (the free choices the base model learns).
+    for counts, plain in [*zip(slot_counts, toy_task.PLAIN_FILLERS), (sep_counts, "=")]:
+        assert 0.85 < counts[plain] / sum(counts.values()) < 0.95
+        assert len(counts) > 16
+
+
+def test_wordings_are_distinct_single_pieces():
+    assert len(set(toy_task.FILLERS)) == len(toy_task.FILLERS) == 32
+    assert len(set(toy_task.SEPARATORS)) == len(toy_task.SEPARATORS) == 32
+    assert all(w.isalpha() and w.islower() for w in toy_task.FILLERS)
+    # Separators are punctuation runs with no brace, backslash or dot (the answer box's and the
+    # prompt's characters), so each is one pre-token piece between a link word and a digit.
+    assert all(not any(c.isalnum() or c.isspace() or c in "{}\\.," for c in s) for s in toy_task.SEPARATORS)
+    names = "|".join(NAMES)
+    assert not any(re.fullmatch(f"({names})({names})", w) for w in toy_task.FILLERS)
+
+
+def test_reachable_entropy_range_from_the_grammar():
+    """The entropy AEPO can move: every correct response to a problem has the same length and
+    differs only in its free choices, so the largest token-mean entropy of a policy that is always
+    right is the uniform pick over them. It must leave room for targets well above the base
+    model's entropy (>= 2 x, the issue's range; the data's entropy is what a base model that fits
+    its warm-start data shows) and the base must have entropy to lose below it."""
+    import math
+    import statistics
+
+    _, test = toy_task.make_splits(seed=0, n_train=64, n_test=256)
+    p = ToyProblem(start=3, links=((7, 1), (3, 7), (5, 3), (1, 4)))
+    assert toy_task.response_tokens(p) == 3 + 2 + 3 * 3 + 5 + 1
+    assert toy_task.max_correct_entropy(p) == pytest.approx(6 * math.log(32) / 20)
+    for q in test[:20]:  # recounted from the text: words, + (separator, digit) per hop, + the box's 4 more,
+        # + the space token before the start digit, + EOS
+        assert toy_task.response_tokens(q) == len(toy_task.solution_text(q).split()) + 2 * q.hops + 4 + 1 + 1
+    h_max = statistics.mean(toy_task.max_correct_entropy(q) for q in test)
+    h_data = statistics.mean(toy_task.data_entropy(q, 0.3) for q in test)
+    assert h_max >= 2.5 * h_data, (h_max, h_data)
+    assert 0.25 < h_data < 0.5
+    # The free choices of the data sit far below their maximum (room to raise), and the digits
+    # carry a real share of the data's entropy (room for GRPO and AEPO to lower).
+    plain = -sum(w * math.log(w) for w in toy_task.free_choice_weights(32))
+    assert plain < 0.25 * math.log(32)
+    assert all(toy_task.data_entropy(q, 0.3) > toy_task.data_entropy(q, 0.0) + 0.05 for q in test[:20])
 
 
 def test_splits_are_seeded_disjoint_and_stable():

@@ -49,3 +49,46 @@ def test_help_lists_every_option():
 def test_defaults_are_the_toy_config():
     # `python -m aepo_jax.train` with no arguments must be exactly configs/toy.yaml's run.
     assert build_config(RunConfig, [], aliases=ALIASES) == build_config(RunConfig, ["--config", "configs/toy.yaml"], aliases=ALIASES)
+
+
+def test_every_loss_and_controller_option_is_reachable(tmp_path):
+    """Each field of LossConfig and ControllerConfig is set by a command-line key and by a YAML
+    file: a field added to either without a key fails here."""
+    import dataclasses
+
+    from aepo_jax.entropy_control import ControllerConfig, TargetSchedule
+    from aepo_jax.losses import LossConfig
+    from aepo_jax.trainer.config import controller_config, loss_config
+
+    overrides = {
+        "algorithm.clip_low": "0.1", "algorithm.clip_high": "0.28", "algorithm.clip_dual": "3.0",
+        "algorithm.alpha": "0.5", "algorithm.entropy_coef": "0.003", "algorithm.adv_beta": "0.2",
+        "algorithm.adv_kappa": "3.0", "algorithm.agg": "token-mean", "algorithm.reg_norm": "reg",
+        "algorithm.log_ratio_clamp": "10.0",
+        "algorithm.controller.target": "linear:0.6:0.2:0:50", "algorithm.controller.t_high": "1.3",
+        "algorithm.controller.t_low": "0.7", "algorithm.controller.budget_up": "40",
+        "algorithm.controller.budget_down": "20", "algorithm.controller.estimator": "sampled",
+        "algorithm.controller.dead_band": "0.02", "algorithm.controller.band_mode": "idle",
+        "algorithm.controller.initial_entropy": "0.4",
+    }
+    yaml_text = "algorithm:\n" + "".join(
+        f"  {k.split('.', 1)[1]}: '{v}'\n" for k, v in overrides.items() if k.count(".") == 1) + "  controller:\n" + "".join(
+        f"    {k.rsplit('.', 1)[1]}: '{v}'\n" for k, v in overrides.items() if k.count(".") == 2)
+    (tmp_path / "run.yaml").write_text(yaml_text)
+    from_cli = build_config(RunConfig, [f"--{k}={v}" for k, v in overrides.items()], aliases=ALIASES)
+    from_yaml = build_config(RunConfig, ["--config", str(tmp_path / "run.yaml")], aliases=ALIASES)
+    assert from_cli == from_yaml
+    validate(from_cli)
+    for built, default in ((loss_config(from_cli), LossConfig()), (controller_config(from_cli), ControllerConfig())):
+        unchanged = [f.name for f in dataclasses.fields(built) if getattr(built, f.name) == getattr(default, f.name)]
+        assert unchanged == [], f"{type(built).__name__} fields with no config key: {unchanged}"
+    assert loss_config(from_cli).reg_norm == "reg" and loss_config(from_cli).clip_dual == 3.0
+    ctl = controller_config(from_cli)
+    assert ctl.target == TargetSchedule.parse("linear:0.6:0.2:0:50") and ctl.band_mode == "idle"
+    assert ctl.initial_entropy == 0.4 and (ctl.budget_raise, ctl.budget_lower) == (40, 20)
+    # The defaults are the paper's method.
+    assert loss_config(RunConfig()) == LossConfig(agg="seq-mean-token-mean", reg_norm="main")
+    with pytest.raises(ConfigError, match="algorithm.reg_norm"):
+        validate(build_config(RunConfig, ["--algorithm.reg_norm=batch"], aliases=ALIASES))
+    with pytest.raises(ConfigError, match="algorithm.controller.band_mode"):
+        validate(build_config(RunConfig, ["--algorithm.controller.band_mode=off"], aliases=ALIASES))

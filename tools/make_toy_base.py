@@ -4,8 +4,8 @@
     python tools/make_toy_base.py --out /tmp/toy_base  # build into a directory of your choice
     python tools/make_toy_base.py --eval               # then: pass@k at T=1 and token entropy
 
-The build is deterministic given --seed (same weights, byte for byte) and takes one to two
-minutes on 2 CPU cores. The recipe and teacher-forced diagnostics are written to toy_base.json in
+The build is the same bytes for the same recipe on any process (it trains in a subprocess pinned
+to one CPU device and one core, see aepo_jax/data/toy_base.py) and takes a few minutes. The recipe and teacher-forced diagnostics are written to toy_base.json in
 the model directory; --eval samples the toy test split through the embedded server
 (``python -m aepo_jax.eval``) and prints avg@n, pass@k and the mean sampled-token entropy.
 """

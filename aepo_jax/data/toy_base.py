@@ -51,7 +51,7 @@ from aepo_jax.data.prompts import DEFAULT_INSTRUCTION, PromptConfig, tokenize_pr
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 5  # bump when the recipe changes: cached models of another version are rebuilt
+BUILD_VERSION = 6  # bump when the recipe changes: cached models of another version are rebuilt
 # The one process environment the build runs in (see the module doc): one CPU device, XLA's Eigen
 # single-threaded, and (set by the child itself) CPU affinity to one core.
 BUILD_XLA_FLAGS = "--xla_force_host_platform_device_count=1 --xla_cpu_multi_thread_eigen=false"
@@ -161,13 +161,14 @@ def build_tokenizer(out_dir: str | Path):
 
 
 def response_token_count(p: toy_task.ToyProblem) -> int:
-    """Tokens of a clean worked solution: start, 3 per hop (link, separator, digit), 5 for " \\boxed{d}"."""
-    return 1 + 3 * p.hops + 5
+    """Tokens of a clean worked solution without EOS: fillers, space, start, 3 per hop (link,
+    separator, digit), 5 for " \\boxed{d}"."""
+    return toy_task.response_tokens(p) - 1
 
 
 def value_positions(p: toy_task.ToyProblem) -> list[int]:
     """Indices (in a clean response) of the digit written after each hop."""
-    return [3 + 3 * i for i in range(p.hops)]
+    return [toy_task.FILLER_SLOTS + 1 + toy_task.TOKENS_PER_HOP * (i + 1) for i in range(p.hops)]
 
 
 def encode_responses(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -360,12 +361,16 @@ def _build_here(out_dir: Path, cfg: ToyBaseConfig) -> Path:
     # The same prompt path the trainer and eval use (auto -> this chat template + default instruction).
     examples, stats = tokenize_problems(problems, tokenizer, PromptConfig(max_prompt_length=10_000))
     # Every task word must be one token, or the value positions (and the model's job) shift.
-    probe = train[: 64]
-    lens = [len(r) for r in encode_responses(tokenizer, [toy_task.solution_text(p) for p in probe])]
+    probe = train[: len(toy_task.SEPARATORS)]
+    fill = toy_task.FILLERS
+    texts = [toy_task.solution_text(p, separators=toy_task.SEPARATORS[i:] + toy_task.SEPARATORS[:i],
+                                    fillers=[fill[(i + k) % len(fill)] for k in range(toy_task.FILLER_SLOTS)])
+             for i, p in enumerate(probe)]
+    lens = [len(r) for r in encode_responses(tokenizer, texts)]
     if lens != [response_token_count(p) for p in probe]:
         raise RuntimeError("toy base: the tokenizer splits task words into several tokens")
     # A misread leaves the path for at most one more hop (a distractor into its dead end).
-    max_resp = max(1 + 3 * (p.hops + 1) + 5 for p in train) + 1  # + EOS
+    max_resp = max(toy_task.response_tokens(p) + toy_task.TOKENS_PER_HOP for p in train)
     max_len = -(-(max(len(e.prompt_ids) for e in examples) + max_resp) // 16) * 16
     corpus = _Corpus(prompt_ids=[e.prompt_ids for e in examples], problems=train, max_len=max_len)
 
@@ -449,5 +454,5 @@ def ensure_toy_base(cache_dir: str | os.PathLike | None = None, cfg: ToyBaseConf
 
 if __name__ == "__main__":  # the build subprocess: python -m aepo_jax.data.toy_base OUT_DIR RECIPE_JSON
     _pin_build_process()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s toy base build: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s toy base build: %(message)s", force=True)
     _build_here(Path(sys.argv[1]), ToyBaseConfig(**json.loads(sys.argv[2])))

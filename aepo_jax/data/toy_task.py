@@ -3,12 +3,13 @@
 A problem (the user turn) and its worked solution (the response) look like::
 
     Start at 3 and follow the links sevenone threeseven fivethree onefour .
-    3 threeseven=7 sevenone=1 onefour=4 \\boxed{4}
+    okay so now 3 threeseven=7 sevenone=>1 onefour=4 \\boxed{4}
 
 The prompt lists links between digits in a shuffled order (``sevenone`` means 7 -> 1), some of
 them distractors off the path that lead to dead ends. The response copies the start, then for
 every hop writes the link it follows and the digit it lands on, and stops at the digit that has no
-outgoing link. The answer depends on a short multi-step computation written in the response: one
+outgoing link. The three filler words that open the response and the separator of each hop are
+free choices among 32 equivalent spellings each (see ``FILLERS``). The answer depends on a short multi-step computation written in the response: one
 misread hop sends the rest of the chain off the path, so pass@1 falls with the number of hops
 while pass@k rises with k, the shape RL on math shows.
 
@@ -27,6 +28,7 @@ Everything is generated from a seed; :func:`solve` recomputes an answer from the
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -96,30 +98,64 @@ def problem_text(p: ToyProblem) -> str:
     return f"{PROBLEM_PREFIX} {p.start} {PROBLEM_MIDDLE} {links} ."
 
 
-# Equivalent ways to write a hop ("threeseven=7", "threeseven:7", ...), with the frequencies the
-# warm-start data uses them. Why the task has them: AEPO moves entropy by REINFORCE on positive
-# samples drawn at T != 1, which can only change the policy's entropy where *correct* responses
-# differ. A task with one correct token sequence has no such room (its entropy only ever falls, as
-# the reasoning tokens sharpen); an LLM's free choices of wording are what these stand for. The
-# skew leaves room both ways: uniform over the four is ln 4 = 1.39 nats a hop, these give 1.13.
-SEPARATORS = ("=", ":", ">", "~")
-SEPARATOR_WEIGHTS = (0.55, 0.25, 0.12, 0.08)
+# Free choices of wording. A response opens with three filler words and writes each hop as
+# ``<link><separator><digit>``, e.g. ``okay so now 3 threeseven=7 ...`` or
+# ``then hence go 3 threeseven~>7 ...``: 32 words per filler slot and 32 separators, all equally
+# correct. Why the task has them: AEPO moves entropy by REINFORCE on positive samples drawn at
+# T != 1, which can only change the policy's entropy where *correct* responses differ. A task with
+# one correct token sequence has no such room (its entropy only ever falls, as the reasoning tokens
+# sharpen); an LLM's free choices of wording are what these stand for. The warm-start data writes
+# the plain choice (``okay so now``, ``=``) with probability FREE_CHOICE_MAIN and each other one
+# with an equal share of the rest: 0.67 nats a choice, against ln 32 = 3.47 for a uniform pick, so
+# the entropy of correct responses can move well below and well above the base model's
+# (:func:`max_correct_entropy`, :func:`data_entropy`). The fillers open the response (rather than
+# sitting between a digit and the next link) so that each hop stays the two-step lookup a 2-layer
+# model learns quickly: the link right after the digit it starts from, the digit two tokens after
+# its link.
+FILLERS = (
+    "okay", "so", "now", "then", "thus", "hence", "next", "also",
+    "again", "onward", "later", "go", "well", "right", "sure", "fine",
+    "therefore", "first", "indeed", "clearly", "simply", "here", "alright", "begin",
+    "start", "look", "see", "note", "yes", "good", "hmm", "ready",
+)
+FILLER_SLOTS = 3  # filler words at the start of every response
+SEPARATORS = (
+    "=", ":", ">", "~", "-", "|", "/", ";", "^", "*", "+", "!", "?", "<", "&", "@",
+    "->", "=>", ":=", "~>", "==", "::", ">>", "--", "|>", "//", ";;", "^^", "**", "++", "!!", "<>",
+)
+FREE_CHOICE_MAIN = 0.9  # probability of the plain choice in the warm-start data
 
 
-def random_separators(n: int, rng: random.Random) -> list[str]:
-    return rng.choices(SEPARATORS, weights=SEPARATOR_WEIGHTS, k=n)
+def free_choice_weights(n: int, plain: int = 0) -> tuple[float, ...]:
+    """The warm-start data's distribution over ``n`` equivalent choices, ``plain`` the likely one."""
+    rest = (1.0 - FREE_CHOICE_MAIN) / (n - 1)
+    return tuple(FREE_CHOICE_MAIN if i == plain else rest for i in range(n))
+
+
+def random_wording(n_hops: int, rng: random.Random) -> tuple[list[str], list[str]]:
+    """Filler words and ``n_hops`` separators, drawn as the warm-start data draws them."""
+    fillers = [rng.choices(FILLERS, weights=free_choice_weights(len(FILLERS), slot))[0] for slot in range(FILLER_SLOTS)]
+    seps = rng.choices(SEPARATORS, weights=free_choice_weights(len(SEPARATORS)), k=n_hops)
+    return fillers, seps
+
+
+PLAIN_FILLERS = FILLERS[:FILLER_SLOTS]
 
 
 def solution_text(p: ToyProblem, wrong_values: dict[int, int] | None = None,
-                  separators: Sequence[str] | None = None) -> str:
+                  separators: Sequence[str] | None = None, fillers: Sequence[str] | None = None) -> str:
     """The worked solution. ``wrong_values[i] = d`` writes ``d`` after hop ``i`` instead of the
     digit the link leads to (a misread) and goes on from ``d``: a self-consistent wrong chain,
-    like a model's. ``separators[i]`` writes hop ``i`` with that symbol (default ``=``)."""
+    like a model's. It opens with ``fillers`` (default ``okay so now``) and writes hop ``i`` with
+    ``separators[i]`` (default ``=``)."""
     wrong_values = wrong_values or {}
     separators = list(separators or [])
+    fillers = list(fillers) if fillers is not None else list(PLAIN_FILLERS)
+    if len(fillers) != FILLER_SLOTS:
+        raise ValueError(f"toy task: expected {FILLER_SLOTS} filler words, got {fillers}")
     table = dict(p.links)
     value = p.start
-    words = [str(value)]
+    words = [*fillers, str(value)]
     # Misreads can revisit digits, but only the first len(links) hops may be misread (see
     # noisy_solution_text) and a correct walk from anywhere ends within len(links) hops.
     for i in range(2 * len(p.links) + 1):
@@ -132,6 +168,43 @@ def solution_text(p: ToyProblem, wrong_values: dict[int, int] | None = None,
         value = written
     words.append(f"\\boxed{{{value}}}")
     return " ".join(words)
+
+
+# Tokens of a worked solution (every task word is one token, see toy_base): the fillers, a space
+# and the start digit (Qwen2's pre-tokenizer never joins a space to a digit), three per hop (link,
+# separator, digit), five for `` \\boxed{d}``, and EOS.
+TOKENS_PER_HOP = 3
+FIXED_RESPONSE_TOKENS = FILLER_SLOTS + 2 + 5 + 1
+
+
+def response_tokens(p: ToyProblem) -> int:
+    """Tokens of a correct response to ``p``, EOS included (the same for every correct wording)."""
+    return TOKENS_PER_HOP * p.hops + FIXED_RESPONSE_TOKENS
+
+
+def _entropy(weights: Sequence[float]) -> float:
+    return -sum(w * math.log(w) for w in weights if w > 0)
+
+
+def max_correct_entropy(p: ToyProblem) -> float:
+    """The largest token-mean entropy (nats/token) of a policy that only writes correct responses
+    to ``p``, exactly: every correct response has :func:`response_tokens` tokens and its only free
+    tokens are the fillers and each hop's separator, so the maximum is the uniform pick,
+    ``(FILLER_SLOTS * ln |FILLERS| + hops * ln |SEPARATORS|) / response_tokens``."""
+    return (FILLER_SLOTS * math.log(len(FILLERS)) + p.hops * math.log(len(SEPARATORS))) / response_tokens(p)
+
+
+def data_entropy(p: ToyProblem, noise: float) -> float:
+    """Token-mean entropy (nats/token) of the warm-start data's next-token distribution along the
+    correct path of ``p``: what a base model that fits its data exactly shows on ``p`` (the
+    entropy the RL run starts from). The fillers; per hop the separator and the digit, misread
+    with probability ``q = link_noise`` into one of the digits off the path."""
+    off_path = NUM_NODES - len(p.path)
+    total = sum(_entropy(free_choice_weights(len(FILLERS), slot)) for slot in range(FILLER_SLOTS))
+    for a, b in zip(p.path, p.path[1:]):
+        q = link_noise(a, b, noise)
+        total += _entropy(free_choice_weights(len(SEPARATORS))) + _entropy((1.0 - q, q)) + q * math.log(off_path)
+    return total / response_tokens(p)
 
 
 # Some links are harder to read than others (a fixed function of the link), so problems differ in
@@ -160,7 +233,8 @@ def noisy_solution_text(p: ToyProblem, noise: float, rng: random.Random) -> str:
             nxt = rng.choice(off_path)
             wrong[i] = nxt
         value = nxt
-    return solution_text(p, wrong, random_separators(2 * len(p.links) + 1, rng))
+    fillers, separators = random_wording(2 * len(p.links) + 1, rng)
+    return solution_text(p, wrong, separators, fillers)
 
 
 _NAME_RE = "|".join(NUMBER_NAMES)
@@ -264,6 +338,8 @@ def corpus_texts() -> list[str]:
         for b in range(NUM_NODES):
             if a != b:
                 texts.append(f"{PROBLEM_PREFIX} {a} {PROBLEM_MIDDLE} {link_word(a, b)} .")
-                sep = SEPARATORS[(a + b) % len(SEPARATORS)]
-                texts.append(f"{a} {link_word(a, b)}{sep}{(a + b) % NUM_NODES} \\boxed{{{b}}}")
+                i = a * NUM_NODES + b
+                fill = " ".join(FILLERS[(i + k) % len(FILLERS)] for k in range(FILLER_SLOTS))
+                sep = SEPARATORS[i % len(SEPARATORS)]
+                texts.append(f"{fill} {a} {link_word(a, b)}{sep}{(a + b) % NUM_NODES} \\boxed{{{b}}}")
     return texts

@@ -81,7 +81,11 @@ class ControllerSection:
     budget_up: int = field(default=60, metadata=_help("positive samples kept per step when raising entropy"))
     budget_down: int = field(default=30, metadata=_help("positive samples kept per step when lowering entropy"))
     estimator: str = field(default="full", metadata=_help("full (exact token entropy) | sampled (-log pi of sampled token)"))
-    dead_band: float = field(default=0.0, metadata=_help("keep the previous T while |H - target| <= dead_band; 0 = off"))
+    dead_band: float = field(default=0.0, metadata=_help("half-width of a band around the target; 0 = off (the paper's hard switch)"))
+    band_mode: str = field(default="hold", metadata=_help(
+        "inside the dead band: hold (keep the previous T) | idle (no temperature samples)"))
+    initial_entropy: float | None = field(default=None, metadata=_help(
+        "entropy assumed before the first measurement; none = raise first (the authors' code starts from 0)"))
 
 
 @dataclass
@@ -103,6 +107,9 @@ class AlgorithmSection:
     adv_beta: float = field(default=0.4, metadata=_help("Entropy-Adv beta"))
     adv_kappa: float = field(default=2.0, metadata=_help("Entropy-Adv kappa"))
     agg: str = field(default="seq-mean-token-mean", metadata=_help("seq-mean-token-mean (Eq. 1) | token-mean"))
+    reg_norm: str = field(default="main", metadata=_help(
+        "denominator of the REINFORCE term: main (the GRPO samples') | reg (the kept positives') | joint (all rows)"))
+    log_ratio_clamp: float = field(default=20.0, metadata=_help("|log pi - log pi_old| is clamped to this before exp"))
     controller: ControllerSection = field(default_factory=ControllerSection)
 
 
@@ -273,6 +280,12 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
     _check_urls("rollout.weight_update_urls", cfg.rollout.weight_update_urls)
     _one_of("model.compute_dtype", cfg.model.compute_dtype, ("", "float32", "bfloat16"))
     _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
+    _one_of("algorithm.controller.band_mode", c.band_mode, ("hold", "idle"))
+    _one_of("algorithm.reg_norm", a.reg_norm, ("main", "reg", "joint"))
+    if not c.dead_band >= 0:
+        raise ConfigError(f"config key 'algorithm.controller.dead_band' must be >= 0, got {c.dead_band}")
+    if not a.log_ratio_clamp > 0:
+        raise ConfigError(f"config key 'algorithm.log_ratio_clamp' must be > 0, got {a.log_ratio_clamp}")
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
     _one_of("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
     _one_of("data.template", cfg.data.template, ("auto", "chat", "plain"))
@@ -354,4 +367,24 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
                     f"config key 'train.micro_batch_size' ({mbs}) does not divide over the data axis of size {data_axis_size}"
                 )
     return cfg
+
+
+def loss_config(cfg: RunConfig):
+    """The :class:`aepo_jax.losses.LossConfig` of a run (every field has a key under ``algorithm``)."""
+    from aepo_jax.losses import LossConfig
+
+    a = cfg.algorithm
+    return LossConfig(clip_low=a.clip_low, clip_high=a.clip_high, clip_dual=a.clip_dual or None, alpha=a.alpha,
+                      entropy_coef=a.entropy_coef, adv_beta=a.adv_beta, adv_kappa=a.adv_kappa, agg=a.agg,
+                      reg_norm=a.reg_norm, log_ratio_clamp=a.log_ratio_clamp)
+
+
+def controller_config(cfg: RunConfig):
+    """The :class:`aepo_jax.entropy_control.ControllerConfig` of a run (keys under ``algorithm.controller``)."""
+    from aepo_jax.entropy_control import ControllerConfig, TargetSchedule
+
+    c = cfg.algorithm.controller
+    return ControllerConfig(target=TargetSchedule.parse(c.target), t_high=c.t_high, t_low=c.t_low,
+                            budget_raise=c.budget_up, budget_lower=c.budget_down, estimator=c.estimator,
+                            dead_band=c.dead_band, band_mode=c.band_mode, initial_entropy=c.initial_entropy)
 
