@@ -150,6 +150,10 @@ class ControllerConfig:
       temperature samples (budget 0, T = 1) until entropy leaves the band.
     initial_entropy: entropy assumed before the first observation; None = raise first (the
       authors' code starts from entropy 0, so its first step uses T_high).
+    target_relative: False (the paper): the schedule's values are entropies in nats/token. True:
+      they are multiples of H0, the first entropy the controller observes (the base model's), so
+      ``target=0.5`` holds half the starting entropy whatever the model. H0 is part of the state
+      (checkpointed); before the first observation there is no target and the controller raises.
     """
 
     target: TargetSchedule = TargetSchedule()
@@ -161,6 +165,7 @@ class ControllerConfig:
     dead_band: float = 0.0
     band_mode: str = "hold"
     initial_entropy: float | None = None
+    target_relative: bool = False
 
     def __post_init__(self):
         if not isinstance(self.target, TargetSchedule):
@@ -204,6 +209,7 @@ class ControllerState:
     target: float | None = None
     step: int | None = None  # step of the last decision
     num_observations: int = 0
+    initial_signal: float | None = None  # H0: the first observed value of the configured estimator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +242,9 @@ class EntropyController:
         if entropy_sampled is not None:
             self.state.entropy_sampled = float(entropy_sampled)
         self.state.num_observations += 1
+        if self.state.initial_signal is None:
+            first = self.state.entropy_full if self.config.estimator == "full" else self.state.entropy_sampled
+            self.state.initial_signal = first
 
     def signal(self) -> float | None:
         s = self.state.entropy_full if self.config.estimator == "full" else self.state.entropy_sampled
@@ -251,8 +260,11 @@ class EntropyController:
         """Temperature and budget for the temperature samples of ``step``."""
         cfg = self.config
         target = cfg.target(step)
+        if cfg.target_relative:
+            h0 = self.state.initial_signal
+            target = float("nan") if h0 is None else target * h0
         h = self.signal()
-        if h is None:
+        if h is None or math.isnan(target):
             mode = "raise"
         elif cfg.dead_band <= 0:
             mode = "raise" if h < target else "lower"

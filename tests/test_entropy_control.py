@@ -175,3 +175,27 @@ def test_demo_cli_writes_png(tmp_path):
     out = tmp_path / "e.png"
     demo.main(["--steps", "60", "--targets", "0.5", "linear:1.0:0.5:0:60", "--out", str(out)])
     assert out.stat().st_size > 1000
+
+
+def test_relative_target_is_a_multiple_of_the_first_observation():
+    """target_relative: the schedule's values scale H0, the first value of the configured
+    estimator; H0 survives a checkpoint round trip and later observations do not move it."""
+    cfg = ControllerConfig(target=TargetSchedule.parse("piecewise:0=0.5,10=1.5"), target_relative=True,
+                           estimator="sampled")
+    ctl = EntropyController(cfg)
+    assert ctl.decide(0).mode == "raise"  # no H0 yet: raise first, as without a measurement
+    ctl.observe(entropy_full=0.9, entropy_sampled=0.4)
+    d = ctl.decide(1)
+    assert d.target == pytest.approx(0.2) and d.mode == "lower"
+    ctl.observe(entropy_sampled=0.1)
+    d = ctl.decide(2)
+    assert d.target == pytest.approx(0.2) and d.mode == "raise"
+    again = EntropyController.from_dict(json.loads(json.dumps(ctl.to_dict())))
+    assert again.state.initial_signal == 0.4
+    again.observe(entropy_sampled=0.5)
+    d = again.decide(10)
+    assert d.target == pytest.approx(0.6) and d.mode == "raise"
+    # Absolute targets (the paper) ignore H0.
+    plain = EntropyController(ControllerConfig(target=TargetSchedule.parse("0.5")))
+    plain.observe(entropy_full=0.4)
+    assert plain.decide(0).target == 0.5 and plain.state.initial_signal == 0.4

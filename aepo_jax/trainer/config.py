@@ -84,6 +84,8 @@ class ControllerSection:
     dead_band: float = field(default=0.0, metadata=_help("half-width of a band around the target; 0 = off (the paper's hard switch)"))
     band_mode: str = field(default="hold", metadata=_help(
         "inside the dead band: hold (keep the previous T) | idle (no temperature samples)"))
+    target_relative: bool = field(default=False, metadata=_help(
+        "read the target's values as multiples of H0, the entropy measured at the first step (0.5 = half the base model's)"))
     initial_entropy: float | None = field(default=None, metadata=_help(
         "entropy assumed before the first measurement; none = raise first (the authors' code starts from 0)"))
 
@@ -386,5 +388,6 @@ def controller_config(cfg: RunConfig):
     c = cfg.algorithm.controller
     return ControllerConfig(target=TargetSchedule.parse(c.target), t_high=c.t_high, t_low=c.t_low,
                             budget_raise=c.budget_up, budget_lower=c.budget_down, estimator=c.estimator,
-                            dead_band=c.dead_band, band_mode=c.band_mode, initial_entropy=c.initial_entropy)
+                            dead_band=c.dead_band, band_mode=c.band_mode, initial_entropy=c.initial_entropy,
+                            target_relative=c.target_relative)
 
