@@ -42,6 +42,7 @@ __all__ = [
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "piecewise")
 ESTIMATORS = ("full", "sampled")
 BAND_MODES = ("hold", "idle")
+BUDGET_MODES = ("fixed", "proportional")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,15 @@ class ControllerConfig:
       temperature samples (budget 0, T = 1) until entropy leaves the band.
     initial_entropy: entropy assumed before the first observation; None = raise first (the
       authors' code starts from entropy 0, so its first step uses T_high).
+    budget_mode: ``fixed`` (the paper): every step keeps up to budget_raise / budget_lower
+      positives. ``proportional``: the budget shrinks with the distance to the target, ``budget *
+      min(1, |H - target| / (proportional_width * target))`` (at least 1), so a step just below
+      the target adds a few positives at T_high instead of the full 60. The temperature rule is
+      the paper's. Why: with a fixed budget the controller acts at full strength on both sides of
+      the target; the effect shows one step later, so small errors turn into overshoots (on the
+      toy task at target 0.5 x H0, every miss of the +-10% band was an overshoot above it after a
+      burst of full-budget raising steps).
+    proportional_width: relative error at which the proportional budget reaches its maximum.
     target_relative: False (the paper): the schedule's values are entropies in nats/token. True:
       they are multiples of H0, the first entropy the controller observes (the base model's), so
       ``target=0.5`` holds half the starting entropy whatever the model. H0 is part of the state
@@ -166,6 +176,8 @@ class ControllerConfig:
     band_mode: str = "hold"
     initial_entropy: float | None = None
     target_relative: bool = False
+    budget_mode: str = "fixed"
+    proportional_width: float = 0.1
 
     def __post_init__(self):
         if not isinstance(self.target, TargetSchedule):
@@ -182,6 +194,10 @@ class ControllerConfig:
             raise ValueError(
                 f"ControllerConfig: budgets must be >= 0, got raise={self.budget_raise}, lower={self.budget_lower}"
             )
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"ControllerConfig.budget_mode: expected one of {BUDGET_MODES}, got {self.budget_mode!r}")
+        if not self.proportional_width > 0:
+            raise ValueError(f"ControllerConfig.proportional_width: expected > 0, got {self.proportional_width}")
         if not self.dead_band >= 0:
             raise ValueError(f"ControllerConfig.dead_band: expected >= 0, got {self.dead_band}")
 
@@ -283,6 +299,9 @@ class EntropyController:
             temperature, budget = cfg.t_low, cfg.budget_lower
         else:
             temperature, budget = 1.0, 0
+        if cfg.budget_mode == "proportional" and h is not None and mode != "idle" and target > 0:
+            share = min(1.0, abs(h - target) / (cfg.proportional_width * target))
+            budget = max(1, int(round(budget * share))) if budget > 0 else 0
         st = self.state
         st.mode, st.temperature, st.budget, st.target, st.step = mode, temperature, budget, target, int(step)
         return Decision(int(step), float(temperature), int(budget), float(target), h, mode)

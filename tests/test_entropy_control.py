@@ -199,3 +199,24 @@ def test_relative_target_is_a_multiple_of_the_first_observation():
     plain = EntropyController(ControllerConfig(target=TargetSchedule.parse("0.5")))
     plain.observe(entropy_full=0.4)
     assert plain.decide(0).target == 0.5 and plain.state.initial_signal == 0.4
+
+
+def test_proportional_budget_shrinks_near_the_target():
+    """budget_mode=proportional: same temperature rule as the paper, budget scaled by the relative
+    error (full at proportional_width), never 0 while acting; fixed (default) is the paper's."""
+    cfg = ControllerConfig(target=TargetSchedule.parse("0.5"), budget_mode="proportional", proportional_width=0.1)
+    ctl = EntropyController(cfg)
+    assert ctl.decide(0).budget == 60  # nothing observed yet: the paper's first step
+    for h, mode, temp, budget in [(0.49, "raise", 1.2, 12), (0.45, "raise", 1.2, 60), (0.10, "raise", 1.2, 60),
+                                  (0.51, "lower", 0.8, 6), (0.525, "lower", 0.8, 15), (0.9, "lower", 0.8, 30),
+                                  (0.4999999, "raise", 1.2, 1)]:
+        ctl.observe(entropy_full=h)
+        d = ctl.decide(1)
+        assert (d.mode, d.temperature, d.budget) == (mode, temp, budget), h
+    fixed = EntropyController(ControllerConfig(target=TargetSchedule.parse("0.5")))
+    fixed.observe(entropy_full=0.49)
+    assert fixed.decide(1).budget == 60
+    with pytest.raises(ValueError, match="budget_mode"):
+        ControllerConfig(budget_mode="pid")
+    with pytest.raises(ValueError, match="proportional_width"):
+        ControllerConfig(proportional_width=0.0)

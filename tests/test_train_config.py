@@ -70,6 +70,7 @@ def test_every_loss_and_controller_option_is_reachable(tmp_path):
         "algorithm.controller.budget_down": "20", "algorithm.controller.estimator": "sampled",
         "algorithm.controller.dead_band": "0.02", "algorithm.controller.band_mode": "idle",
         "algorithm.controller.initial_entropy": "0.4", "algorithm.controller.target_relative": "true",
+        "algorithm.controller.budget_mode": "proportional", "algorithm.controller.proportional_width": "0.2",
     }
     yaml_text = "algorithm:\n" + "".join(
         f"  {k.split('.', 1)[1]}: '{v}'\n" for k, v in overrides.items() if k.count(".") == 1) + "  controller:\n" + "".join(

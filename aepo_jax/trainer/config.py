@@ -84,6 +84,9 @@ class ControllerSection:
     dead_band: float = field(default=0.0, metadata=_help("half-width of a band around the target; 0 = off (the paper's hard switch)"))
     band_mode: str = field(default="hold", metadata=_help(
         "inside the dead band: hold (keep the previous T) | idle (no temperature samples)"))
+    budget_mode: str = field(default="fixed", metadata=_help(
+        "fixed (the paper: full budget every step) | proportional (budget x min(1, |H - target| / (proportional_width x target)))"))
+    proportional_width: float = field(default=0.1, metadata=_help("relative error at which the proportional budget is full"))
     target_relative: bool = field(default=False, metadata=_help(
         "read the target's values as multiples of H0, the entropy measured at the first step (0.5 = half the base model's)"))
     initial_entropy: float | None = field(default=None, metadata=_help(
@@ -283,6 +286,9 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
     _one_of("model.compute_dtype", cfg.model.compute_dtype, ("", "float32", "bfloat16"))
     _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
     _one_of("algorithm.controller.band_mode", c.band_mode, ("hold", "idle"))
+    _one_of("algorithm.controller.budget_mode", c.budget_mode, ("fixed", "proportional"))
+    if not c.proportional_width > 0:
+        raise ConfigError(f"config key 'algorithm.controller.proportional_width' must be > 0, got {c.proportional_width}")
     _one_of("algorithm.reg_norm", a.reg_norm, ("main", "reg", "joint"))
     if not c.dead_band >= 0:
         raise ConfigError(f"config key 'algorithm.controller.dead_band' must be >= 0, got {c.dead_band}")
@@ -389,5 +395,6 @@ def controller_config(cfg: RunConfig):
     return ControllerConfig(target=TargetSchedule.parse(c.target), t_high=c.t_high, t_low=c.t_low,
                             budget_raise=c.budget_up, budget_lower=c.budget_down, estimator=c.estimator,
                             dead_band=c.dead_band, band_mode=c.band_mode, initial_entropy=c.initial_entropy,
-                            target_relative=c.target_relative)
+                            target_relative=c.target_relative, budget_mode=c.budget_mode,
+                            proportional_width=c.proportional_width)
 
