@@ -73,7 +73,7 @@ class RolloutSection:
 class ControllerSection:
     """AEPO's entropy controller: T = T_high if H < target else T_low."""
 
-    target: str = field(default="0.15", metadata=_help(
+    target: str = field(default="0.6", metadata=_help(
         "entropy target H (nats/token): a number, or a schedule 'linear:START:END:STEP0:STEP1', "
         "'cosine:START:END:STEP0:STEP1', 'piecewise:STEP=H,STEP=H,...'"))
     t_high: float = 1.2
