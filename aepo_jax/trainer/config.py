@@ -397,4 +397,3 @@ def controller_config(cfg: RunConfig):
                             dead_band=c.dead_band, band_mode=c.band_mode, initial_entropy=c.initial_entropy,
                             target_relative=c.target_relative, budget_mode=c.budget_mode,
                             proportional_width=c.proportional_width)
-
