@@ -70,6 +70,9 @@ class PromptPipeline(grain.DatasetIterator):
     """
 
     def __init__(self, examples: Sequence[Example], cfg: PipelineConfig):
+        # grain's __del__ calls close(), which reads _closed: set it before a check below can raise,
+        # so a refused pipeline is not reported again as an AttributeError at garbage collection.
+        self._closed = True
         if cfg.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
         if len(examples) < cfg.batch_size:
