@@ -281,6 +281,17 @@ def test_toy_reward_on_adversarial_boxes_is_fast_in_process():
     assert out.status == ["ok", "ok"] and out.scores.tolist() == [0.0, 1.0]
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_closed_pool_refuses_to_score(workers):
+    from aepo_jax.rewards.pool import RewardPoolError
+
+    pool = RewardPool("toy", num_workers=workers, timeout_s=10.0)
+    assert pool.score(["\\boxed{3}"], ["3"]).scores.tolist() == [1.0]
+    pool.close()
+    with pytest.raises(RewardPoolError, match="after close"):
+        pool.score(["\\boxed{3}"], ["3"])
+
+
 @pytest.fixture(scope="module")
 def math_pool():
     with RewardPool("math", num_workers=2, timeout_s=3.0) as pool:

@@ -203,11 +203,11 @@ class RewardPool:
         scores = np.zeros(n, dtype=np.float32)
         status = [OK] * n
         errors: dict[int, str] = {}
+        if self._closed:  # in every mode: a closed pool must not keep scoring in-process either
+            raise RewardPoolError("RewardPool.score called after close()")
         if self.num_workers == 0 and can_arm():
             self._score_in_process(responses, ground_truths, scores, status, errors)
         else:
-            if self._closed:
-                raise RewardPoolError("RewardPool.score called after close()")
             if not self._workers:  # in-process mode off the main thread: no signal reaches here
                 logger.info("reward %s: called off the main thread; scoring in a worker process "
                             "so the %s s limit holds", self.reward_path, self.timeout_s)
