@@ -148,15 +148,10 @@ class RolloutServer:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         parsed, objs = await self.run_generate(parse_json(await request.read()))
         if parsed.stream:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            for i, o in enumerate(objs):
-                if not parsed.is_single:
-                    o = {**o, "index": i}
-                await resp.write(b"data: " + json.dumps(o, allow_nan=False).encode() + b"\n\n")
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
+            from aepo_jax.rollout.openai_api import send_events
+
+            return await send_events(request, objs if parsed.is_single
+                                     else [{**o, "index": i} for i, o in enumerate(objs)])
         return _json(objs[0] if parsed.is_single else objs)
 
     async def run_generate(self, body: Any) -> tuple[protocol.ParsedGenerate, list[dict]]:

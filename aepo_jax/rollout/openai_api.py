@@ -45,7 +45,7 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, allow_nan=False)
 
 
-async def _send_events(request: web.Request, chunks: list[dict]) -> web.StreamResponse:
+async def send_events(request: web.Request, chunks: list[dict]) -> web.StreamResponse:
     """The chunks as server-sent events, then ``data: [DONE]``."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -108,7 +108,7 @@ def add_openai_routes(app: web.Application, backend: Backend) -> None:
         objs = objs if isinstance(objs, list) else [objs]
         rid, created = f"{prefix}{uuid.uuid4().hex}", int(time.time())
         if tr.stream:
-            return await _send_events(request, chunks(tr, objs, rid, created))
+            return await send_events(request, chunks(tr, objs, rid, created))
         return web.json_response(build(tr, objs, rid, created), dumps=_dumps)
 
     async def completions(request):
