@@ -112,7 +112,7 @@ def _unexpected(v: Any) -> str:
     return type(v).__name__
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -121,7 +121,7 @@ def type_error(path: str, v: Any, expected: str) -> RequestError:
 
 
 def _int(path: str, v: Any) -> int:
-    if not _is_int(v):
+    if not is_int(v):
         raise type_error(path, v, "i64")
     if not INT64_MIN <= v <= INT64_MAX:
         raise contract_error(path, f"invalid value: integer `{v}`, expected i64")
@@ -169,7 +169,7 @@ def _or_list(one: Callable[[str, Any], Any], is_type: Callable[[Any], bool], wha
 
 str_or_list = _or_list(_str, lambda v: isinstance(v, str), "StringOrList")
 bool_or_list = _or_list(check_bool, lambda v: isinstance(v, bool), "BoolOrList")
-int_or_list = _or_list(_int, _is_int, "Int64OrList")
+int_or_list = _or_list(_int, is_int, "Int64OrList")
 
 
 def _map(path: str, v: Any) -> dict:

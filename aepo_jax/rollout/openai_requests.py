@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from aepo_jax.rollout.contract import INT64_MAX, INT64_MIN, RequestError
-from aepo_jax.rollout.contract import _is_int as is_int
+from aepo_jax.rollout.contract import is_int
 from aepo_jax.rollout.protocol import MAX_STOP_COUNT
 
 log = logging.getLogger("aepo_jax.rollout.server")
