@@ -38,7 +38,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
     ("length", None),
     ("act_embed", None),
-    ("layers", None),  # a stacked-layer axis (none today): replicated
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 
