@@ -46,7 +46,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from aepo_jax import data as data_lib
-from aepo_jax.compilation_cache import setup_compilation_cache
+from aepo_jax.compilation_cache import COMPILES, setup_compilation_cache
 from aepo_jax.config import ConfigError, build_config, help_text, to_dict
 from aepo_jax.entropy_control import EntropyController
 from aepo_jax.methods import method_spec
@@ -64,7 +64,7 @@ from aepo_jax.trainer.checkpoint import (CheckpointError, CheckpointManager, Che
 from aepo_jax.trainer.config import (ALIASES, RunConfig, controller_config, loss_config, uses_on_policy_update,
                                     validate)
 from aepo_jax.trainer.learner import Learner, LearnerSpec
-from aepo_jax.trainer.metrics import CompileCounter, MetricsLogger, Timer
+from aepo_jax.trainer.metrics import MetricsLogger, Timer
 from aepo_jax.trainer.startup_clock import StartupClock
 
 log = logging.getLogger("aepo_jax.train")
@@ -219,7 +219,7 @@ class Trainer:
         self.start_step = 0
         self.client = None
         self.loop = asyncio.new_event_loop()
-        self.compiles = CompileCounter()
+        COMPILES.install()  # counts this process's compilations (perf/compiles); idempotent
         self.weights_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
         self.pending_sync = None      # (version, future of (path, write seconds)) while weights are written
         self.weight_version = None    # the version the servers hold (checked on every sample)
@@ -261,7 +261,6 @@ class Trainer:
             self.reward_pool.close()
             self.reward_pool = None
         self.weights_writer.shutdown(wait=True)
-        self.compiles.close()
         self.loop.close()
 
     # ------------------------------------------------------------------ the step
@@ -269,7 +268,7 @@ class Trainer:
         """One RL step; returns its metrics. Every process runs it: process 0 talks to the
         servers and the reward pool, the learner's computations are collective."""
         cfg, seed = self.cfg, self.cfg.train.seed
-        t0, compiles = time.perf_counter(), self.compiles.count
+        t0, compiles = time.perf_counter(), COMPILES.compiles
         m: dict = {}
         examples = next(self.pipeline)
         with Timer("sync", m):
@@ -288,7 +287,7 @@ class Trainer:
         m["timing_s/step"] = time.perf_counter() - t0
         m["perf/tokens_per_s"] = tokens / max(m["timing_s/step"], 1e-9)
         m["perf/train_tokens"] = tokens
-        m["perf/compiles"] = float(self.compiles.count - compiles)  # this process's: 0 after step 1
+        m["perf/compiles"] = float(COMPILES.compiles - compiles)  # this process's: 0 after step 1
         return m
 
     # ------------------------------------------------------------------ stages

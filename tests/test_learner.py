@@ -139,22 +139,19 @@ def test_on_policy_reuse_equals_recomputed_old_logprobs(method):
 def test_updates_after_the_first_compile_nothing(mesh, micro, reuse):
     """The optimiser state starts where the update keeps it, so the second update hits the jit
     cache (it used to compile again at step 2); new batch values never recompile."""
-    from aepo_jax.trainer.metrics import CompileCounter
+    from aepo_jax.compilation_cache import COMPILES
 
     learner = _learner(mesh, micro, "aepo", reuse_old_logp=reuse)
-    counter = CompileCounter()
-    try:
-        for seed in range(3):
-            b = _batch(seed)
-            before = counter.count
-            if not reuse:
-                lp, ent = learner.logprobs(b, rows_per_call=8)
-                b = dataclasses.replace(b, old_logp=lp, entropy=ent)
-            m = learner.update(b, seed)
-            assert m["optim/lr"] == pytest.approx(1e-2)  # constant schedule, computed inside the update
-            if seed == 0:
-                assert counter.count > before  # the counter sees compilations
-            else:
-                assert counter.count == before, f"update {seed + 1} compiled {counter.count - before} time(s)"
-    finally:
-        counter.close()
+    COMPILES.install()
+    for seed in range(3):
+        b = _batch(seed)
+        before = COMPILES.compiles
+        if not reuse:
+            lp, ent = learner.logprobs(b, rows_per_call=8)
+            b = dataclasses.replace(b, old_logp=lp, entropy=ent)
+        m = learner.update(b, seed)
+        assert m["optim/lr"] == pytest.approx(1e-2)  # constant schedule, computed inside the update
+        if seed == 0:
+            assert COMPILES.compiles > before  # the counter sees compilations
+        else:
+            assert COMPILES.compiles == before, f"update {seed + 1} compiled {COMPILES.compiles - before} time(s)"

@@ -16,8 +16,6 @@ resume_step=None, total_steps=None, console_keys=CONSOLE_KEYS)``
     arrays), bools, strings, None. NaN/inf become ``null`` in JSON and are named in a
     ``RuntimeWarning``. Steps must increase (a repeated or earlier step raises ValueError).
 ``logger.close()`` (or use it as a context manager).
-``CompileCounter()``: ``.count`` = XLA compilations in this process so far (jax.monitoring's
-    backend-compile event); the trainer logs each step's as ``perf/compiles`` (0 after step 1).
 ``Timer(stage, into=None)``: ``with Timer("rollout", metrics): ...`` adds the elapsed seconds to
     ``metrics["timing_s/rollout"]`` (accumulating if the stage runs several times in a step);
     ``.seconds`` holds the last duration. jax dispatch is asynchronous: call
@@ -35,7 +33,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
@@ -302,20 +299,3 @@ class Timer:
         self.seconds = time.perf_counter() - self._t0
         if self.into is not None:
             self.into[self.key] = self.into.get(self.key, 0.0) + self.seconds
-
-
-class CompileCounter:
-    """Counts XLA compilations in this process (listener on jax.monitoring's compile event)."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self) -> None:
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration_s: float, **kwargs: Any) -> None:  # noqa: ARG002
-        if event == self.EVENT:
-            self.count += 1
-
-    def close(self) -> None:
-        jax.monitoring.unregister_event_duration_listener(self._on_event)
