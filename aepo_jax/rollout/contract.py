@@ -116,6 +116,11 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def is_num(v: Any) -> bool:
+    """A JSON number (bool is an int in Python, never a number here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def type_error(path: str, v: Any, expected: str) -> RequestError:
     return contract_error(path, f"invalid type: {_unexpected(v)}, expected {expected}")
 
@@ -129,7 +134,7 @@ def _int(path: str, v: Any) -> int:
 
 
 def _float(path: str, v: Any) -> float:
-    if not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+    if not is_num(v):
         raise type_error(path, v, "f64")
     return float(v)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from aepo_jax.rollout.contract import INT64_MAX, INT64_MIN, RequestError
-from aepo_jax.rollout.contract import is_int
+from aepo_jax.rollout.contract import is_int, is_num
 from aepo_jax.rollout.protocol import MAX_STOP_COUNT
 
 log = logging.getLogger("aepo_jax.rollout.server")
@@ -42,16 +42,12 @@ def _bad(param: str, msg: str) -> OpenAIError:
     return OpenAIError(f"{param}: {msg}", param)
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _opt(body: dict, name: str, kind: str, default=None):
     """body[name] checked against ``kind`` (None/absent -> default)."""
     v = body.get(name)
     if v is None:
         return default
-    ok = {"int": is_int, "number": _is_num, "bool": lambda x: isinstance(x, bool),
+    ok = {"int": is_int, "number": is_num, "bool": lambda x: isinstance(x, bool),
           "str": lambda x: isinstance(x, str), "dict": lambda x: isinstance(x, dict),
           "int_list": lambda x: isinstance(x, list) and all(is_int(e) for e in x),
           "str_or_list": lambda x: isinstance(x, str) or (isinstance(x, list) and all(isinstance(e, str) for e in x)),
@@ -286,10 +282,10 @@ def read_generation_defaults(model_dir: str) -> dict:
     with open(path) as f:
         cfg = json.load(f)
     rp = cfg.get("repetition_penalty")
-    if _is_num(rp) and rp != 1.0:
+    if is_num(rp) and rp != 1.0:
         log.warning("%s: repetition_penalty=%s is not applied to chat requests (the embedded server has no "
                     "penalties); temperature, top_p, top_k and min_p defaults are", path, rp)
-    return {k: cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if _is_num(cfg.get(k))}
+    return {k: cfg[k] for k in ("temperature", "top_p", "top_k", "min_p") if is_num(cfg.get(k))}
 
 
 def translate_chat(body: Any, tokenizer, context_len: int, defaults: dict) -> Translated:
