@@ -287,13 +287,7 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
     _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
     _one_of("algorithm.controller.band_mode", c.band_mode, ("hold", "idle"))
     _one_of("algorithm.controller.budget_mode", c.budget_mode, ("fixed", "proportional"))
-    if not c.proportional_width > 0:
-        raise ConfigError(f"config key 'algorithm.controller.proportional_width' must be > 0, got {c.proportional_width}")
     _one_of("algorithm.reg_norm", a.reg_norm, ("main", "reg", "joint"))
-    if not c.dead_band >= 0:
-        raise ConfigError(f"config key 'algorithm.controller.dead_band' must be >= 0, got {c.dead_band}")
-    if not a.log_ratio_clamp > 0:
-        raise ConfigError(f"config key 'algorithm.log_ratio_clamp' must be > 0, got {a.log_ratio_clamp}")
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
     _one_of("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
     _one_of("data.template", cfg.data.template, ("auto", "chat", "plain"))
@@ -326,6 +320,8 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
         ("algorithm.controller.budget_up", c.budget_up, 0, None, False, False),
         ("algorithm.controller.budget_down", c.budget_down, 0, None, False, False),
         ("algorithm.controller.dead_band", c.dead_band, 0.0, None, False, False),
+        ("algorithm.controller.proportional_width", c.proportional_width, 0.0, None, True, False),
+        ("algorithm.log_ratio_clamp", a.log_ratio_clamp, 0.0, None, True, False),
         ("optim.lr", o.lr, 0.0, None, True, False),
         ("optim.warmup_steps", o.warmup_steps, 0, None, False, False),
         ("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0, False, False),
