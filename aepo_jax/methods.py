@@ -7,7 +7,8 @@ builder (``aepo_jax/trainer/batch.py``), the config validation and ``--help``
 (``aepo_jax/trainer/config.py``) all read this table; none of them tests a method's name.
 
 Adding a method = one entry here + one loss function registered with
-``@register_loss("name", required=...)`` in ``aepo_jax/losses.py``.
+``@register_loss("name", required=...)`` in ``aepo_jax/losses/`` (``policy_gradient.py``, or a
+module of its own imported by ``aepo_jax/losses/__init__.py``).
 
 Every method samples ``rollout.n`` responses per prompt at ``rollout.temperature`` (1.0, the
 paper's) for the GRPO term: the *main* rollout. AEPO and the ablations also draw a second,
