@@ -10,7 +10,8 @@ See docs/models.md.
 
 from aepo_jax.models.config import ConfigError, ModelConfig
 from aepo_jax.models.decoder import Decoder, default_position_ids, init_model
-from aepo_jax.models.hf_io import CheckpointError, load_pretrained, read_config, save_pretrained
+from aepo_jax.models.hf_io import (CheckpointError, from_hf_tensors, hf_device_tensors, hf_tensor_specs,
+                                   load_pretrained, read_config, save_pretrained)
 
 __all__ = [
     "CheckpointError",
@@ -18,6 +19,9 @@ __all__ = [
     "Decoder",
     "ModelConfig",
     "default_position_ids",
+    "from_hf_tensors",
+    "hf_device_tensors",
+    "hf_tensor_specs",
     "init_model",
     "load_pretrained",
     "read_config",

@@ -259,6 +259,25 @@ def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
     return cfg
 
 
+def from_hf_tensors(cfg: ModelConfig, tensors: Any, dtype: Any = "float32", mesh: Any = None, *,
+                    compute_dtype: Any = None, remat: bool = False, what: str = "tensors") -> Decoder:
+    """A Decoder from HF-named tensors held in memory (``tensors[name]``: a numpy array in HF
+    layout), each parameter straight into its sharding; the weight sync's receiving side.
+    A missing tensor or a wrong shape is a CheckpointError naming it (``what`` says where from)."""
+    mesh = resolve_mesh(mesh)
+    model = abstract_model(cfg, dtype=as_dtype(dtype), compute_dtype=compute_dtype, remat=remat, mesh=mesh)
+    maps = {m.path: m for m in tensor_map(cfg)}
+    for m in maps.values():
+        for name, want in zip(m.hf_names, m.hf_shapes):
+            if name not in tensors:
+                raise CheckpointError(f"{name}: tensor missing from the {what}")
+            got = tuple(np.shape(tensors[name]))
+            if got != want:
+                raise CheckpointError(f"{name}: shape mismatch: the {what} have {list(got)}, the config implies {list(want)}")
+    materialize(model, mesh, lambda p, var, idx: _read_block(maps[p], cfg, tensors.__getitem__, idx))
+    return model
+
+
 def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any = None, *,
                     compute_dtype: Any = None, remat: bool = False) -> Decoder:
     """Load a local HF directory into a Decoder, each tensor straight into its sharding.
@@ -292,6 +311,22 @@ def _plan_shards(entries: list[tuple[str, tuple[int, ...]]], itemsize: int, max_
         shards[-1].append(j)
         size += n
     return shards
+
+
+def hf_tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, HF shape) of every tensor of a checkpoint of this config, in export order."""
+    return [(n, s) for m in tensor_map(cfg) for n, s in zip(m.hf_names, m.hf_shapes)]
+
+
+def hf_device_tensors(model: Decoder, dtype: Any) -> Iterator[tuple[str, jax.Array]]:
+    """(HF name, device array in HF layout and ``dtype``) for every tensor, in
+    :func:`hf_tensor_specs` order. The layout transforms run on the devices (each output keeps
+    the sharding XLA gives it); nothing is copied to the host. The weight sync reads this."""
+    dt = as_dtype(dtype)
+    cfg = model.cfg
+    for m in tensor_map(cfg):
+        outs = _to_hf_cached(m.kind, cfg, dt)(_get_path(model, m.path)[...])
+        yield from zip(m.hf_names, outs)
 
 
 def _host_stream(model: Decoder, maps: list[TensorMap], dtype: jnp.dtype) -> Iterator[np.ndarray]:

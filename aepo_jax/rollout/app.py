@@ -77,6 +77,11 @@ class RolloutServer:
         self._rng = random.Random(args.random_seed)
         self._model_cfg: dict = {}
         self.scheduler: BatchScheduler | None = None
+        # SGLang's distributed weight update (dist_recv): broadcasts are received on their own thread,
+        # never on the sampler's, so a batch in progress never delays the learner's broadcast
+        from aepo_jax.rollout.dist_recv import WeightReceiver
+
+        self.receiver = WeightReceiver()
 
     # ------------------------------------------------------------------ start-up
     def load(self) -> None:
@@ -119,6 +124,7 @@ class RolloutServer:
     async def cleanup(self, app: web.Application) -> None:
         for k in ("worker", "loader"):
             app[k].cancel()
+        self.receiver.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _require_ready(self) -> None:
@@ -296,6 +302,50 @@ class RolloutServer:
         finally:
             await sched.lock.release_write()
 
+    async def init_weights_update_group(self, request: web.Request) -> web.Response:
+        req = self.receiver.parse_init(parse_json(await request.read(), object_required=True))
+        self._require_ready()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.receiver.thread, self.receiver.join, req)
+        except Exception as e:
+            log.exception("init_weights_update_group failed")
+            raise RequestError(400, {"success": False, "message": f"Failed to init group: {type(e).__name__}: {e}."})
+        return _json({"success": True, "message": "Succeeded to initialize custom process group."})
+
+    async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
+        body = parse_json(await request.read(), object_required=True) or {}
+        name = body.get("group_name", "weight_update_group")
+        if not isinstance(name, str):
+            raise bad_request("must be a string", "group_name")
+        ok, msg = self.receiver.destroy(name)
+        return _json({"success": ok, "message": msg}, status=200 if ok else 400)
+
+    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        """Receive one broadcast (a flattened bucket, or tensor by tensor) into the staged weights;
+        once every tensor of the model has arrived they are swapped in at once, between two batches,
+        under ``weight_version``. Generation is not paused here: the caller pauses around the sync."""
+        req = self.receiver.parse_update(parse_json(await request.read(), object_required=True))
+        if self.status != "ready":
+            raise RequestError(400, {"success": False, "message": f"server is {self.status}"})
+        sched, sampler = self.scheduler, self.sampler
+        if req.abort_all_requests:
+            sched.abort(lambda p: True)
+        loop = asyncio.get_running_loop()
+        try:
+            model = await loop.run_in_executor(self.receiver.thread, self.receiver.receive, req, sampler)
+            if model is not None:  # the last tensor arrived: swap, waiting for in-flight /generate calls
+                await sched.lock.acquire_write()
+                try:
+                    sampler.swap_model(model, req.weight_version, what="update_weights_from_distributed")
+                finally:
+                    await sched.lock.release_write()
+                log.info("weights updated from the distributed group (weight_version=%s)", sampler.weight_version)
+        except Exception as e:
+            log.exception("update_weights_from_distributed failed")
+            raise RequestError(400, {"success": False, "message": f"Failed to update weights: {e}."})
+        return _json({"success": True, "message": "Succeeded to update parameter online."})
+
     async def update_weight_version(self, request: web.Request) -> web.Response:
         body = parse_json(await request.read(), object_required=True) or {}
         v = body.get("new_version")
@@ -374,6 +424,9 @@ def make_app(server: RolloutServer) -> web.Application:
         r.add_get(path, h)
     r.add_post("/update_weights_from_disk", server.update_weights_from_disk)
     r.add_post("/update_weight_version", server.update_weight_version)
+    r.add_post("/init_weights_update_group", server.init_weights_update_group)
+    r.add_post("/update_weights_from_distributed", server.update_weights_from_distributed)
+    r.add_post("/destroy_weights_update_group", server.destroy_weights_update_group)
     r.add_get("/flush_cache", server.flush_cache)
     r.add_post("/flush_cache", server.flush_cache)
     r.add_post("/abort_request", server.abort_request)

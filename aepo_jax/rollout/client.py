@@ -212,6 +212,58 @@ class RolloutClient:
                                + "; ".join(f"{u}: HTTP {s}: {str(b)[:300]}" for u, (s, b) in bad.items()))
         return {u: r[1] for u, r in res.items()}
 
+    async def _post_control(self, path: str, body: dict, what: str, urls: Sequence[str] | None = None,
+                            timeout_s: float | None = None, need_success: bool = True) -> dict[str, Any]:
+        """POST ``body`` to every weight-update URL at once; RolloutError naming each server that
+        did not answer 200 (and, with ``need_success``, ``"success": true``)."""
+        res = await self._pool.post_each(list(urls or self.weight_update_urls), path, body, timeout_s)
+        bad = {u: r for u, r in res.items()
+               if r[0] != 200 or (need_success and not (isinstance(r[1], dict) and r[1].get("success")))}
+        if bad:
+            raise RolloutError(f"{what} failed on " + "; ".join(f"{u}: HTTP {s}: {str(b)[:300]}" for u, (s, b) in bad.items()))
+        return {u: r[1] for u, r in res.items()}
+
+    async def init_weights_update_group(self, url: str, *, master_address: str, master_port: int, rank_offset: int,
+                                        world_size: int, group_name: str = "weight_update_group",
+                                        backend: str = "nccl", timeout_s: float | None = None) -> dict[str, Any]:
+        """``POST /init_weights_update_group`` on one server: its ranks join the learner's process
+        group (they block until rank 0, the learner, joins too)."""
+        body = {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+                "world_size": int(world_size), "group_name": group_name, "backend": backend}
+        return (await self._post_control("/init_weights_update_group", body,
+                                         f"init_weights_update_group(rank_offset={rank_offset})", [url], timeout_s))[url]
+
+    async def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                              shapes: Sequence[Sequence[int]], *, weight_version: str | None = None,
+                                              group_name: str = "weight_update_group",
+                                              load_format: str | None = "flattened_bucket", flush_cache: bool = True,
+                                              abort_all_requests: bool = False,
+                                              timeout_s: float | None = None) -> dict[str, Any]:
+        """``POST /update_weights_from_distributed`` on every weight-update URL: each receives the
+        broadcast the caller sends on the group meanwhile (see ``dist_sync``)."""
+        body: dict[str, Any] = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(s) for s in shapes],
+                                "group_name": group_name, "flush_cache": flush_cache,
+                                "abort_all_requests": abort_all_requests, "load_format": load_format}
+        if weight_version is not None:
+            body["weight_version"] = str(weight_version)
+        return await self._post_control("/update_weights_from_distributed", body,
+                                        f"update_weights_from_distributed({len(body['names'])} tensors, "
+                                        f"version={weight_version!r})", timeout_s=timeout_s)
+
+    async def destroy_weights_update_group(self, group_name: str = "weight_update_group",
+                                           timeout_s: float | None = 60.0) -> dict[str, Any]:
+        return await self._post_control("/destroy_weights_update_group", {"group_name": group_name},
+                                        "destroy_weights_update_group", timeout_s=timeout_s)
+
+    async def pause_generation(self, mode: str = "abort", timeout_s: float | None = 60.0) -> dict[str, Any]:
+        """``POST /pause_generation`` on every weight-update URL (``abort`` | ``retract`` | ``in_place``)."""
+        return await self._post_control("/pause_generation", {"mode": mode}, f"pause_generation({mode!r})",
+                                        timeout_s=timeout_s, need_success=False)
+
+    async def continue_generation(self, timeout_s: float | None = 60.0) -> dict[str, Any]:
+        return await self._post_control("/continue_generation", {}, "continue_generation", timeout_s=timeout_s,
+                                        need_success=False)
+
     async def _get_info(self, url: str, path: str) -> dict:
         status, data, _ = await self._pool.request("GET", url, path, timeout_s=30.0)
         if status != 200 or not isinstance(data, dict):

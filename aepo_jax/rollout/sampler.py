@@ -242,6 +242,14 @@ class Sampler:
         Raises ValueError naming the first parameter whose shape or dtype differs or that holds a
         NaN or an infinity; the current weights stay in place on any failure."""
         model = load_pretrained(path, dtype=self.dtype, mesh=mesh if mesh is not None else self.mesh)
+        self.swap_model(model, weight_version, what=path)
+        self.model_path = path
+
+    def swap_model(self, model, weight_version: str | None = None, *, what: str = "new weights") -> None:
+        """Serve ``model``'s weights from the next ``generate`` call on (one atomic swap; a call
+        in progress finishes on the old ones). The same checks as :meth:`load_weights`, with
+        ``what`` naming the source in the error (the distributed weight sync passes its request)."""
+        path = what
         _, new_state = nnx.split(model)
         old_state = self._weights[0]
         old_leaves = jax.tree_util.tree_leaves_with_path(old_state)
@@ -257,7 +265,6 @@ class Sampler:
         _check_finite(new_state, path)
         version = self._weights[1] if weight_version is None else str(weight_version)
         self._weights = (new_state, version)
-        self.model_path = path
 
     # ---------------------------------------------------------------- generation
     def _fresh_seed(self) -> int:

@@ -1,0 +1,221 @@
+"""Learner parameters -> every inference server over SGLang's distributed update API (no disk).
+
+    sync = DistributedWeightSync(client, bucket_mb=512)     # backend: nccl on GPU, gloo on CPU
+    await sync.connect()                                    # once: the servers join our group
+    res = await sync.sync(model, "12", dtype="bfloat16")    # per step
+    await sync.close()
+
+Per sync:
+
+1. ``POST /pause_generation`` on every server (SGLang's RL recipe: pause -> update -> continue).
+2. The HF tensors (names and layout of ``hf_io.hf_device_tensors``, cast to ``dtype`` on the
+   devices) are grouped into buckets of at most ``bucket_mb``. For each bucket, one jitted function
+   bitcasts them to uint8 and concatenates them on one device; ``torch.from_dlpack`` wraps the
+   result without a copy (on a GPU it stays in GPU memory: no host round trip) and rank 0 of the
+   group broadcasts it while ``POST /update_weights_from_distributed {"load_format":
+   "flattened_bucket", ...}`` is in flight on every server. The next bucket is dispatched to the
+   devices before the current one is sent, so its preparation overlaps the transfer.
+3. ``GET /model_info`` on every server must report the new ``weight_version`` (as the disk path).
+4. ``POST /continue_generation``, also after a failure (a failed sync raises ``WeightSyncError``).
+
+Rank layout as SGLang expects it: the learner is rank 0; server ``k`` (``tp_size`` ranks, read from
+its ``/server_info``) gets ``rank_offset = 1 + sum of the earlier servers' tp_size``.
+The learner must be one process (``jax.process_count() == 1``); a multi-host learner uses the disk
+path (``rollout.sync=disk``, which writes per process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from aepo_jax.models import hf_device_tensors, hf_tensor_specs
+from aepo_jax.rollout.dist_group import BucketLayout, join_group, leave_group, plan_buckets, require_torch
+from aepo_jax.rollout.weight_sync import WeightSyncError
+
+
+@dataclasses.dataclass
+class DistSyncResult:
+    weight_version: str
+    bytes: int
+    buckets: int
+    pause_s: float
+    send_s: float  # preparing and broadcasting every bucket (overlapped)
+    verify_s: float
+    servers: list[str]
+
+    @property
+    def total_s(self) -> float:
+        return self.pause_s + self.send_s + self.verify_s
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / max(self.send_s, 1e-9) / 1e9
+
+
+def _local_address(urls: list[str]) -> str:
+    """The address servers reach this process at: loopback when every server is local, else the
+    address this host uses to reach the first server."""
+    from urllib.parse import urlparse
+
+    hosts = {urlparse(u).hostname for u in urls}
+    if hosts <= {"127.0.0.1", "localhost", "::1"}:
+        return "127.0.0.1"
+    host = next(h for h in hosts if h not in ("127.0.0.1", "localhost", "::1"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))  # no packet is sent: this only picks the outgoing interface
+        return s.getsockname()[0]
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+@jax.jit
+def _flatten(*arrays):
+    """uint8 concatenation of the arrays' bytes, in order (row-major, native byte order)."""
+    return jnp.concatenate([jax.lax.bitcast_convert_type(a, jnp.uint8).reshape(-1) if a.dtype.itemsize > 1
+                            else a.reshape(-1).astype(jnp.uint8) for a in arrays])
+
+
+class DistributedWeightSync:
+    def __init__(self, client, *, bucket_mb: float = 512.0, master_address: str | None = None,
+                 master_port: int = 0, group_name: str = "weight_update_group", backend: str = "auto",
+                 timeout_s: float = 600.0, pause_mode: str = "abort"):
+        self.torch = require_torch()
+        if not bucket_mb > 0:
+            raise ValueError(f"rollout.sync_bucket_mb must be > 0, got {bucket_mb!r}")
+        if backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"rollout.sync_backend must be auto, nccl or gloo, got {backend!r}")
+        self.client = client
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.master_address = master_address
+        self.master_port = int(master_port)
+        self.group_name = group_name
+        self.device = jax.devices()[0]
+        self.backend = ("nccl" if self.device.platform == "gpu" else "gloo") if backend == "auto" else backend
+        self.timeout_s = timeout_s
+        self.pause_mode = pause_mode
+        self.group = None
+        self.world_size = 0
+
+    # ------------------------------------------------------------------ group
+    async def connect(self) -> None:
+        """Every server joins our process group (POST /init_weights_update_group) while we join as
+        rank 0; returns when all have."""
+        if self.group is not None:
+            return
+        if jax.process_count() > 1:
+            raise WeightSyncError("rollout.sync=distributed needs a single-process learner (process 0 cannot address "
+                                  "the other processes' parameter shards); use rollout.sync=disk")
+        urls = self.client.weight_update_urls
+        infos = await asyncio.gather(*(self.client.server_info(u) for u in urls))
+        tp = [int(i.get("tp_size", 1) or 1) * int(i.get("pp_size", 1) or 1) for i in infos]
+        self.world_size = 1 + sum(tp)
+        addr = self.master_address or _local_address(urls)
+        port = self.master_port or _free_port(addr if addr != "0.0.0.0" else "")
+        offsets = [1 + sum(tp[:k]) for k in range(len(urls))]
+        inits = [asyncio.ensure_future(self.client.init_weights_update_group(
+            u, master_address=addr, master_port=port, rank_offset=o, world_size=self.world_size,
+            group_name=self.group_name, backend=self.backend, timeout_s=self.timeout_s)) for u, o in zip(urls, offsets)]
+        try:
+            self.group = await asyncio.to_thread(join_group, addr, port, 0, self.world_size, self.group_name,
+                                                 self.backend, self.timeout_s)
+            await asyncio.gather(*inits)
+        except BaseException as e:
+            for t in inits:
+                t.cancel()
+            await asyncio.gather(*inits, return_exceptions=True)
+            if self.group is not None:
+                leave_group(self.group)
+                self.group = None
+            if isinstance(e, Exception):
+                raise WeightSyncError(f"the servers {urls} could not join the weight-update group at "
+                                      f"{addr}:{port} ({self.backend}): {e}") from e
+            raise
+
+    async def close(self) -> None:
+        if self.group is None:
+            return
+        try:
+            await self.client.destroy_weights_update_group(self.group_name)
+        finally:
+            leave_group(self.group)
+            self.group = None
+
+    # ------------------------------------------------------------------ one sync
+    def _buckets(self, model, dtype: Any):
+        """(layout, device uint8 array) per bucket, each dispatched one bucket ahead of its use."""
+        dt = jnp.dtype(dtype)
+        specs = hf_tensor_specs(model.cfg)
+        plan = plan_buckets(specs, dt.itemsize, self.bucket_bytes)
+        tensors = hf_device_tensors(model, dt)  # lazily: one parameter's transform at a time
+        for idxs in plan:
+            names, arrays = [], []
+            for _ in idxs:
+                name, a = next(tensors)
+                names.append(name)
+                arrays.append(jax.device_put(a, self.device))  # device to device; a no-op on one device
+            layout = BucketLayout.of(names, [dt.name] * len(names), [specs[i][1] for i in idxs])
+            yield layout, _flatten(*arrays)
+
+    def _broadcast(self, flat) -> None:
+        torch = self.torch
+        t = torch.from_dlpack(flat)  # zero copy: the JAX buffer itself (on GPU: device memory)
+        torch.distributed.broadcast(t, src=0, group=self.group)
+        if t.is_cuda:
+            torch.cuda.synchronize(t.device)
+
+    async def sync(self, model, weight_version: str | int, *, dtype: Any = None, verify: bool = True) -> DistSyncResult:
+        """Make every server serve ``model``'s weights as ``weight_version`` (see the module doc)."""
+        await self.connect()
+        version = str(weight_version)
+        if dtype is None:
+            dtype = getattr(model, "param_dtype", "float32")
+        t0 = time.perf_counter()
+        await self.client.pause_generation(self.pause_mode)
+        t1 = time.perf_counter()
+        total = nb = 0
+        try:
+            buckets = self._buckets(model, dtype)
+            nxt = next(buckets)
+            while nxt is not None:
+                layout, flat = nxt
+                post = asyncio.ensure_future(self.client.update_weights_from_distributed(
+                    layout.names, layout.dtypes, layout.shapes, weight_version=version, group_name=self.group_name,
+                    load_format="flattened_bucket", timeout_s=self.timeout_s))
+                nxt = next(buckets, None)  # the next bucket's device work is queued before this one is sent
+                send = asyncio.ensure_future(asyncio.to_thread(self._broadcast, flat))
+                await asyncio.wait({send, post}, return_when=asyncio.FIRST_COMPLETED)
+                if post.done() and post.exception() is not None and not send.done():
+                    # A server refused the bucket before receiving it: the broadcast cannot complete
+                    # and the group is unusable (its pending operation times out in the background).
+                    self.group = None
+                    raise WeightSyncError(f"weight sync {version!r}, bucket {nb}: {post.exception()}") from post.exception()
+                res = await asyncio.gather(send, post, return_exceptions=True)
+                for r in res:
+                    if isinstance(r, BaseException):
+                        raise WeightSyncError(f"weight sync {version!r}, bucket {nb}: {r}") from r
+                total += layout.total_bytes
+                nb += 1
+            t2 = time.perf_counter()
+            servers: list[str] = []
+            if verify:
+                versions = await self.client.weight_versions()
+                wrong = {u: v for u, v in versions.items() if v != version}
+                if wrong:
+                    raise WeightSyncError(f"after update_weights_from_distributed these servers report another "
+                                          f"weight_version than {version!r}: {wrong}")
+                servers = sorted(versions)
+            t3 = time.perf_counter()
+        finally:
+            await self.client.continue_generation()
+        return DistSyncResult(version, total, nb, t1 - t0, t2 - t1, t3 - t2, servers)
