@@ -218,6 +218,7 @@ class Trainer:
         self.num_updates = 0
         self.start_step = 0
         self.client = None
+        self.dist_sync = None  # rollout.sync=distributed: the servers' weight-update group
         self.loop = asyncio.new_event_loop()
         COMPILES.install()  # counts this process's compilations (perf/compiles); idempotent
         self.weights_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
@@ -247,8 +248,20 @@ class Trainer:
                                     timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
                                     request_deadline_s=cfg.request_deadline_s, health_check_timeout_s=cfg.health_check_timeout_s)
         self.loop.run_until_complete(self.client.wait_healthy(deadline_s=cfg.startup_timeout_s))
+        if cfg.sync == "distributed":
+            from aepo_jax.rollout.dist_sync import DistributedWeightSync
+
+            self.dist_sync = DistributedWeightSync(
+                self.client, bucket_mb=cfg.sync_bucket_mb, master_address=cfg.sync_master_address or None,
+                master_port=cfg.sync_master_port, backend=cfg.sync_backend, timeout_s=cfg.request_timeout_s)
+            self.loop.run_until_complete(self.dist_sync.connect())
 
     def close(self) -> None:
+        if self.dist_sync is not None:
+            try:
+                self.loop.run_until_complete(self.dist_sync.close())
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
         if self.client is not None:
             try:
                 self.loop.run_until_complete(self.client.close())
@@ -412,6 +425,9 @@ class Trainer:
             model = nnx.merge(self.learner.graphdef, params)
         if not self.is_main:
             return
+        if self.dist_sync is not None:  # broadcast in _sync_finish: nothing to write meanwhile
+            self.pending_sync = (str(version), model)
+            return
         sync_dir, t0 = self.cfg.rollout.sync_dir or None, time.perf_counter()
 
         def write():
@@ -429,6 +445,10 @@ class Trainer:
             return
         version, written = self.pending_sync
         self.pending_sync = None
+        if self.dist_sync is not None:  # the parameters are donated only by the next update
+            self.loop.run_until_complete(self.dist_sync.sync(written, version, dtype=self.cfg.model.dtype, verify=False))
+            self.weight_version = version
+            return
         path, write_s = written.result()
         self.loop.run_until_complete(publish_weights(self.client, path, version, verify=False))
         self.weight_version = version

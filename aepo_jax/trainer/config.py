@@ -65,7 +65,16 @@ class RolloutSection:
     health_check_timeout_s: float = field(default=5.0, metadata=_help("a server whose /health misses this twice in a row while it holds requests fails over"))
     max_retries: int = 3
     startup_timeout_s: float = 300.0
+    sync: str = field(default="disk", metadata=_help(
+        "how updated weights reach the servers: disk (an HF checkpoint in sync_dir, /update_weights_from_disk) | "
+        "distributed (a torch.distributed broadcast of HF buckets, /update_weights_from_distributed; needs torch)"))
     sync_dir: str = field(default="", metadata=_help("where weights are written for the servers; empty = /dev/shm or tmp"))
+    sync_bucket_mb: float = field(default=512.0, metadata=_help("sync=distributed: MiB per broadcast bucket"))
+    sync_backend: str = field(default="auto", metadata=_help("sync=distributed: auto (nccl on GPU, gloo on CPU) | nccl | gloo"))
+    sync_master_address: str = field(default="", metadata=_help(
+        "sync=distributed: the address servers reach the learner at; empty = loopback for local servers, "
+        "else the interface that routes to them"))
+    sync_master_port: int = field(default=0, metadata=_help("sync=distributed: the group's TCP port; 0 = a free one"))
     server_args: str = field(default="", metadata=_help("extra args for the embedded server"))
 
 
@@ -283,6 +292,14 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
             raise ConfigError(f"config key 'train.mesh': {e}") from None
     _check_urls("rollout.urls", cfg.rollout.urls)
     _check_urls("rollout.weight_update_urls", cfg.rollout.weight_update_urls)
+    _one_of("rollout.sync", cfg.rollout.sync, ("disk", "distributed"))
+    _one_of("rollout.sync_backend", cfg.rollout.sync_backend, ("auto", "nccl", "gloo"))
+    if cfg.rollout.sync == "distributed":
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise ConfigError("config key 'rollout.sync': 'distributed' needs torch (the 'distributed' extra: "
+                              "pip install 'aepo-jax[distributed]'); use rollout.sync=disk without it")
     _one_of("model.compute_dtype", cfg.model.compute_dtype, ("", "float32", "bfloat16"))
     _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
     _one_of("algorithm.controller.band_mode", c.band_mode, ("hold", "idle"))
@@ -337,6 +354,8 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
         ("rollout.startup_timeout_s", r.startup_timeout_s, 0.0, None, True, False),
         ("rollout.request_deadline_s", r.request_deadline_s, 0.0, None, True, False),
         ("rollout.health_check_timeout_s", r.health_check_timeout_s, 0.0, None, True, False),
+        ("rollout.sync_bucket_mb", r.sync_bucket_mb, 0.0, None, True, False),
+        ("rollout.sync_master_port", r.sync_master_port, 0, 65535, False, False),
         ("train.mini_batch_prompts", t.mini_batch_prompts, 0, None, False, False),
         ("train.micro_batch_size", t.micro_batch_size, 0, None, False, False),
         ("train.num_processes", t.num_processes, 0, None, False, False),
