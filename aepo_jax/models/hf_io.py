@@ -259,23 +259,32 @@ def check_checkpoint(path: str | os.PathLike) -> ModelConfig:
     return cfg
 
 
+def _build_model(cfg: ModelConfig, get: Callable[[str], Any], dtype: Any, mesh: Any, compute_dtype: Any,
+                 remat: bool) -> Decoder:
+    """A Decoder whose parameters are read from HF tensors through ``get(name)`` (an array or a
+    lazily read safetensors slice), each device shard straight into its sharding. The one
+    import path, for checkpoints on disk and for tensors received in memory."""
+    mesh = resolve_mesh(mesh)
+    model = abstract_model(cfg, dtype=as_dtype(dtype), compute_dtype=compute_dtype, remat=remat, mesh=mesh)
+    maps = {m.path: m for m in tensor_map(cfg)}
+    missing = [p for p, _ in param_paths(model) if p not in maps]
+    assert not missing, f"no HF mapping for {missing}"  # the table covers every Param
+    materialize(model, mesh, lambda p, var, idx: _read_block(maps[p], cfg, get, idx))
+    return model
+
+
 def from_hf_tensors(cfg: ModelConfig, tensors: Any, dtype: Any = "float32", mesh: Any = None, *,
                     compute_dtype: Any = None, remat: bool = False, what: str = "tensors") -> Decoder:
     """A Decoder from HF-named tensors held in memory (``tensors[name]``: a numpy array in HF
     layout), each parameter straight into its sharding; the weight sync's receiving side.
     A missing tensor or a wrong shape is a CheckpointError naming it (``what`` says where from)."""
-    mesh = resolve_mesh(mesh)
-    model = abstract_model(cfg, dtype=as_dtype(dtype), compute_dtype=compute_dtype, remat=remat, mesh=mesh)
-    maps = {m.path: m for m in tensor_map(cfg)}
-    for m in maps.values():
-        for name, want in zip(m.hf_names, m.hf_shapes):
-            if name not in tensors:
-                raise CheckpointError(f"{name}: tensor missing from the {what}")
-            got = tuple(np.shape(tensors[name]))
-            if got != want:
-                raise CheckpointError(f"{name}: shape mismatch: the {what} have {list(got)}, the config implies {list(want)}")
-    materialize(model, mesh, lambda p, var, idx: _read_block(maps[p], cfg, tensors.__getitem__, idx))
-    return model
+    for name, want in hf_tensor_specs(cfg):
+        if name not in tensors:
+            raise CheckpointError(f"{name}: tensor missing from the {what}")
+        got = tuple(np.shape(tensors[name]))
+        if got != want:
+            raise CheckpointError(f"{name}: shape mismatch: the {what} have {list(got)}, the config implies {list(want)}")
+    return _build_model(cfg, tensors.__getitem__, dtype, mesh, compute_dtype, remat)
 
 
 def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any = None, *,
@@ -287,32 +296,13 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any =
     """
     cfg = read_config(path)
     files = checkpoint_files(path)
-    mesh = resolve_mesh(mesh)
-    model = abstract_model(cfg, dtype=as_dtype(dtype), compute_dtype=compute_dtype, remat=remat, mesh=mesh)
-    maps = {m.path: m for m in tensor_map(cfg)}
     with contextlib.ExitStack() as stack:
         get = _slice_reader(files, stack)
-        _check_tensors(path, maps.values(), files, get)  # every tensor before reading any: fails fast, by name
-        missing = [p for p, _ in param_paths(model) if p not in maps]
-        assert not missing, f"no HF mapping for {missing}"  # the table covers every Param
-        materialize(model, mesh, lambda p, var, idx: _read_block(maps[p], cfg, get, idx))
-    return model
+        _check_tensors(path, tensor_map(cfg), files, get)  # every tensor before reading any: fails fast, by name
+        return _build_model(cfg, get, dtype, mesh, compute_dtype, remat)
 
 
 # --------------------------------------------------------------------------- export
-def _plan_shards(entries: list[tuple[str, tuple[int, ...]]], itemsize: int, max_bytes: int) -> list[list[int]]:
-    shards: list[list[int]] = [[]]
-    size = 0
-    for j, (_, shape) in enumerate(entries):
-        n = int(np.prod(shape)) * itemsize
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(j)
-        size += n
-    return shards
-
-
 def hf_tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, HF shape) of every tensor of a checkpoint of this config, in export order."""
     return [(n, s) for m in tensor_map(cfg) for n, s in zip(m.hf_names, m.hf_shapes)]
@@ -321,7 +311,8 @@ def hf_tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
 def hf_device_tensors(model: Decoder, dtype: Any) -> Iterator[tuple[str, jax.Array]]:
     """(HF name, device array in HF layout and ``dtype``) for every tensor, in
     :func:`hf_tensor_specs` order. The layout transforms run on the devices (each output keeps
-    the sharding XLA gives it); nothing is copied to the host. The weight sync reads this."""
+    the sharding XLA gives it); nothing is copied to the host. Export and both weight syncs
+    read the model through this."""
     dt = as_dtype(dtype)
     cfg = model.cfg
     for m in tensor_map(cfg):
@@ -329,38 +320,62 @@ def hf_device_tensors(model: Decoder, dtype: Any) -> Iterator[tuple[str, jax.Arr
         yield from zip(m.hf_names, outs)
 
 
-def _host_stream(model: Decoder, maps: list[TensorMap], dtype: jnp.dtype) -> Iterator[np.ndarray]:
-    """HF tensors in order as host numpy arrays; the next parameter's transform and device->host
-    copy are in flight while the caller writes the current one (one parameter of lookahead)."""
-    cfg = model.cfg
-    pending: tuple[jax.Array, ...] | None = None
-    for m in maps:
-        outs = _to_hf_cached(m.kind, cfg, dtype)(_get_path(model, m.path)[...])
-        for o in outs:
-            o.copy_to_host_async()
-        if pending is not None:
-            for o in pending:
-                yield np.asarray(o)
-        pending = outs
-    if pending is not None:
-        for o in pending:
-            yield np.asarray(o)
-
-
-def _write_safetensors(fn: str, names: list[str], shapes: list[tuple[int, ...]], st_dtype: str, itemsize: int,
-                       arrays: Iterator[np.ndarray]) -> None:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    off = 0
-    for name, shape in zip(names, shapes):
+def plan_shard_files(specs: list[tuple[str, tuple[int, ...]]], itemsize: int,
+                     max_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[tuple[str, list[int]]]:
+    """(file name, indices into ``specs``) of each safetensors file of an export: consecutive
+    tensors, at most ``max_bytes`` a file (a larger tensor alone), named as transformers does."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for j, (_, shape) in enumerate(specs):
         n = int(np.prod(shape)) * itemsize
-        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(j)
+        size += n
+    k = len(shards)
+    return [("model.safetensors" if k == 1 else f"model-{i + 1:05d}-of-{k:05d}.safetensors", idxs)
+            for i, idxs in enumerate(shards)]
+
+
+def safetensors_header(names: list[str], shapes: list[tuple[int, ...]], dtype: Any) -> tuple[bytes, list[int]]:
+    """(the file's first bytes: length + JSON header padded to 8, each tensor's byte offset in
+    the file) of a safetensors file holding these tensors in this order."""
+    dt = as_dtype(dtype)
+    if dt.name not in _ST_DTYPES:
+        raise ValueError(f"dtype: {dtype!r} cannot be exported (use 'float32' or 'bfloat16')")
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off, starts = 0, []
+    for name, shape in zip(names, shapes):
+        n = int(np.prod(shape)) * dt.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dt.name], "shape": list(shape), "data_offsets": [off, off + n]}
+        starts.append(off)
         off += n
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
+    head = struct.pack("<Q", len(hb)) + hb
+    return head, [len(head) + o for o in starts]
+
+
+def _host_stream(model: Decoder, dtype: jnp.dtype) -> Iterator[np.ndarray]:
+    """HF tensors in order as host numpy arrays; the next tensor's transform and device->host
+    copy are in flight while the caller writes the current one (one tensor of lookahead)."""
+    pending: jax.Array | None = None
+    for _, a in hf_device_tensors(model, dtype):
+        a.copy_to_host_async()
+        if pending is not None:
+            yield np.asarray(pending)
+        pending = a
+    if pending is not None:
+        yield np.asarray(pending)
+
+
+def _write_safetensors(fn: str, names: list[str], shapes: list[tuple[int, ...]], dtype: Any,
+                       arrays: Iterator[np.ndarray]) -> None:
+    head, _ = safetensors_header(names, shapes, dtype)
     tmp = fn + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
+        f.write(head)
         for name, shape in zip(names, shapes):
             a = next(arrays)
             if tuple(a.shape) != tuple(shape):  # pragma: no cover - table/transform disagreement
@@ -386,30 +401,36 @@ def save_pretrained(model: Decoder, out_dir: str | os.PathLike, dtype: Any = "bf
         raise ValueError(f"dtype: {dtype!r} cannot be exported (use 'float32' or 'bfloat16')")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    maps = tensor_map(cfg)
-    names = [n for m in maps for n in m.hf_names]
-    shapes = [s for m in maps for s in m.hf_shapes]
-    itemsize = dt.itemsize
-    plan = _plan_shards(list(zip(names, shapes)), itemsize, max_shard_size)
-    stream = _host_stream(model, maps, dt)
+    specs = hf_tensor_specs(cfg)
+    plan = plan_shard_files(specs, dt.itemsize, max_shard_size)
+    stream = _host_stream(model, dt)
+    for fn, idxs in plan:
+        _write_safetensors(os.path.join(out_dir, fn), [specs[j][0] for j in idxs], [specs[j][1] for j in idxs],
+                           dt, stream)
+    return [fn for fn, _ in plan] + write_hf_metadata(cfg, out_dir, dt, plan, source_dir=source_dir,
+                                                      copy_tokenizer=copy_tokenizer)
+
+
+def write_hf_metadata(cfg: ModelConfig, out_dir: str, dtype: Any, plan: list[tuple[str, list[int]]], *,
+                      source_dir: str | os.PathLike | None = None, copy_tokenizer: bool = True) -> list[str]:
+    """Everything of an export but the tensors (written per ``plan``, :func:`plan_shard_files`):
+    the shard index when there are several files, config.json, generation_config.json, the
+    tokenizer files; weights of an earlier export into ``out_dir`` that ``plan`` does not name
+    are removed. Returns the files written."""
+    dt = as_dtype(dtype)
+    specs = hf_tensor_specs(cfg)
+    weights = [fn for fn, _ in plan]
     written = []
-    weight_map = {}
-    n_shards = len(plan)
-    for k, idxs in enumerate(plan):
-        fn = "model.safetensors" if n_shards == 1 else f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
-        _write_safetensors(os.path.join(out_dir, fn), [names[j] for j in idxs], [shapes[j] for j in idxs],
-                           _ST_DTYPES[dt.name], itemsize, stream)
-        weight_map.update({names[j]: fn for j in idxs})
-        written.append(fn)
     index_fn = os.path.join(out_dir, "model.safetensors.index.json")
-    if n_shards > 1:
-        total = sum(int(np.prod(s)) * itemsize for s in shapes)
+    if len(plan) > 1:
+        total = sum(int(np.prod(s)) * dt.itemsize for _, s in specs)
+        weight_map = {specs[j][0]: fn for fn, idxs in plan for j in idxs}
         _write_json(index_fn, {"metadata": {"total_size": total}, "weight_map": weight_map})
         written.append("model.safetensors.index.json")
     # Remove weights of an earlier export into the same directory that this one did not overwrite.
     for fn in os.listdir(out_dir):
-        stale = fn.startswith("model") and fn.endswith(".safetensors") and fn not in written
-        if stale or (n_shards == 1 and fn == "model.safetensors.index.json"):
+        stale = fn.startswith("model") and fn.endswith(".safetensors") and fn not in weights
+        if stale or (len(plan) == 1 and fn == "model.safetensors.index.json"):
             os.remove(os.path.join(out_dir, fn))
 
     _write_json(os.path.join(out_dir, "config.json"), cfg.to_hf_dict(dtype=dt.name))
