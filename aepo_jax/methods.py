@@ -20,6 +20,8 @@ paper's) for the GRPO term: the *main* rollout. AEPO and the ablations also draw
 | entropy_reg   | -                            | -                                                          | entropy_reg    |
 | entropy_adv   | -                            | -                                                          | entropy_adv    |
 | reinforce     | -                            | - (main rows: advantage = reward)                          | reinforce      |
+| clip_cov      | -                            | -                                                          | clip_cov       |
+| kl_cov        | -                            | -                                                          | kl_cov         |
 | aepo, paper   | controller's T               | positives (R > 0), up to the budget, appended, advantage R | aepo           |
 | aepo, mix     | controller's T               | positives (group advantage > 0.05) REPLACE the first k main rows, advantage 1 | grpo |
 | ablation_eq2  | T = 1 (Eq. 2)                | positives, up to the budget, appended, advantage R         | ablation_eq2   |
@@ -105,6 +107,10 @@ _TABLE = (
     MethodSpec("ablation_eq3", "temperature samples with their GRPO advantages, negatives kept (Table 3, Eq. 3)",
                loss="ablation_eq3", reg_rollout="controller", reg_rows="informative"),
     MethodSpec("reinforce", "plain REINFORCE: advantage = reward, no clipping", loss="reinforce", advantage="reward"),
+    MethodSpec("clip_cov", "Clip-Cov (Cui et al. 2025, verl): clipped GRPO surrogate with a random share of "
+               "high-covariance tokens detached", loss="clip_cov"),
+    MethodSpec("kl_cov", "KL-Cov (Cui et al. 2025, verl): unclipped surrogate + |log ratio| penalty on the "
+               "highest-covariance tokens", loss="kl_cov"),
 )
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in _TABLE}

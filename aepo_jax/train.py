@@ -211,7 +211,7 @@ class Trainer:
         learner_spec = LearnerSpec(loss_name=self.spec.loss, loss=loss_cfg, prompt_len=self.prompt_len,
                                    response_len=self.response_len, logprob_chunk=cfg.model.logprob_chunk,
                                    micro_batches=micro, entropy_grad=self.spec.entropy_grad,
-                                   reuse_old_logp=self.reuse_old_logp)
+                                   reuse_old_logp=self.reuse_old_logp, seed=cfg.train.seed)
         total_updates = cfg.train.steps * cfg.train.epochs * self.num_minibatches
         self.learner = Learner(model, learner_spec, cfg.optim, total_updates, self.mesh)
         self.logprob_rows = mbs or main_rows

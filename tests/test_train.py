@@ -22,7 +22,8 @@ import pytest
 from aepo_jax.methods import method_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["aepo", "grpo", "entropy_reg", "entropy_adv", "ablation_eq2", "ablation_eq3", "reinforce"]
+METHODS = ["aepo", "grpo", "entropy_reg", "entropy_adv", "ablation_eq2", "ablation_eq3", "reinforce", "clip_cov",
+           "kl_cov"]
 METHOD_SPECS = {m: method_spec(m) for m in METHODS}
 NONDETERMINISTIC = ("timing_s/", "perf/tokens_per_s", "perf/compiles")  # compiles: the process's, not the run's
 
@@ -76,7 +77,9 @@ def _check_method_semantics(method: str, ms: list[dict]) -> None:
     term is -mean(advantage) over sequences: 0 for GRPO advantages (each group sums to 0)."""
     for m in ms:
         pg, reg, ent = m["loss/pg"], m["loss/reg"], m["loss/entropy"]
-        assert m["loss/total"] == pytest.approx(pg + reg + ent, abs=1e-6), method
+        kl = m.get("loss/kl", 0.0)
+        assert ("loss/kl" in m) == (method == "kl_cov"), method
+        assert m["loss/total"] == pytest.approx(pg + reg + ent + kl, abs=1e-6), method
         assert m["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-5), method
         assert (ent < 0) == (method == "entropy_reg"), (method, ent)  # -lambda * H only for Entropy-Reg
         if method in ("grpo", "entropy_reg", "aepo", "ablation_eq2", "ablation_eq3"):
@@ -85,6 +88,20 @@ def _check_method_semantics(method: str, ms: list[dict]) -> None:
             assert pg < -1e-4, pg  # A + min(beta H, |A| / kappa): the shaping only adds
         elif method == "reinforce":
             assert pg == pytest.approx(-m["rollout/reward_mean"], abs=1e-5)  # advantage = reward
+        elif method == "kl_cov":
+            # on-policy |log ratio| = 0: the penalty is 0 and the surrogate is -mean(A) = 0; verl's
+            # share 0.0002 of a few hundred tokens selects exactly one
+            assert pg == pytest.approx(0.0, abs=1e-5) and kl == 0.0
+            assert m["cov/selected_token_frac"] * m["count/tokens"] == pytest.approx(1.0)
+        elif method == "clip_cov":
+            # ratio 1: the PPO clip cuts nothing; one token of the covariance band (1, 5), if any, is
+            # detached, so the surrogate is -mean(A) without it
+            band = m["cov/band_token_frac"] * m["count/tokens"]
+            assert m["cov/selected_token_frac"] * m["count/tokens"] == pytest.approx(min(1.0, band))
+            if band == 0:
+                assert pg == pytest.approx(0.0, abs=1e-5)
+        if method not in ("clip_cov", "kl_cov"):
+            assert "cov/selected_token_frac" not in m, method
         used = m.get("aepo/positives_used", 0.0)
         assert m["aepo/num_reg_samples"] == used
         if method in ("aepo", "ablation_eq2"):

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aepo_jax.config import ConfigError, build_config, flat_keys, help_text
 from aepo_jax.trainer.config import ALIASES, METHODS, RunConfig, validate
@@ -71,10 +72,17 @@ def test_every_loss_and_controller_option_is_reachable(tmp_path):
         "algorithm.controller.dead_band": "0.02", "algorithm.controller.band_mode": "idle",
         "algorithm.controller.initial_entropy": "0.4", "algorithm.controller.target_relative": "true",
         "algorithm.controller.budget_mode": "proportional", "algorithm.controller.proportional_width": "0.2",
+        "algorithm.clip_cov.ratio": "0.001", "algorithm.clip_cov.lb": "0.5", "algorithm.clip_cov.ub": "4.0",
+        "algorithm.kl_cov.ratio": "0.002", "algorithm.kl_cov.coef": "0.5",
     }
-    yaml_text = "algorithm:\n" + "".join(
-        f"  {k.split('.', 1)[1]}: '{v}'\n" for k, v in overrides.items() if k.count(".") == 1) + "  controller:\n" + "".join(
-        f"    {k.rsplit('.', 1)[1]}: '{v}'\n" for k, v in overrides.items() if k.count(".") == 2)
+    tree: dict = {}
+    for k, v in overrides.items():
+        *sections, leaf = k.split(".")
+        node = tree
+        for sec in sections:
+            node = node.setdefault(sec, {})
+        node[leaf] = v
+    yaml_text = yaml.safe_dump(tree)
     (tmp_path / "run.yaml").write_text(yaml_text)
     from_cli = build_config(RunConfig, [f"--{k}={v}" for k, v in overrides.items()], aliases=ALIASES)
     from_yaml = build_config(RunConfig, ["--config", str(tmp_path / "run.yaml")], aliases=ALIASES)

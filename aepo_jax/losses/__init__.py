@@ -1,4 +1,5 @@
-"""Policy losses by name: GRPO, AEPO, Entropy-Reg, Entropy-Adv, the paper's ablations, REINFORCE.
+"""Policy losses by name: GRPO, AEPO, Entropy-Reg, Entropy-Adv, the paper's ablations, REINFORCE,
+Clip-Cov and KL-Cov (:mod:`aepo_jax.losses.cov`).
 
 Contract::
 
@@ -40,8 +41,8 @@ With global denominators every metric is additive over micro-batches except thos
 ``_min`` / ``_max`` (combined by min / max) and the derived shares recomputed by the merge.
 """
 
-from aepo_jax.losses import policy_gradient  # noqa: F401  (registers the losses)
-from aepo_jax.losses.core import AGG_MODES, LOSSES, REG_NORMS, LossConfig, loss_denominators, register_loss
+from aepo_jax.losses import cov, policy_gradient  # noqa: F401  (register the losses)
+from aepo_jax.losses.core import AGG_MODES, LOSSES, NEEDS_RNG, REG_NORMS, LossConfig, loss_denominators, register_loss
 from aepo_jax.losses.metrics import merge_microbatch_metrics
 from aepo_jax.losses.objective import policy_loss
 
@@ -49,6 +50,7 @@ __all__ = [
     "AGG_MODES",
     "REG_NORMS",
     "LOSSES",
+    "NEEDS_RNG",
     "LossConfig",
     "loss_denominators",
     "merge_microbatch_metrics",

@@ -37,6 +37,9 @@ class LossConfig:
       ``joint``: one pool, (GRPO + alpha * REINFORCE numerators) / (all samples' denominator),
         which with alpha = 1 and only positives in the batch is the authors' "mix" batch.
     log_ratio_clamp: |log pi - log pi_old| is clamped to this before exp (numerical guard).
+    clip_cov_ratio, clip_cov_lb, clip_cov_ub: ``clip_cov``'s share of detached tokens and its
+      covariance band (verl: 0.0002, 1, 5); kl_cov_ratio, kl_cov_coef: ``kl_cov``'s share of
+      penalised tokens and the penalty's weight (verl: 0.0002, 1). See :mod:`aepo_jax.losses.cov`.
     """
 
     clip_low: float = 0.2
@@ -49,6 +52,11 @@ class LossConfig:
     agg: str = "seq-mean-token-mean"
     reg_norm: str = "main"
     log_ratio_clamp: float = 20.0
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002
+    kl_cov_coef: float = 1.0
 
     def __post_init__(self):
         if self.agg not in AGG_MODES:
@@ -65,6 +73,13 @@ class LossConfig:
             raise ValueError(f"LossConfig.adv_kappa: expected > 0, got {self.adv_kappa}")
         if not self.log_ratio_clamp > 0:
             raise ValueError(f"LossConfig.log_ratio_clamp: expected > 0, got {self.log_ratio_clamp}")
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"LossConfig.{name}: expected 0 < {name} <= 1, got {getattr(self, name)}")
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ValueError(f"LossConfig.clip_cov_lb ({self.clip_cov_lb}) must be < clip_cov_ub ({self.clip_cov_ub})")
+        if not self.kl_cov_coef >= 0:
+            raise ValueError(f"LossConfig.kl_cov_coef: expected >= 0, got {self.kl_cov_coef}")
 
 
 
@@ -184,21 +199,26 @@ def clipped_surrogate(ratio, adv, cfg):
 
 # ----------------------------------------------------------------------------------------------
 # Registry. A loss function maps (prepared batch, cfg, aggregator) to a dict of scalar terms whose
-# sum is the loss, plus the per-token advantage actually fed to the clipped surrogate (for metrics).
+# sum is the loss, plus the per-token advantage actually fed to the clipped surrogate (for metrics),
+# and optionally a dict of the loss's own metrics (additive over micro-batches, like the others).
 
 LossFn = Callable[[dict, LossConfig, Agg], tuple[dict[str, jax.Array], jax.Array]]
 LOSSES: dict[str, LossFn] = {}
 REQUIRED: dict[str, tuple[str, ...]] = {}
+NEEDS_RNG: set[str] = set()
 
 
-def register_loss(name: str, required: Sequence[str] = ("advantages",)):
-    """Decorator: register a loss under ``name`` with the batch fields it needs."""
+def register_loss(name: str, required: Sequence[str] = ("advantages",), needs_rng: bool = False):
+    """Decorator: register a loss under ``name`` with the batch fields it needs; ``needs_rng``: it
+    draws random numbers from ``batch["rng"]`` (``policy_loss(..., rng=key)``)."""
 
     def deco(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
         LOSSES[name] = fn
         REQUIRED[name] = tuple(required)
+        if needs_rng:
+            NEEDS_RNG.add(name)
         return fn
 
     return deco

@@ -29,6 +29,8 @@ def loss_metrics(b, cfg, agg, dens, terms, adv, g_logp):
     m: dict[str, jax.Array] = {}
     for k in ("pg", "reg", "entropy"):
         m[f"loss/{k}"] = sg(terms[k]) if k in terms else jnp.float32(0.0)
+    if "kl" in terms:  # kl_cov's penalty
+        m["loss/kl"] = sg(terms["kl"])
     m["actor/pg_clipfrac_upper"] = tok_frac((adv > 0) & (ratio > 1.0 + cfg.clip_high))
     m["actor/pg_clipfrac_lower"] = tok_frac((adv < 0) & (ratio < 1.0 - cfg.clip_low))
     if cfg.clip_dual is not None:

@@ -103,6 +103,23 @@ class ControllerSection:
 
 
 @dataclass
+class ClipCovSection:
+    """Clip-Cov (``--method=clip_cov``); defaults are verl's."""
+
+    ratio: float = field(default=0.0002, metadata=_help("share of the tokens detached (at least one)"))
+    lb: float = field(default=1.0, metadata=_help("lower end of the covariance band tokens are drawn from"))
+    ub: float = field(default=5.0, metadata=_help("upper end of the covariance band"))
+
+
+@dataclass
+class KlCovSection:
+    """KL-Cov (``--method=kl_cov``); defaults are verl's."""
+
+    ratio: float = field(default=0.0002, metadata=_help("share of the tokens, highest covariance first, penalised (at least one)"))
+    coef: float = field(default=1.0, metadata=_help("weight of the |log pi - log pi_old| penalty (verl's ppo_kl_coef)"))
+
+
+@dataclass
 class AlgorithmSection:
     """Method, AEPO reading, loss settings."""
 
@@ -125,6 +142,8 @@ class AlgorithmSection:
         "denominator of the REINFORCE term: main (the GRPO samples') | reg (the kept positives') | joint (all rows)"))
     log_ratio_clamp: float = field(default=20.0, metadata=_help("|log pi - log pi_old| is clamped to this before exp"))
     controller: ControllerSection = field(default_factory=ControllerSection)
+    clip_cov: ClipCovSection = field(default_factory=ClipCovSection)
+    kl_cov: KlCovSection = field(default_factory=KlCovSection)
 
 
 @dataclass
@@ -339,6 +358,10 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
         ("algorithm.controller.dead_band", c.dead_band, 0.0, None, False, False),
         ("algorithm.controller.proportional_width", c.proportional_width, 0.0, None, True, False),
         ("algorithm.log_ratio_clamp", a.log_ratio_clamp, 0.0, None, True, False),
+        ("algorithm.clip_cov.ratio", a.clip_cov.ratio, 0.0, 1.0, True, False),
+        ("algorithm.clip_cov.ub", a.clip_cov.ub, a.clip_cov.lb, None, True, False),
+        ("algorithm.kl_cov.ratio", a.kl_cov.ratio, 0.0, 1.0, True, False),
+        ("algorithm.kl_cov.coef", a.kl_cov.coef, 0.0, None, False, False),
         ("optim.lr", o.lr, 0.0, None, True, False),
         ("optim.warmup_steps", o.warmup_steps, 0, None, False, False),
         ("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0, False, False),
@@ -399,7 +422,9 @@ def loss_config(cfg: RunConfig):
     a = cfg.algorithm
     return LossConfig(clip_low=a.clip_low, clip_high=a.clip_high, clip_dual=a.clip_dual or None, alpha=a.alpha,
                       entropy_coef=a.entropy_coef, adv_beta=a.adv_beta, adv_kappa=a.adv_kappa, agg=a.agg,
-                      reg_norm=a.reg_norm, log_ratio_clamp=a.log_ratio_clamp)
+                      reg_norm=a.reg_norm, log_ratio_clamp=a.log_ratio_clamp,
+                      clip_cov_ratio=a.clip_cov.ratio, clip_cov_lb=a.clip_cov.lb, clip_cov_ub=a.clip_cov.ub,
+                      kl_cov_ratio=a.kl_cov.ratio, kl_cov_coef=a.kl_cov.coef)
 
 
 def controller_config(cfg: RunConfig):

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from aepo_jax.logprobs import chunked_logprobs_entropy
-from aepo_jax.losses import LossConfig, loss_denominators, merge_microbatch_metrics, policy_loss
+from aepo_jax.losses import NEEDS_RNG, LossConfig, loss_denominators, merge_microbatch_metrics, policy_loss
 from aepo_jax.trainer.batch import Batch
 
 
@@ -53,6 +53,7 @@ class LearnerSpec:
     micro_batches: int = 1
     entropy_grad: bool = False
     reuse_old_logp: bool = False
+    seed: int = 0  # of the loss's random draws (Clip-Cov): key = (seed, update index, micro-batch)
 
 
 def make_optimizer(optim, total_updates: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -186,7 +187,7 @@ class Learner:
         spec = self.spec
         dens = loss_denominators({"mask": mb.mask.reshape(-1, spec.response_len), "is_reg": mb.is_reg.reshape(-1)})
 
-        def micro_loss(p, micro: Batch):
+        def micro_loss(p, micro: Batch, rng):
             model = nnx.merge(self.graphdef, p)
             # batch_groups = data-axis size: the LM-head gradient is summed over devices once after
             # the chunk loop instead of once per chunk (see aepo_jax/logprobs.py).
@@ -196,17 +197,23 @@ class Learner:
             loss, metrics = policy_loss(spec.loss_name, {
                 "logp": logp, "old_logp": old, "mask": micro.mask, "advantages": micro.advantages,
                 "rewards": micro.rewards, "is_reg": micro.is_reg, "entropy": ent,
-            }, spec.loss, denominators=dens)
+            }, spec.loss, denominators=dens, rng=rng)
             return loss, (metrics, _policy_entropy_sums(micro, logp, ent))
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-        def body(gsum, micro):
-            (_, aux), g = grad_fn(params, micro)
+        def body(gsum, xs):
+            micro, rng = xs
+            (_, aux), g = grad_fn(params, micro, rng)
             return jax.tree.map(jnp.add, gsum, g), aux
 
+        # Losses that draw random tokens get one key per micro-batch, a function of the seed and
+        # the update index only (so a resumed run draws the same); the others get none.
+        rngs = None
+        if spec.loss_name in NEEDS_RNG:
+            rngs = jax.random.split(jax.random.fold_in(jax.random.key(spec.seed), update_index), spec.micro_batches)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (stacked, ent_sums) = jax.lax.scan(body, zeros, mb)
+        grads, (stacked, ent_sums) = jax.lax.scan(body, zeros, (mb, rngs))
         metrics = merge_microbatch_metrics(stacked)
         ent_sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), ent_sums)
         rows = jnp.maximum(ent_sums["rows"], 1.0)
