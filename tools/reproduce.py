@@ -1,0 +1,681 @@
+#!/usr/bin/env python
+"""The reproduction study: run the paper's grid on the built-in task and write a report.
+
+    python tools/reproduce.py [--quick] --out docs/results [--work runs/reproduce] [--workers 2]
+    python tools/reproduce.py --plan          # print the grid and its estimated time, run nothing
+    python tools/reproduce.py --report-only --out docs/results   # redraw from docs/results/runs.json
+
+Every number and figure of ``OUT/README.md`` comes from runs this tool made: it builds the base
+models (``tools/make_toy_base.py``), trains each run as a subprocess (``python -m aepo_jax.train``),
+evaluates the final policy of each run and each base model on the toy task's held-out test split
+(``python -m aepo_jax.eval``: avg@n and the unbiased pass@k up to k = n = 256 at T = 1), then
+writes ``OUT/runs.json`` (every run's spec, per-step entropy / target / reward / temperature,
+evaluation, wall time), the PNG figures and the README. The Appendix B checks
+(``tools/appendix_b.py``) run in this process on the project's own loss, entropy head and
+controller.
+
+The grid (``build_grid``): AEPO at five targets relative to the base model's entropy H0 (0.5, 0.75,
+1, 1.5 and 2 x H0) under both readings (``paper``, ``mix``); GRPO, Entropy-Reg at two
+coefficients, Entropy-Adv and the ablations Eq. (2) / Eq. (3) (at 1.5 x H0); AEPO at 0.5 and 1.5 x
+H0 and GRPO on a weaker and a stronger base model. The full grid repeats the held-target and
+baseline runs for three seeds (the seed of the run and of its base model); ``--quick`` runs one.
+
+Resume: the work directory keeps every run. A run is finished when its ``result.json`` exists
+and records the same spec (method, options, steps, evaluation settings): it is skipped. A run
+whose training stopped part-way restarts from its latest checkpoint (the trainer resumes by
+default; checkpoints every ``--checkpoint-every`` steps); one with no checkpoint yet starts from
+scratch; one whose training finished but whose evaluation did not goes straight to the
+evaluation. The plan printed first says which of these applies to each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(ROOT), str(ROOT / "tools")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+RESULT_FILE = "result.json"
+RUNS_FILE = "runs.json"
+HELDOUT_FILE = "heldout.jsonl"
+# Per-step metrics kept in runs.json (all the report draws from).
+SERIES_KEYS = ("entropy", "entropy_target", "reward_mean", "temperature")
+BAND = 0.10  # "held": within +-10% of the target
+
+
+class ReproduceError(RuntimeError):
+    pass
+
+
+# --- the grid ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """A toy base model (``tools/make_toy_base.py --seed --noise``)."""
+
+    name: str
+    seed: int = 0
+    noise: float = 0.3
+    steps: int = 700
+
+    def recipe(self) -> dict:
+        return {"seed": self.seed, "noise": self.noise, "steps": self.steps}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: a method with its options on a base model, then the held-out evaluation.
+
+    target: the entropy target as a multiple of H0 (``target_relative=true``), for methods with a
+    controller; None for the others. options: further ``--key=value`` overrides.
+    """
+
+    name: str
+    group: str  # held | baseline | robust
+    base: str
+    method: str
+    label: str
+    reading: str = "paper"
+    target: float | None = None
+    seed: int = 0
+    options: tuple[tuple[str, str], ...] = ()
+
+    def train_args(self) -> list[str]:
+        args = [f"--algorithm.method={self.method}", f"--algorithm.reading={self.reading}",
+                f"--train.seed={self.seed}", f"--data.seed={self.seed}"]
+        if self.target is not None:
+            args += [f"--algorithm.controller.target={self.target}", "--algorithm.controller.target_relative=true"]
+        args += [f"--{k}={v}" for k, v in self.options]
+        return args
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Held-out evaluation: ``problems`` of the toy test split, ``n`` samples each at T = 1."""
+
+    problems: int = 64
+    n: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    seed: int = 0
+
+    @property
+    def ks(self) -> list[int]:
+        ks = [1 << p for p in range(int(math.log2(self.n)) + 1)]
+        return ks if ks[-1] == self.n else [*ks, self.n]
+
+
+@dataclass(frozen=True)
+class Grid:
+    bases: tuple[BaseSpec, ...]
+    runs: tuple[RunSpec, ...]
+    steps: int
+    eval: EvalSpec
+    checkpoint_every: int = 10
+    # settings every run shares (the default toy run's, see configs/toy.yaml), as overrides
+    common: tuple[tuple[str, str], ...] = (("logging.tensorboard", "false"), ("logging.console", "false"))
+
+    def base(self, name: str) -> BaseSpec:
+        for b in self.bases:
+            if b.name == name:
+                return b
+        raise ReproduceError(f"grid: run names base {name!r}, which is not one of {[b.name for b in self.bases]}")
+
+    def run_spec_dict(self, run: RunSpec) -> dict:
+        """Everything that decides a run's outputs: a stored result with another spec is stale."""
+        return _plain({"run": dataclasses.asdict(run), "base": self.base(run.base).recipe(), "steps": self.steps,
+                       "eval": dataclasses.asdict(self.eval), "common": self.common})
+
+    def base_spec_dict(self, base: BaseSpec) -> dict:
+        return _plain({"base": base.recipe(), "eval": dataclasses.asdict(self.eval)})
+
+
+def _plain(obj):
+    """As it reads back from JSON (tuples are lists), so a stored spec compares equal to a fresh one."""
+    return json.loads(json.dumps(obj))
+
+
+TARGETS = (0.5, 0.75, 1.0, 1.5, 2.0)  # multiples of H0
+ENTROPY_REG_COEFS = (0.015, 0.05)  # the package default (lambda = 0.015) and a stronger one
+ABLATION_TARGET = 1.5  # above H0: where GRPO's pull down has to be overcome
+ROBUST_TARGETS = (0.5, 1.5)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}".replace(".", "p")
+
+
+def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | None = None, eval_n: int = 256,
+               seeds: Sequence[int] | None = None) -> Grid:
+    """The study's grid. quick: one seed; full: seeds 0, 1, 2 for the held-target and baseline runs."""
+    seeds = tuple(seeds) if seeds is not None else ((0,) if quick else (0, 1, 2))
+    steps = steps or (30 if quick else 60)
+    ev = EvalSpec(problems=eval_problems or (24 if quick else 64), n=eval_n)
+    bases = [BaseSpec(f"seed{s}", seed=s) for s in seeds]
+    weak, strong = BaseSpec("weak", seed=0, noise=0.5), BaseSpec("strong", seed=0, noise=0.15)
+    bases += [weak, strong]
+    runs: list[RunSpec] = []
+    for s in seeds:
+        b = f"seed{s}"
+        for reading in ("paper", "mix"):
+            for t in TARGETS:
+                runs.append(RunSpec(f"aepo-{reading}-t{_num(t)}-s{s}", "held", b, "aepo", f"AEPO ({reading}) {t:g} x H0",
+                                    reading=reading, target=t, seed=s))
+        runs.append(RunSpec(f"grpo-s{s}", "baseline", b, "grpo", "GRPO", seed=s))
+        for c in ENTROPY_REG_COEFS:
+            runs.append(RunSpec(f"entropy_reg-l{_num(c)}-s{s}", "baseline", b, "entropy_reg", f"Entropy-Reg lambda={c:g}",
+                                seed=s, options=(("algorithm.entropy_coef", str(c)),)))
+        runs.append(RunSpec(f"entropy_adv-s{s}", "baseline", b, "entropy_adv", "Entropy-Adv", seed=s))
+        for m, lab in (("ablation_eq2", "Eq. (2): REINFORCE on T = 1 samples"),
+                       ("ablation_eq3", "Eq. (3): temperature samples, GRPO advantages")):
+            runs.append(RunSpec(f"{m}-t{_num(ABLATION_TARGET)}-s{s}", "baseline", b, m, f"{lab}, {ABLATION_TARGET:g} x H0",
+                                target=ABLATION_TARGET, seed=s))
+    for base in (weak, strong):
+        for t in ROBUST_TARGETS:
+            runs.append(RunSpec(f"{base.name}-aepo-t{_num(t)}", "robust", base.name, "aepo", f"AEPO {t:g} x H0 ({base.name} base)",
+                                target=t))
+        runs.append(RunSpec(f"{base.name}-grpo", "robust", base.name, "grpo", f"GRPO ({base.name} base)"))
+    return Grid(tuple(bases), tuple(runs), steps, ev)
+
+
+def grid_from_json(path: str | Path) -> Grid:
+    """A custom grid (tests, partial studies): ``{"steps", "eval": {...}, "bases": [...], "runs": [...]}``."""
+    try:
+        d = json.loads(Path(path).read_text())
+        bases = tuple(BaseSpec(**b) for b in d["bases"])
+        runs = tuple(RunSpec(**{**r, "options": tuple(tuple(o) for o in r.get("options", ()))}) for r in d["runs"])
+        grid = Grid(bases, runs, int(d["steps"]), EvalSpec(**d.get("eval", {})), int(d.get("checkpoint_every", 10)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReproduceError(f"--grid {path}: {e}") from None
+    for r in runs:
+        grid.base(r.base)
+    return grid
+
+
+# --- state of the work directory ------------------------------------------------------------------
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically (a reader, or a resumed study, never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def base_complete(path: Path, base: BaseSpec) -> bool:
+    info = read_json(path / "toy_base.json")
+    if not isinstance(info, dict) or not (path / "model.safetensors").is_file():
+        return False
+    recipe = info.get("recipe", {})
+    return all(recipe.get(k) == v for k, v in base.recipe().items())
+
+
+def latest_checkpoint_step(run_dir: Path) -> int | None:
+    d = run_dir / "checkpoints"
+    steps = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.is_dir() else []
+    return max(steps) if steps else None
+
+
+def run_state(run_dir: Path, spec: dict, steps: int) -> str:
+    """finished | evaluate (training done) | resume@STEP | restart (outputs, no checkpoint) | new."""
+    res = read_json(run_dir / RESULT_FILE)
+    if isinstance(res, dict) and res.get("spec") == spec and res.get("complete"):
+        return "finished"
+    last = latest_checkpoint_step(run_dir)
+    if last is not None and last >= steps and final_weights(run_dir, steps) is not None:
+        return "evaluate"
+    if last is not None:
+        return f"resume@{last}"
+    if run_dir.exists():
+        return "restart"
+    return "new"
+
+
+def final_weights(run_dir: Path, steps: int) -> Path | None:
+    """The final policy as an HF directory: the trainer's last weight sync (``rollout.sync_dir``)."""
+    p = run_dir / "weights" / f"weights_v{steps}"
+    return p if (p / "config.json").is_file() and any(p.glob("*.safetensors")) else None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows (the last row of each step; torn lines skipped)."""
+    rows: dict[int, dict] = {}
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("step"), int):
+                rows[r["step"]] = r
+    return [rows[k] for k in sorted(rows)]
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    work: Path
+    python: str = sys.executable
+    log: Callable[[str], None] = print
+    cpus: tuple[int, ...] = field(default_factory=lambda: tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else (0,))
+
+    def environ(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+
+def _run(cmd: list[str], log_path: Path, env: Env, *, cpu: int | None = None) -> tuple[float, float]:
+    """Run ``cmd``, its output appended to ``log_path``; raise naming the log on failure.
+
+    Returns (wall seconds, CPU seconds of the process and the children it waited for: the
+    trainer's embedded server included). CPU time is what extrapolates to another machine's load.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    pre = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None and hasattr(os, "sched_setaffinity") else None
+    with open(log_path, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env.environ(),
+                                cwd=str(ROOT), preexec_fn=pre)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise ReproduceError(f"{' '.join(cmd[1:3])} exited with {proc.returncode}; log {log_path}:\n  " + "\n  ".join(tail))
+    return time.time() - t0, usage.ru_utime + usage.ru_stime
+
+
+def heldout_file(work: Path, ev: EvalSpec) -> Path:
+    """The first ``ev.problems`` problems of the toy task's test split (disjoint from the training
+    problems the trainer uses), in the JSONL layout ``python -m aepo_jax.eval`` reads."""
+    from aepo_jax.data import toy_task  # noqa: PLC0415
+
+    path = work / f"heldout-{ev.problems}.jsonl"
+    if not path.is_file():
+        _, test = toy_task.make_splits(0, 4096, 256)
+        if ev.problems > len(test):
+            raise ReproduceError(f"eval problems: {ev.problems} > the test split's {len(test)}")
+        toy_task.write_jsonl(toy_task.to_records(test[: ev.problems]), path)
+    return path
+
+
+def evaluate(model: Path, out: Path, ev: EvalSpec, env: Env, log_path: Path) -> tuple[dict, tuple[float, float]]:
+    cmd = [env.python, "-m", "aepo_jax.eval", "--model-path", str(model), "--data", str(heldout_file(env.work, ev)),
+           "--reward", "toy", "--n", str(ev.n), "--k", ",".join(map(str, ev.ks)), "--temperature", str(ev.temperature),
+           "--top-p", str(ev.top_p), "--max-new-tokens", str(ev.max_new_tokens), "--seed", str(ev.seed),
+           "--output", str(out)]
+    secs = _run(cmd, log_path, env)
+    rep = read_json(out)
+    if not isinstance(rep, dict) or not rep.get("benchmarks"):
+        raise ReproduceError(f"evaluation of {model} wrote no report to {out}")
+    bench = next(iter(rep["benchmarks"].values()))
+    return {"avg_at_n": bench["avg_at_n"], "pass_at_k": bench["pass_at_k"], "n": bench["n"],
+            "problems": bench["num_problems"], "entropy_nll": bench.get("mean_token_nll"),
+            "response_tokens": bench.get("mean_response_tokens"),
+            "per_problem_correct": bench.get("per_problem_correct")}, secs
+
+
+def build_base(grid: Grid, base: BaseSpec, env: Env, cpu: int | None) -> dict:
+    """Build (unless complete) and evaluate a base model; result.json marks it finished."""
+    d = env.work / "bases" / base.name
+    spec = grid.base_spec_dict(base)
+    res = read_json(d / RESULT_FILE)
+    if isinstance(res, dict) and res.get("spec") == spec and res.get("complete"):
+        return res
+    log_path = env.work / "logs" / f"base-{base.name}.log"
+    build = (0.0, 0.0)
+    if not base_complete(d / "model", base):
+        env.log(f"[base {base.name}] building (seed {base.seed}, noise {base.noise})")
+        if (d / "model").exists():
+            shutil.rmtree(d / "model")
+        build = _run([env.python, str(ROOT / "tools" / "make_toy_base.py"), "--seed", str(base.seed), "--noise",
+                      str(base.noise), "--steps", str(base.steps), "--out", str(d / "model")], log_path, env, cpu=cpu)
+    env.log(f"[base {base.name}] evaluating")
+    ev, evs = evaluate(d / "model", d / "eval.json", grid.eval, env, log_path)
+    info = read_json(d / "model" / "toy_base.json") or {}
+    res = {"spec": spec, "complete": True, "name": base.name, "recipe": base.recipe(), "eval": ev,
+           "teacher_forced": info.get("teacher_forced_test"),
+           "wall_s": {"build": build[0], "eval": evs[0]}, "cpu_s": {"build": build[1], "eval": evs[1]}}
+    write_json(d / RESULT_FILE, res)
+    env.log(f"[base {base.name}] done: pass@1 {ev['avg_at_n']:.3f}, build {build[0]:.0f} s, eval {evs[0]:.0f} s")
+    return res
+
+
+def train_and_eval(grid: Grid, run: RunSpec, env: Env) -> dict:
+    d = env.work / "runs" / run.name
+    spec = grid.run_spec_dict(run)
+    state = run_state(d, spec, grid.steps)
+    if state == "finished":
+        return read_json(d / RESULT_FILE)
+    log_path = env.work / "logs" / f"{run.name}.log"
+    base_dir = env.work / "bases" / run.base / "model"
+    train = (0.0, 0.0)
+    if state != "evaluate":
+        if state == "restart":  # outputs without a checkpoint: nothing to resume, start clean
+            shutil.rmtree(d)
+        how = "from scratch" if state in ("new", "restart") else f"resuming from its checkpoint at step {state[7:]}"
+        env.log(f"[{run.name}] training {how}")
+        cmd = [env.python, "-m", "aepo_jax.train", f"--model.path={base_dir}", f"--train.run_dir={d}",
+               f"--train.steps={grid.steps}", f"--checkpoint.every={grid.checkpoint_every}", "--checkpoint.keep=1",
+               f"--rollout.sync_dir={d / 'weights'}", *[f"--{k}={v}" for k, v in grid.common], *run.train_args()]
+        train = _run(cmd, log_path, env)
+    weights = final_weights(d, grid.steps)
+    if weights is None:
+        raise ReproduceError(f"[{run.name}] training ended without the final weights {d / 'weights'}/weights_v{grid.steps}")
+    env.log(f"[{run.name}] evaluating")
+    ev, evs = evaluate(weights, d / "eval.json", grid.eval, env, log_path)
+    rows = read_metrics(d)
+    if len(rows) < grid.steps:
+        raise ReproduceError(f"[{run.name}] metrics.jsonl has {len(rows)} steps, expected {grid.steps}")
+    series = {k: [r.get(k) for r in rows] for k in SERIES_KEYS}
+    res = {"spec": spec, "complete": True, "name": run.name, "run": dataclasses.asdict(run), "steps": [r["step"] for r in rows],
+           "series": series, "eval": ev, "resumed_from": state,
+           "wall_s": {"train": train[0], "eval": evs[0]}, "cpu_s": {"train": train[1], "eval": evs[1]},
+           "step_s_median": _median([r.get("timing_s/step") for r in rows[1:]])}
+    write_json(d / RESULT_FILE, res)
+    s = summarize_run(res)
+    env.log(f"[{run.name}] done: H0 {s['h0']:.3f}, end entropy {s['h_end']:.3f}"
+            + (f", held {100 * s['held']:.0f}%" if s["held"] is not None else "")
+            + f", pass@1 {ev['avg_at_n']:.3f}; train {train[0]:.0f} s ({train[1]:.0f} CPU-s), eval {evs[0]:.0f} s")
+    return res
+
+
+def _finished(d: Path, spec: dict) -> dict | None:
+    res = read_json(d / RESULT_FILE)
+    return res if isinstance(res, dict) and res.get("spec") == spec and res.get("complete") else None
+
+
+def _median(xs) -> float | None:
+    xs = sorted(x for x in xs if isinstance(x, (int, float)))
+    return xs[len(xs) // 2] if xs else None
+
+
+# --- the plan ----------------------------------------------------------------------------------------
+
+# CPU-seconds (user + system, the trainer's embedded server included) measured on the 2-core
+# machine (AMD EPYC, see the report's "Time" section); wall time on an idle machine is about the
+# CPU time over the cores used. The plan scales them by the grid's steps and evaluation size, or
+# uses this study's own finished runs once there are some.
+EST_BASE_BUILD_CPU_S = 75.0
+EST_TRAIN_START_CPU_S = 15.0
+EST_STEP_CPU_S = 1.45
+EST_EVAL_START_CPU_S = 9.0
+EST_EVAL_SAMPLE_CPU_S = 1.0e-3
+PARALLEL_EFFICIENCY = 0.8  # share of 2 cores two jobs keep busy (start-up phases are single-threaded)
+
+
+def estimate(grid: Grid, todo_runs: Sequence[RunSpec], todo_bases: Sequence[BaseSpec], workers: int,
+             measured: Sequence[dict] = (), cores: int = 2) -> dict:
+    """CPU-seconds of what is left and the wall time they take on ``cores`` otherwise idle cores."""
+    per_eval = EST_EVAL_START_CPU_S + EST_EVAL_SAMPLE_CPU_S * grid.eval.problems * grid.eval.n
+    per_run = EST_TRAIN_START_CPU_S + EST_STEP_CPU_S * grid.steps + per_eval
+    source = "built-in per-step estimate"
+    done = [m for m in measured if m.get("cpu_s", {}).get("train")]
+    if done:  # this study's own runs
+        per_run = sum(m["cpu_s"]["train"] + m["cpu_s"]["eval"] for m in done) / len(done)
+        source = f"mean of {len(done)} finished run(s) of this study"
+    cpu = len(todo_runs) * per_run + len(todo_bases) * (EST_BASE_BUILD_CPU_S + per_eval)
+    used = min(max(1, workers), cores) * (PARALLEL_EFFICIENCY if workers > 1 else 1.0)
+    return {"per_run_cpu_s": per_run, "cpu_s": cpu, "wall_s": cpu / used, "source": source, "workers": workers}
+
+
+def print_plan(grid: Grid, env: Env, workers: int, out=print) -> dict:
+    states = {}
+    for b in grid.bases:
+        res = read_json(env.work / "bases" / b.name / RESULT_FILE)
+        ok = isinstance(res, dict) and res.get("spec") == grid.base_spec_dict(b) and res.get("complete")
+        states[("base", b.name)] = "finished" if ok else ("evaluate" if base_complete(env.work / "bases" / b.name / "model", b) else "build")
+    measured = []
+    for r in grid.runs:
+        d = env.work / "runs" / r.name
+        states[("run", r.name)] = run_state(d, grid.run_spec_dict(r), grid.steps)
+        res = read_json(d / RESULT_FILE)
+        if isinstance(res, dict) and res.get("complete") and res.get("resumed_from") in ("new", "restart"):
+            measured.append(res)
+    todo_runs = [r for r in grid.runs if states[("run", r.name)] != "finished"]
+    todo_bases = [b for b in grid.bases if states[("base", b.name)] == "build"]
+    est = estimate(grid, todo_runs, todo_bases, workers, measured)
+    out(f"plan: {len(grid.bases)} base models, {len(grid.runs)} runs of {grid.steps} steps, evaluation "
+        f"{grid.eval.problems} held-out problems x {grid.eval.n} samples (pass@k, k = 1..{grid.eval.n}), {workers} worker(s)")
+    for b in grid.bases:
+        out(f"  base {b.name:<10} seed {b.seed} noise {b.noise:<5} {states[('base', b.name)]}")
+    for r in grid.runs:
+        st = states[("run", r.name)]
+        what = {"finished": "finished: skipped", "evaluate": "trained: evaluate only", "new": "new",
+                "restart": "outputs without a checkpoint: restart from scratch"}.get(st, f"half-done: resume from checkpoint step {st[7:]}")
+        out(f"  run  {r.name:<28} {r.label:<48} {what}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out(f"estimated time: {est['wall_s'] / 60:.0f} min on 2 otherwise idle cores for {len(todo_runs)} run(s) and "
+        f"{len(todo_bases)} base build(s): {est['cpu_s'] / 60:.0f} CPU-min, {est['per_run_cpu_s']:.0f} CPU-s a run "
+        f"({est['source']}); load average now {load:.1f}: with other jobs running it takes longer")
+    return est
+
+
+def run_grid(grid: Grid, env: Env, workers: int) -> tuple[list[dict], list[dict], list[str]]:
+    """Bases first (each build pinned to its own core), then every run; failures are collected."""
+    errors: list[str] = []
+    base_res: dict[str, dict] = {}
+    with futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        jobs = {pool.submit(build_base, grid, b, env, env.cpus[i % len(env.cpus)]): b for i, b in enumerate(grid.bases)}
+        for f in futures.as_completed(jobs):
+            try:
+                base_res[jobs[f].name] = f.result()
+            except Exception as e:  # noqa: BLE001 - reported, the rest of the grid goes on
+                errors.append(f"base {jobs[f].name}: {e}")
+                env.log(f"FAILED base {jobs[f].name}: {e}")
+        runnable = [r for r in grid.runs if r.base in base_res]
+        errors += [f"run {r.name}: its base {r.base} failed" for r in grid.runs if r.base not in base_res]
+        jobs = {pool.submit(train_and_eval, grid, r, env): r for r in runnable}
+        run_res: dict[str, dict] = {}
+        for f in futures.as_completed(jobs):
+            try:
+                run_res[jobs[f].name] = f.result()
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"run {jobs[f].name}: {e}")
+                env.log(f"FAILED {jobs[f].name}: {e}")
+    return ([base_res[b.name] for b in grid.bases if b.name in base_res],
+            [run_res[r.name] for r in grid.runs if r.name in run_res], errors)
+
+
+# --- summaries -----------------------------------------------------------------------------------------
+
+
+def _finite(xs) -> list[float]:
+    return [float(x) for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+
+
+def _mean(xs) -> float:
+    xs = _finite(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize_run(res: dict) -> dict:
+    """Per-run numbers: H0 (step 1), end entropy and reward (mean of the last 10% of steps), the
+    share of the second half of the steps within +-10% of the target, first step in the band."""
+    s = res["series"]
+    h, tgt, rew = s["entropy"], s["entropy_target"], s["reward_mean"]
+    n = len(h)
+    tail = max(1, n // 10)
+    half = n // 2
+    has_target = res["run"].get("target") is not None and any(isinstance(t, (int, float)) and t > 0 for t in tgt)
+    held = first = None
+    if has_target:
+        pairs = [(hh, tt) for hh, tt in zip(h[half:], tgt[half:]) if isinstance(hh, (int, float)) and isinstance(tt, (int, float)) and tt > 0]
+        held = sum(abs(hh - tt) <= BAND * tt for hh, tt in pairs) / len(pairs) if pairs else 0.0
+        first = next((res["steps"][i] for i, (hh, tt) in enumerate(zip(h, tgt))
+                      if isinstance(hh, (int, float)) and isinstance(tt, (int, float)) and tt > 0 and abs(hh - tt) <= BAND * tt), None)
+    h0 = float(h[0]) if h and isinstance(h[0], (int, float)) else float("nan")
+    return {
+        "name": res["name"], "h0": h0, "target": _mean(tgt[half:]) if has_target else None,
+        "h_end": _mean(h[-tail:]), "h_min": min(_finite(h)), "h_max": max(_finite(h)),
+        "held": held, "first_in_band": first, "reward_start": _mean(rew[: max(1, min(5, n))]), "reward_end": _mean(rew[-tail:]),
+        "pass1": res["eval"]["avg_at_n"], "passk": {int(k): v for k, v in res["eval"]["pass_at_k"].items()},
+        "eval_entropy": res["eval"].get("entropy_nll"),
+    }
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+
+def _import_tool(name: str):
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_report(data: dict, out: Path) -> Path:
+    import reproduce_report  # noqa: PLC0415  (tools/reproduce_report.py; tools/ is on sys.path)
+
+    return reproduce_report.write(data, out)
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "avx512": " avx512f" in flags,
+            "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one seed and shorter runs (about 20 min on 2 cores)")
+    ap.add_argument("--out", default="docs/results", help="where README.md, the figures and runs.json go")
+    ap.add_argument("--work", default="runs/reproduce", help="base models, run directories, logs (kept for resuming)")
+    ap.add_argument("--workers", type=int, default=2, help="jobs at a time")
+    ap.add_argument("--steps", type=int, default=0, help="steps per run (default: 30 quick, 60 full)")
+    ap.add_argument("--eval-problems", type=int, default=0, help="held-out problems (default: 24 quick, 64 full)")
+    ap.add_argument("--eval-n", type=int, default=256, help="samples per held-out problem (pass@k up to k = n)")
+    ap.add_argument("--grid", default="", help="a grid as JSON instead of the built-in one (see grid_from_json)")
+    ap.add_argument("--plan", action="store_true", help="print the plan and estimated time, run nothing")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/runs.json")
+    ap.add_argument("--collect", action="store_true",
+                    help="write the report from the work directory's finished runs without running anything")
+    ap.add_argument("--no-theory", action="store_true", help="skip the Appendix B checks")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        data = read_json(out / RUNS_FILE)
+        if not isinstance(data, dict):
+            print(f"error: {out / RUNS_FILE} is missing or not JSON; run the grid first (or --collect)", file=sys.stderr)
+            return 2
+        print(write_report(data, out))
+        return 0
+    try:
+        grid = grid_from_json(args.grid) if args.grid else build_grid(
+            args.quick, steps=args.steps or None, eval_problems=args.eval_problems or None, eval_n=args.eval_n)
+    except ReproduceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    lock = threading.Lock()
+
+    def log(msg: str) -> None:
+        with lock:
+            print(f"{time.strftime('%H:%M:%S')} [{(time.time() - t_start) / 60:5.1f} min] {msg}", flush=True)
+
+    env = Env(work, log=log)
+    est = print_plan(grid, env, args.workers)
+    if args.plan:
+        return 0
+    if args.collect:
+        est = {"wall_s": float("nan")}
+    theory = None
+    if not args.no_theory and not args.collect:
+        appendix_b = _import_tool("appendix_b")
+        t0 = time.time()
+        theory = appendix_b.run_all()
+        theory["wall_s"] = time.time() - t0
+        log(f"Appendix B checks: {theory['summary']} ({theory['wall_s']:.0f} s)")
+    if args.collect:  # the finished runs of the work directory, nothing run
+        bases = [res for b in grid.bases if (res := _finished(env.work / "bases" / b.name, grid.base_spec_dict(b)))]
+        runs = [res for r in grid.runs if (res := _finished(env.work / "runs" / r.name, grid.run_spec_dict(r)))]
+        errors = [f"run {r.name}: not finished when the report was written" for r in grid.runs
+                  if not any(x["name"] == r.name for x in runs)]
+        if theory is None:
+            theory = (read_json(out / RUNS_FILE) or {}).get("theory")
+    else:
+        bases, runs, errors = run_grid(grid, env, args.workers)
+    wall = time.time() - t_start
+    if args.collect:
+        wall = sum(r["wall_s"]["train"] + r["wall_s"]["eval"] for r in runs) / max(1, args.workers)
+    data = {
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python tools/reproduce.py" + (" --quick" if args.quick else "") + f" --out {args.out}",
+        "commit": git_commit(), "machine": machine(), "quick": args.quick, "workers": args.workers,
+        "grid": {"steps": grid.steps, "eval": dataclasses.asdict(grid.eval), "targets": list(TARGETS),
+                 "entropy_reg_coefs": list(ENTROPY_REG_COEFS), "ablation_target": ABLATION_TARGET,
+                 "seeds": sorted({r.seed for r in grid.runs}), "n_runs": len(grid.runs), "n_bases": len(grid.bases)},
+        "estimate_s": est["wall_s"], "wall_s": wall, "errors": errors, "collected": bool(args.collect),
+        "bases": bases, "runs": runs, "theory": theory,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RUNS_FILE, data)
+    path = write_report(data, out)
+    log(f"wrote {path} ({len(runs)} runs, {len(errors)} failed) in {wall / 60:.1f} min")
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
