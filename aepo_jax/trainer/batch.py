@@ -5,7 +5,7 @@ functions from one ``Batch`` to the next (host-side NumPy; the heavy math is in 
 
     pack(...)              scored rollout -> Batch (advantages 0, no old log-probs yet)
     select_reg_rows(...)   the regulariser rollout's rows the method trains on, with their advantages
-    (Trainer._old_logp)    the learner's log pi_old and entropy at T = 1, set with dataclasses.replace
+    (stages.old_logp)      the learner's log pi_old and entropy at T = 1, set with dataclasses.replace
     assemble(...)          main rows with their advantages + the selected rows: the training batch
     split_minibatches(...) fixed-shape mini-batches (padding rows have an all-zero mask)
 

@@ -1,0 +1,193 @@
+"""The learner's side of the rollout servers: their lifecycle, the rollout and reward stages, and
+the weights they sample from.
+
+:class:`Rollouts` starts the embedded SGLang-compatible server (no ``rollout.urls``) without
+waiting for it, connects the async client once the learner is ready (:meth:`Rollouts.connect`),
+draws samples (:meth:`Rollouts.generate`), loads new weights into every server
+(:meth:`Rollouts.publish`, or :meth:`Rollouts.broadcast` with ``rollout.sync=distributed``) and
+checks that every sample came from the weights last published. :class:`WeightSync` moves the
+updated weights to them: written in a background thread (off the critical path), or broadcast.
+:func:`score` turns samples into a scored :class:`~aepo_jax.trainer.batch.Batch`.
+
+Only process 0 talks to the servers and the reward pool; :func:`aepo_jax.trainer.stages.rollout`
+hands its Batch to every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from aepo_jax.rewards import RewardPool
+from aepo_jax.rollout.client import RolloutClient
+from aepo_jax.rollout.launch import start_server, wait_healthy
+from aepo_jax.rollout.weight_sync import WeightSyncError, publish_weights, write_weights
+from aepo_jax.trainer.batch import Batch, pack
+from aepo_jax.trainer.config import RunConfig
+
+log = logging.getLogger("aepo_jax.train")
+
+
+class Rollouts:
+    """The rollout servers as the learner sees them (process 0 only; other processes hold none)."""
+
+    def __init__(self, cfg: RunConfig, model_path: str, run_dir: Path):
+        self.cfg = cfg.rollout
+        self.server = None
+        self.client: RolloutClient | None = None
+        self.loop = asyncio.new_event_loop()
+        self.weight_version: str | None = None  # the version the servers hold (checked on every sample)
+        self.dist_sync = None  # rollout.sync=distributed: the servers' weight-update group
+        if not self.cfg.urls:
+            # Started now, without waiting: it loads and compiles while the learner initialises.
+            extra = self.cfg.server_args.split() if self.cfg.server_args else []
+            extra += ["--dtype", cfg.model.dtype]
+            log.info("starting the embedded SGLang-compatible server for %s", model_path)
+            self.server = start_server(model_path, extra_args=extra, log_path=str(run_dir / "server.log"))
+
+    def connect(self) -> None:
+        """Wait for the embedded server (if any), then for every server to be healthy."""
+        cfg = self.cfg
+        urls = list(cfg.urls)
+        if not urls:
+            wait_healthy(self.server, cfg.startup_timeout_s)
+            urls = [self.server.url]
+        self.client = RolloutClient(urls, weight_update_urls=list(cfg.weight_update_urls) or None,
+                                    timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
+                                    request_deadline_s=cfg.request_deadline_s,
+                                    health_check_timeout_s=cfg.health_check_timeout_s)
+        self.loop.run_until_complete(self.client.wait_healthy(deadline_s=cfg.startup_timeout_s))
+        if cfg.sync == "distributed":
+            # Imported here: it needs torch (the `distributed` extra), which the default run does not.
+            from aepo_jax.rollout.dist_sync import DistributedWeightSync
+
+            self.dist_sync = DistributedWeightSync(
+                self.client, bucket_mb=cfg.sync_bucket_mb, master_address=cfg.sync_master_address or None,
+                master_port=cfg.sync_master_port, backend=cfg.sync_backend, timeout_s=cfg.request_timeout_s)
+            self.loop.run_until_complete(self.dist_sync.connect())
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, seed: int) -> list:
+        """``n`` samples per prompt, each from the weights last published."""
+        r = self.cfg
+        params = {"max_new_tokens": r.max_new_tokens, "top_p": r.top_p, "top_k": r.top_k}
+        samples = self.loop.run_until_complete(self.client.generate(
+            prompts, n=n, sampling_params=params, seed=seed, temperature=temperature, return_logprob=False))
+        wrong = {s.server: s.weight_version for group in samples for s in group
+                 if s.weight_version is not None and s.weight_version != self.weight_version}
+        if wrong:
+            raise WeightSyncError(f"samples came from weight_version {wrong} (server: version), "
+                                  f"not the synced {self.weight_version!r}")
+        return samples
+
+    def publish(self, path: str, version: str) -> None:
+        """Every server loads the weights written at ``path``. No /model_info round trip: each sample
+        of the next rollout carries its server's weight_version, checked by :meth:`generate`."""
+        self.loop.run_until_complete(publish_weights(self.client, path, version, verify=False))
+        self.weight_version = version
+
+    def broadcast(self, model, version: str, dtype: str) -> None:
+        """``rollout.sync=distributed``: broadcast ``model``'s weights over the update group."""
+        self.loop.run_until_complete(self.dist_sync.sync(model, version, dtype=dtype, verify=False))
+        self.weight_version = version
+
+    def close(self) -> None:
+        if self.dist_sync is not None:
+            try:
+                self.loop.run_until_complete(self.dist_sync.close())
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+            self.dist_sync = None
+        if self.client is not None:
+            try:
+                self.loop.run_until_complete(self.client.close())
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+            self.client = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        self.loop.close()
+
+    def kill(self) -> None:
+        """Stop the embedded server at once (a failed start-up)."""
+        if self.server is not None:
+            self.server.kill()
+            self.server = None
+
+
+class WeightSync:
+    """Moves the updated weights to the servers before the next rollout. ``rollout.sync=disk``:
+    written (safetensors, ``rollout.sync_dir`` or /dev/shm) in a background thread while the step
+    is logged and checkpointed and the next prompts are drawn, then loaded by every server
+    (:meth:`Rollouts.publish`). ``distributed``: broadcast (:meth:`Rollouts.broadcast`)."""
+
+    def __init__(self, cfg: RunConfig, model_path: str, is_main: bool):
+        self.sync_dir = cfg.rollout.sync_dir or None
+        self.dtype = cfg.model.dtype
+        self.distributed = cfg.rollout.sync == "distributed"
+        self.model_path = model_path
+        self.is_main = is_main
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
+        # (version, future of (path, write seconds)); distributed: (version, the model to broadcast)
+        self.pending: tuple[str, Future] | None = None
+
+    def begin(self, learner, version: int) -> None:
+        """Start writing the learner's weights as ``version`` (a collective with several processes)."""
+        model = learner.model()
+        if jax.process_count() > 1:
+            # Every process takes part in gathering the parameters; only process 0 writes and posts.
+            params = multihost_utils.process_allgather(learner.params, tiled=True)
+            if not self.is_main:
+                return
+            model = nnx.merge(learner.graphdef, params)
+        if not self.is_main:
+            return
+        if self.distributed:  # broadcast in finish(): nothing to write meanwhile
+            self.pending = (str(version), model)
+            return
+        t0 = time.perf_counter()
+
+        def write():
+            path = write_weights(model, str(version), self.sync_dir, dtype=self.dtype, source_dir=self.model_path)
+            return path, time.perf_counter() - t0
+
+        # The next update (which donates the parameters) comes after the next rollout, which waits
+        # for this write: the thread never reads a donated array.
+        self.pending = (str(version), self.pool.submit(write))
+
+    def finish(self, rollouts: Rollouts, m: dict | None = None) -> None:
+        """The servers load the written weights (nothing to do when none are pending)."""
+        if self.pending is None:
+            return
+        version, written = self.pending
+        self.pending = None
+        if self.distributed:  # the parameters are donated only by the next update
+            rollouts.broadcast(written, version, self.dtype)
+            return
+        path, write_s = written.result()
+        rollouts.publish(path, version)
+        if m is not None:
+            m["timing_s/sync_write"] = write_s  # in the background thread, overlapping the previous step's end
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def score(samples: list, examples: list, reward_pool: RewardPool, tokenizer, *, main_rollout: bool,
+          prompt_len: int, response_len: int, pad_id: int) -> tuple[Batch, dict]:
+    """The reward stage: every sample decoded, scored against its prompt's answer and packed."""
+    rows = [(i, s) for i, group in enumerate(samples) for s in group]
+    outputs = [list(s.output_ids)[:response_len] for _, s in rows]
+    texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+    scored = reward_pool.score(texts, [examples[i].answer for i, _ in rows])
+    batch = pack([list(examples[i].prompt_ids) for i, _ in rows], outputs, scored.scores,
+                 [i for i, _ in rows], [s.truncated for _, s in rows], main_rollout=main_rollout,
+                 prompt_len=prompt_len, response_len=response_len, pad_id=pad_id)
+    return batch, {"reward/timeouts": float(scored.timeouts), "reward/crashes": float(scored.crashes)}
