@@ -44,7 +44,6 @@ from aepo_jax.config import ConfigError, build_config, help_text, to_dict
 from aepo_jax.entropy_control import EntropyController
 from aepo_jax.methods import method_spec
 from aepo_jax.models import load_pretrained
-from aepo_jax.models.sharding import make_mesh
 from aepo_jax.platform import setup_host_devices
 from aepo_jax.rewards import RewardPool
 from aepo_jax.rollout.client import RolloutError
@@ -53,8 +52,7 @@ from aepo_jax.trainer import distributed, stages, startup
 from aepo_jax.trainer.batch import Batch, assemble
 from aepo_jax.trainer.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, NonFiniteStateError,
                                          checkpoint_dir)
-from aepo_jax.trainer.config import (ALIASES, RunConfig, controller_config, loss_config, uses_on_policy_update,
-                                    validate)
+from aepo_jax.trainer.config import ALIASES, RunConfig, controller_config, loss_config, uses_on_policy_update, validate
 from aepo_jax.trainer.learner import Learner, LearnerSpec
 from aepo_jax.trainer.metrics import MetricsLogger, Timer
 from aepo_jax.trainer.rollouts import Rollouts, WeightSync
@@ -66,18 +64,18 @@ log = logging.getLogger("aepo_jax.train")
 class Trainer:
     """Holds the run's parts; :meth:`train_step` chains the stages (``aepo_jax/trainer/stages.py``)."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, inputs: startup.RunInputs):
         self.startup = StartupClock()  # phases printed once, after the first step
         self.rollouts: Rollouts | None = None
         self.reward_pool = self.weights = None
         try:
-            self._setup(cfg)
+            self._setup(cfg, inputs)
         except BaseException:
             if self.rollouts is not None:  # started early, while the learner initialises
                 self.rollouts.kill()
             raise
 
-    def _setup(self, cfg: RunConfig) -> None:
+    def _setup(self, cfg: RunConfig, inputs: startup.RunInputs) -> None:
         self.cfg = cfg
         self.is_main = distributed.is_main_process()
         self.run_dir = Path(cfg.train.run_dir).resolve()
@@ -100,9 +98,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.startup.mark("learner imports")
-        # ---- mesh and start-up validation (errors name keys and numbers)
-        self.mesh = make_mesh(cfg.train.mesh or None)
-        validate(cfg, data_axis_size=int(self.mesh.shape["data"]))
+        self.mesh = inputs.mesh  # built and checked against the batch shapes by startup.check_mesh
 
         # ---- tokenizer and model
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
@@ -111,19 +107,11 @@ class Trainer:
                                 compute_dtype=cfg.model.compute_dtype or None, remat=cfg.model.remat)
         self.startup.mark("model load")
 
-        # ---- data
+        # ---- data (read by startup.check_inputs)
         toy = not cfg.data.train_files
-        if toy:
-            # The toy task's split is fixed (seed 0, the base model's); data.seed shuffles it.
-            problems = data_lib.toy_problems("train")
-            self.load_stats = None
-        else:
-            problems, self.load_stats = data_lib.load_problems(
-                cfg.data.train_files,
-                data_lib.DatasetConfig(prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key,
-                                       skip_bad_rows=cfg.data.skip_bad_rows))
+        self.load_stats = inputs.load_stats
         examples, self.prompt_stats = data_lib.tokenize_problems(
-            problems, self.tokenizer,
+            inputs.problems, self.tokenizer,
             data_lib.PromptConfig(template=cfg.data.template, max_prompt_length=cfg.data.max_prompt_length))
         # Every process walks the same stream (process 0 samples for all of them), so the
         # iterator state is identical everywhere and a resume is exact on any topology.
@@ -320,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise startup.StartupError(str(e)) from None
         # Every input that can be checked before loading the model or starting a server.
-        startup.check_inputs(cfg, talks_to_servers=distributed.is_main_process())
-        startup.check_mesh(cfg)
+        inputs = startup.check_run(cfg, talks_to_servers=distributed.is_main_process())
     except startup.StartupError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
@@ -330,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     trainer = None
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, inputs)
         run_dir = trainer.run()
         if distributed.is_main_process():
             print(f"done: {run_dir} (metrics.jsonl, checkpoints/, config.yaml)")

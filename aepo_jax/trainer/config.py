@@ -282,7 +282,8 @@ def _check_urls(key: str, urls) -> None:
 
 
 def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
-    """Start-up checks that need no model or data; raise ConfigError naming the key and numbers."""
+    """Start-up checks that need no model or data; raise ConfigError naming the key and numbers.
+    With ``data_axis_size`` also :func:`validate_mesh`."""
     a, c = cfg.algorithm, cfg.algorithm.controller
     _one_of("algorithm.method", a.method, METHODS)
     _one_of("algorithm.reading", a.reading, READINGS)
@@ -396,23 +397,29 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
             f"config key 'train.mini_batch_prompts' ({mbp}) must divide data.prompts_per_step ({cfg.data.prompts_per_step})"
         )
     if data_axis_size is not None:
-        samples_per_mb = mbp * cfg.rollout.n
-        if samples_per_mb % data_axis_size:
-            raise ConfigError(
-                f"a mini-batch of {samples_per_mb} samples (train.mini_batch_prompts={mbp} x rollout.n={cfg.rollout.n}) "
-                f"does not divide over the mesh's data axis of size {data_axis_size} (train.mesh={cfg.train.mesh})"
-            )
-        mbs = cfg.train.micro_batch_size
-        if mbs:
-            if samples_per_mb % mbs:
-                raise ConfigError(
-                    f"config key 'train.micro_batch_size' ({mbs}) must divide the mini-batch of {samples_per_mb} samples"
-                )
-            if mbs % data_axis_size:
-                raise ConfigError(
-                    f"config key 'train.micro_batch_size' ({mbs}) does not divide over the data axis of size {data_axis_size}"
-                )
+        validate_mesh(cfg, data_axis_size)
     return cfg
+
+
+def validate_mesh(cfg: RunConfig, data_axis_size: int) -> None:
+    """The batch shapes that must divide over the mesh's data axis (known once jax has started)."""
+    mbp = cfg.train.mini_batch_prompts or cfg.data.prompts_per_step
+    samples_per_mb = mbp * cfg.rollout.n
+    if samples_per_mb % data_axis_size:
+        raise ConfigError(
+            f"a mini-batch of {samples_per_mb} samples (train.mini_batch_prompts={mbp} x rollout.n={cfg.rollout.n}) "
+            f"does not divide over the mesh's data axis of size {data_axis_size} (train.mesh={cfg.train.mesh})"
+        )
+    mbs = cfg.train.micro_batch_size
+    if mbs:
+        if samples_per_mb % mbs:
+            raise ConfigError(
+                f"config key 'train.micro_batch_size' ({mbs}) must divide the mini-batch of {samples_per_mb} samples"
+            )
+        if mbs % data_axis_size:
+            raise ConfigError(
+                f"config key 'train.micro_batch_size' ({mbs}) does not divide over the data axis of size {data_axis_size}"
+            )
 
 
 def loss_config(cfg: RunConfig):
