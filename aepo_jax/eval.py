@@ -237,6 +237,52 @@ def _context_limit(model_path: str) -> int | None:
     return cfg.get("max_position_embeddings")
 
 
+@dataclass
+class ScoredSamples:
+    """``n`` scored samples for each of a benchmark's problems (:func:`sample_and_score`)."""
+
+    n: int
+    samples: list  # [problem][sample] of rollout Samples
+    texts: list[str]  # decoded responses, problem-major
+    scores: np.ndarray  # [problems, n]
+    status: list[str]  # the reward's status per response, problem-major
+    truncated_fraction: float
+    mean_response_tokens: float
+    mean_token_nll: float
+    reward_timeouts: int
+    reward_crashes: int
+
+    def correct(self) -> list[int]:
+        return [int((row > 0.5).sum()) for row in self.scores]
+
+    def summary(self, name: str, ks: Sequence[int], **extra) -> BenchmarkResult:
+        return summarize(name, self.correct(), self.n, ks, truncated_fraction=self.truncated_fraction,
+                         mean_response_tokens=self.mean_response_tokens, mean_token_nll=self.mean_token_nll,
+                         reward_timeouts=self.reward_timeouts, reward_crashes=self.reward_crashes, **extra)
+
+
+async def sample_and_score(client, tokenizer, examples, reward_pool, *, n: int, temperature: float, top_p: float,
+                           max_new_tokens: int, seed: int) -> ScoredSamples:
+    """``n`` samples per example through ``client`` (a :class:`RolloutClient`), decoded and scored
+    by ``reward_pool``. Each sample's seed is hashed from ``seed`` and its (problem, sample) index,
+    so the same model, examples and seed give the same samples on any server and in any batch: the
+    trainer's validation stage (``aepo_jax/trainer/validation.py``) calls this too."""
+    sp = {"max_new_tokens": max_new_tokens, "top_p": top_p}
+    samples = await client.generate([e.prompt_ids for e in examples], n=n, sampling_params=sp,
+                                    seed=seed, temperature=temperature, return_logprob=True)
+    flat = [s for row in samples for s in row]
+    texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in flat]
+    n_tokens = sum(len(s.output_ids) for s in flat)
+    lps = [lp for s in flat if s.logprobs is not None for lp in s.logprobs]
+    nll = float(-np.mean(lps)) if lps and len(lps) == n_tokens else float("nan")
+    scored = reward_pool.score(texts, [e.answer for e in examples for _ in range(n)])
+    return ScoredSamples(
+        n=n, samples=samples, texts=texts, scores=scored.scores.reshape(len(examples), n), status=list(scored.status),
+        truncated_fraction=sum(s.truncated for s in flat) / max(1, len(flat)),
+        mean_response_tokens=n_tokens / max(1, len(flat)), mean_token_nll=nll,
+        reward_timeouts=scored.timeouts, reward_crashes=scored.crashes)
+
+
 def run_eval(cfg: EvalConfig) -> dict:
     """Sample, score and summarise every benchmark; returns the JSON-able report."""
     from transformers import AutoTokenizer  # noqa: PLC0415
@@ -269,7 +315,6 @@ def run_eval(cfg: EvalConfig) -> dict:
         for (name, examples, skipped, dropped), spec in zip(benches, cfg.data):
             reward = cfg.reward if cfg.reward != "auto" else ("toy" if name == "toy" else "math")
             t0 = time.time()
-            correct, truncated = [], 0
             max_new = cfg.max_new_tokens
             if context:
                 longest = max(len(e.prompt_ids) for e in examples)
@@ -277,34 +322,21 @@ def run_eval(cfg: EvalConfig) -> dict:
                     max_new = max(1, context - longest)
                     log.warning("%s: max_new_tokens %d exceeds the model's context %d; using %d",
                                 name, cfg.max_new_tokens, context, max_new)
-            sp = {"max_new_tokens": max_new, "top_p": cfg.top_p}
-            samples = run_sync(
-                client.generate([e.prompt_ids for e in examples], n=cfg.n, sampling_params=sp,
-                                seed=cfg.seed, temperature=temperature, return_logprob=True),
-                client,
-            )
-            texts = [tokenizer.decode(s.output_ids, skip_special_tokens=True) for row in samples for s in row]
-            truncated = sum(s.truncated for row in samples for s in row)
-            flat = [s for row in samples for s in row]
-            n_tokens = sum(len(s.output_ids) for s in flat)
-            lps = [lp for s in flat if s.logprobs is not None for lp in s.logprobs]
-            nll = float(-np.mean(lps)) if lps and len(lps) == n_tokens else float("nan")
-            answers = [e.answer for e in examples for _ in range(cfg.n)]
             workers = 0 if reward in ("toy", "exact_match") else cfg.reward_workers
             with RewardPool(reward, num_workers=workers, timeout_s=cfg.reward_timeout_s) as pool:
-                scored = pool.score(texts, answers)
-            scores = scored.scores.reshape(len(examples), cfg.n)
-            correct = [int((row > 0.5).sum()) for row in scores]
+                scored = run_sync(
+                    sample_and_score(client, tokenizer, examples, pool, n=cfg.n, temperature=temperature,
+                                     top_p=cfg.top_p, max_new_tokens=max_new, seed=cfg.seed),
+                    client,
+                )
             if samples_file:
                 for i, e in enumerate(examples):
                     for j in range(cfg.n):
                         samples_file.write(json.dumps({"benchmark": name, "uid": e.uid, "answer": e.answer,
-                                                       "response": texts[i * cfg.n + j], "score": float(scores[i, j]),
+                                                       "response": scored.texts[i * cfg.n + j],
+                                                       "score": float(scored.scores[i, j]),
                                                        "status": scored.status[i * cfg.n + j]}) + "\n")
-            res = summarize(name, correct, cfg.n, ks, files=[spec], skipped_rows=skipped, dropped_prompts=dropped,
-                            truncated_fraction=truncated / max(1, len(texts)),
-                            mean_response_tokens=n_tokens / max(1, len(flat)), mean_token_nll=nll,
-                            reward_timeouts=scored.timeouts, reward_crashes=scored.crashes)
+            res = scored.summary(name, ks, files=[spec], skipped_rows=skipped, dropped_prompts=dropped)
             results.append(res)
             log.info("%s: %d problems x %d samples in %.1f s, avg@%d %.4f", name, len(examples), cfg.n,
                      time.time() - t0, cfg.n, res.avg_at_n)
