@@ -48,7 +48,7 @@ from aepo_jax.platform import setup_host_devices
 from aepo_jax.rewards import RewardPool
 from aepo_jax.rollout.client import RolloutError
 from aepo_jax.rollout.weight_sync import WeightSyncError
-from aepo_jax.trainer import distributed, stages, startup
+from aepo_jax.trainer import distributed, stages, startup, validation
 from aepo_jax.trainer.batch import Batch, assemble
 from aepo_jax.trainer.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, NonFiniteStateError,
                                          checkpoint_dir)
@@ -154,6 +154,8 @@ class Trainer:
         self.start_step = 0
         COMPILES.install()  # counts this process's compilations (perf/compiles); idempotent
         self.weights = WeightSync(cfg, self.model_path, self.is_main)
+        # Held-out sets for validation inside the loop (eval.every > 0), tokenized once.
+        self.val_sets = validation.load_sets(cfg, self.tokenizer) if cfg.eval.every > 0 and self.is_main else []
         self.startup.mark("data and learner")
 
     def close(self) -> None:
@@ -204,6 +206,18 @@ class Trainer:
                               reward_pool=self.reward_pool, tokenizer=self.tokenizer, geo=self.geo)
 
     # ------------------------------------------------------------------ checkpoints
+    def _validate(self, step: int, m: dict | None = None) -> dict:
+        """Validation of the policy after ``step`` (0 = the starting one): its weights reach the
+        servers first (the sync :meth:`train_step` started), then process 0 samples the held-out
+        sets through them. Returns the ``val/...`` metrics (empty on other processes)."""
+        with Timer("sync", m if m is not None else {}):
+            self.weights.finish(self.rollouts, m)
+        if not self.is_main:
+            return {}
+        return self.rollouts.loop.run_until_complete(validation.validate(
+            self.rollouts.client, self.tokenizer, self.val_sets, self.reward_pool, self.cfg,
+            check_samples=self.rollouts.check_weight_version))
+
     def _extras(self) -> dict:
         return {"controller": self.controller.to_dict(), "num_updates": self.num_updates}
 
@@ -232,7 +246,8 @@ class Trainer:
                      "config": to_dict(cfg)} if cfg.logging.wandb_project else None
             with MetricsLogger(self.run_dir, use_tensorboard=cfg.logging.tensorboard, wandb=wandb,
                                console=cfg.logging.console, is_main_process=self.is_main,
-                               resume_step=self.start_step, total_steps=cfg.train.steps) as logger:
+                               resume_step=self.start_step or None,  # fresh: no line kept, step 0 loggable
+                               total_steps=cfg.train.steps) as logger:
                 if self.is_main:
                     self.rollouts.connect()
                 embedded = self.rollouts is not None and self.rollouts.server is not None
@@ -242,15 +257,23 @@ class Trainer:
                 self.weights.begin(self.learner, self.start_step)
                 self.weights.finish(self.rollouts)
                 self.startup.mark("first sync")
+                if self.start_step == 0 and validation.should_validate(cfg, 0):
+                    vm = self._validate(0)
+                    logger.log(0, vm)
+                    logger.message(validation.summary_line(0, vm, cfg) if vm else "")
                 last_ckpt_s = None
                 for step in range(self.start_step, cfg.train.steps):
                     m = self.train_step(step)
+                    vm = self._validate(step + 1, m) if validation.should_validate(cfg, step + 1) else {}
+                    m.update(vm)
                     m.update(self.startup.report_once("first step", log))  # the start-up's phases, once
                     if last_ckpt_s is not None:
                         m["timing_s/checkpoint"] = last_ckpt_s  # the previous step's save
                     # Log before checkpointing: a run killed in between resumes at the previous
                     # checkpoint and redoes (and relogs) this step, so no step's line is ever lost.
                     logger.log(step + 1, m)
+                    if vm:
+                        logger.message(validation.summary_line(step + 1, vm, cfg))
                     last_ckpt_s = None
                     if ckpt.should_save(step + 1) or step + 1 == cfg.train.steps:
                         t0 = time.perf_counter()

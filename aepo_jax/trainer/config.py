@@ -204,6 +204,23 @@ class LoggingSection:
 
 
 @dataclass
+class EvalSection:
+    """Validation inside the loop (verl's test_freq / val_before_train): avg@n, pass@k and entropy on
+    a held-out split, sampled through the training's rollout servers (aepo_jax/trainer/validation.py)."""
+
+    every: int = field(default=0, metadata=_help("validate every N steps (and at the last step); 0 = off"))
+    before_train: bool = field(default=True, metadata=_help("with every > 0: also validate the starting policy (logged as step 0)"))
+    files: list[str] = field(default_factory=list, metadata=_help(
+        "held-out JSONL/JSON/Parquet files (read with data.prompt_key / data.answer_key); empty = the built-in task's test split"))
+    n: int = field(default=8, metadata=_help("samples per problem"))
+    k: list[int] = field(default_factory=list, metadata=_help("k of pass@k, each <= n; empty = 1, 2, 4, ..., n"))
+    temperature: float = field(default=1.0, metadata=_help("sampling temperature (1.0: val/entropy estimates the policy's entropy)"))
+    top_p: float = 1.0
+    max_new_tokens: int = field(default=0, metadata=_help("0 = rollout.max_new_tokens"))
+    seed: int = field(default=0, metadata=_help("sampling seed, the same at every validation (python -m aepo_jax.eval --seed)"))
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs."""
 
@@ -215,6 +232,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 # Short spellings accepted on the command line (``--mesh=8x1`` == ``--train.mesh=8x1``).
@@ -387,6 +405,7 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
     ]
     for key, value, lo, hi, lo_open, hi_open in ranges:
         _in_range(key, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
+    _validate_eval(cfg)
     if a.clip_dual and a.clip_dual <= 1.0:
         raise ConfigError(f"config key 'algorithm.clip_dual' must be 0 (off) or > 1, got {a.clip_dual}")
     if r.top_k != -1 and r.top_k < 1:
@@ -420,6 +439,23 @@ def validate_mesh(cfg: RunConfig, data_axis_size: int) -> None:
             raise ConfigError(
                 f"config key 'train.micro_batch_size' ({mbs}) does not divide over the data axis of size {data_axis_size}"
             )
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    e = cfg.eval
+    _in_range("eval.every", e.every, 0)
+    _in_range("eval.n", e.n, 1)
+    _in_range("eval.temperature", e.temperature, 0.0, lo_open=True)
+    _in_range("eval.top_p", e.top_p, 0.0, 1.0, lo_open=True)
+    _in_range("eval.max_new_tokens", e.max_new_tokens, 0)
+    for i, k in enumerate(e.k):
+        if not 1 <= k <= e.n:
+            raise ConfigError(f"config key 'eval.k[{i}]': every k of pass@k must be in [1, eval.n={e.n}], got {k}")
+    if len(set(e.k)) != len(e.k):
+        raise ConfigError(f"config key 'eval.k': repeated values in {e.k}")
+    if e.every and cfg.data.train_files and not e.files:
+        raise ConfigError("config key 'eval.files': validation (eval.every > 0) on your own training data needs "
+                          "held-out files; the built-in task's test split is only the default for the built-in task")
 
 
 def loss_config(cfg: RunConfig):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -152,7 +153,7 @@ class MetricsLogger:
         if use_tensorboard:
             from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-            purge = None if resume_step is None else resume_step + 1
+            purge = 0 if resume_step is None else resume_step + 1  # fresh start: every old event, like the lines
             # The suffix keeps a restart within the same second from overwriting the previous
             # event file (tensorboardX names files by whole seconds) and sorts files by creation.
             self._tb = SummaryWriter(
@@ -240,6 +241,14 @@ class MetricsLogger:
             self._bar.set_postfix_str(self.console_summary(record), refresh=False)
             self._bar.update(step - self._bar.n)
         return record
+
+    def message(self, text: str) -> None:
+        """A line of text on stdout (above the progress bar), main process with console on only."""
+        if not text or not self.is_main_process or self._bar is None:
+            return
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        tqdm.write(text, file=sys.stdout)
 
     def console_summary(self, record: Mapping[str, Any]) -> str:
         """The progress bar's text, e.g. ``H=0.512 H*=0.600 T=1.050 R=0.310``."""

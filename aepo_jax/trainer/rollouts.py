@@ -79,12 +79,16 @@ class Rollouts:
         params = {"max_new_tokens": r.max_new_tokens, "top_p": r.top_p, "top_k": r.top_k}
         samples = self.loop.run_until_complete(self.client.generate(
             prompts, n=n, sampling_params=params, seed=seed, temperature=temperature, return_logprob=False))
+        self.check_weight_version(samples)
+        return samples
+
+    def check_weight_version(self, samples) -> None:
+        """Every sample came from the weights last published (validation checks its samples too)."""
         wrong = {s.server: s.weight_version for group in samples for s in group
                  if s.weight_version is not None and s.weight_version != self.weight_version}
         if wrong:
             raise WeightSyncError(f"samples came from weight_version {wrong} (server: version), "
                                   f"not the synced {self.weight_version!r}")
-        return samples
 
     def publish(self, path: str, version: str) -> None:
         """Every server loads the weights written at ``path``. No /model_info round trip: each sample

@@ -22,6 +22,7 @@ from aepo_jax.models.hf_io import CheckpointError, check_checkpoint
 from aepo_jax.models.sharding import make_mesh
 from aepo_jax.rewards import resolve_reward
 from aepo_jax.rollout.client import RolloutClient
+from aepo_jax.trainer import validation
 from aepo_jax.trainer.config import ConfigError, RunConfig, validate_mesh
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -57,6 +58,10 @@ def check_inputs(cfg: RunConfig, *, talks_to_servers: bool = True) -> tuple[list
     else:  # the toy task's split is fixed (seed 0, the base model's); data.seed shuffles it
         problems, load_stats = toy_problems("train"), None
     check_reward(cfg.algorithm.reward)
+    try:
+        validation.check_files(cfg)
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
     if cfg.rollout.urls and talks_to_servers:
         check_servers(cfg)
     check_run_dir(cfg.train.run_dir)
