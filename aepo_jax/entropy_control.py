@@ -42,7 +42,7 @@ __all__ = [
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "piecewise")
 ESTIMATORS = ("full", "sampled")
 BAND_MODES = ("hold", "idle")
-BUDGET_MODES = ("fixed", "proportional")
+BUDGET_MODES = ("fixed", "proportional", "pi")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +159,22 @@ class ControllerConfig:
       the target; the effect shows one step later, so small errors turn into overshoots (on the
       toy task at target 0.5 x H0, every miss of the +-10% band was an overshoot above it after a
       burst of full-budget raising steps).
-    proportional_width: relative error at which the proportional budget reaches its maximum.
+    proportional_width: relative error at which the proportional budget reaches its maximum (and,
+      for ``pi``, the width of the proportional band).
+    budget_mode ``pi`` (not the paper): proportional-integral control of one signed lever.
+      ``e = (H - target) / target``; inside the band (``|e| < proportional_width``) the integral
+      ``I`` accumulates ``e`` (clamped to ``|integral_gain * I| <= 1``; frozen outside the band,
+      so the descent from H0 does not wind it up); ``u = (e + integral_gain * I) /
+      proportional_width``. ``u > 0`` lowers (T_low), ``u <= 0`` raises (T_high), with the
+      direction's budget times ``min(1, |u|)`` (at least 1). Why: on the toy task GRPO alone drifts
+      towards its own entropy level; a target on the other side of it needs a steady push against
+      that drift. A fixed budget gives that push only as a limit cycle of full-strength steps
+      (raising bursts of 60 positives overshoot, 30 lowering ones need many steps to undo them); a
+      proportional budget alone settles where its push equals the drift, an offset of up to
+      proportional_width from the target. The integral removes that offset (it learns the push
+      the drift needs), the proportional part keeps steps near the target small.
+    integral_gain: weight of the integral in ``pi`` (1 / the number of steps over which a constant
+      error builds a full-budget push).
     target_relative: False (the paper): the schedule's values are entropies in nats/token. True:
       they are multiples of H0, the first entropy the controller observes (the base model's), so
       ``target=0.5`` holds half the starting entropy whatever the model. H0 is part of the state
@@ -178,6 +193,7 @@ class ControllerConfig:
     target_relative: bool = False
     budget_mode: str = "fixed"
     proportional_width: float = 0.1
+    integral_gain: float = 0.1
 
     def __post_init__(self):
         if not isinstance(self.target, TargetSchedule):
@@ -200,6 +216,11 @@ class ControllerConfig:
             raise ValueError(f"ControllerConfig.proportional_width: expected > 0, got {self.proportional_width}")
         if not self.dead_band >= 0:
             raise ValueError(f"ControllerConfig.dead_band: expected >= 0, got {self.dead_band}")
+        if not self.integral_gain >= 0:
+            raise ValueError(f"ControllerConfig.integral_gain: expected >= 0, got {self.integral_gain}")
+        if self.budget_mode == "pi" and self.dead_band > 0:
+            raise ValueError("ControllerConfig: budget_mode='pi' decides the direction from its own signal; "
+                             f"dead_band must be 0 with it, got {self.dead_band}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -226,6 +247,7 @@ class ControllerState:
     step: int | None = None  # step of the last decision
     num_observations: int = 0
     initial_signal: float | None = None  # H0: the first observed value of the configured estimator
+    integral: float = 0.0  # budget_mode=pi: the sum of relative errors inside the proportional band
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,10 +321,19 @@ class EntropyController:
             temperature, budget = cfg.t_low, cfg.budget_lower
         else:
             temperature, budget = 1.0, 0
+        st = self.state
         if cfg.budget_mode == "proportional" and h is not None and mode != "idle" and target > 0:
             share = min(1.0, abs(h - target) / (cfg.proportional_width * target))
             budget = max(1, int(round(budget * share))) if budget > 0 else 0
-        st = self.state
+        elif cfg.budget_mode == "pi" and h is not None and not math.isnan(target) and target > 0:
+            e = (h - target) / target
+            if abs(e) < cfg.proportional_width and st.step != int(step):  # once per step, inside the band
+                limit = 1.0 / cfg.integral_gain if cfg.integral_gain > 0 else 0.0
+                st.integral = float(min(limit, max(-limit, st.integral + e)))
+            u = (e + cfg.integral_gain * st.integral) / cfg.proportional_width
+            mode = "lower" if u > 0 else "raise"
+            temperature, full = (cfg.t_low, cfg.budget_lower) if mode == "lower" else (cfg.t_high, cfg.budget_raise)
+            budget = max(1, int(round(full * min(1.0, abs(u))))) if full > 0 else 0
         st.mode, st.temperature, st.budget, st.target, st.step = mode, temperature, budget, target, int(step)
         return Decision(int(step), float(temperature), int(budget), float(target), h, mode)
 

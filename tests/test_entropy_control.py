@@ -201,6 +201,66 @@ def test_relative_target_is_a_multiple_of_the_first_observation():
     assert plain.decide(0).target == 0.5 and plain.state.initial_signal == 0.4
 
 
+def _drifting_plant(cfg: ControllerConfig, drift: float, steps: int = 150, h0: float = 0.4) -> list[float]:
+    """Entropy under the controller when the rest of the update drifts it by ``drift`` per step and
+    the kept positives move it by up to 0.02 (raising, full budget) or 0.01 (lowering, full
+    budget) per step, one step late (the decision acts on the next measurement)."""
+    ctl, h, hs = EntropyController(cfg), h0, []
+    for step in range(steps):
+        ctl.observe(entropy_full=h)
+        d = ctl.decide(step)
+        push = 0.02 * d.budget / cfg.budget_raise if d.mode == "raise" else -0.01 * d.budget / cfg.budget_lower
+        h = h + drift + push
+        hs.append(h)
+    return hs
+
+
+@pytest.mark.parametrize("drift", [0.004, 0.008, -0.004])
+def test_pi_removes_the_offset_a_drift_leaves(drift):
+    """budget_mode=pi: against a constant drift (GRPO pulling towards its own entropy) the integral
+    finds the push that cancels it, so the entropy settles on the target; proportional alone settles
+    where its push equals the drift, off the target; fixed cycles around it with full-size steps."""
+    target = TargetSchedule.parse("0.2")
+    pi = _drifting_plant(ControllerConfig(target=target, budget_mode="pi"), drift)[-50:]
+    prop = _drifting_plant(ControllerConfig(target=target, budget_mode="proportional"), drift)[-50:]
+    fixed = _drifting_plant(ControllerConfig(target=target), drift)[-50:]
+    assert abs(np.mean(pi) - 0.2) < 0.001 and max(abs(h - 0.2) for h in pi[-20:]) < 0.001
+    assert abs(np.mean(prop) - 0.2) > 0.0035 * abs(drift) / 0.004
+    assert max(abs(h - 0.2) for h in fixed) > 0.003
+
+
+def test_pi_decisions_state_and_checks():
+    cfg = ControllerConfig(target=TargetSchedule.parse("0.5"), budget_mode="pi", proportional_width=0.1,
+                           integral_gain=0.1)
+    ctl = EntropyController(cfg)
+    assert ctl.decide(0).mode == "raise"  # nothing observed yet
+    ctl.observe(entropy_full=1.0)  # far above: full lowering, the integral stays frozen (no wind-up)
+    d = ctl.decide(1)
+    assert (d.mode, d.temperature, d.budget, ctl.state.integral) == ("lower", 0.8, 30, 0.0)
+    ctl.observe(entropy_full=0.53)  # e = +0.06 inside the band: I = 0.06, u = (0.06 + 0.006) / 0.1 = 0.66
+    d = ctl.decide(2)
+    assert ctl.state.integral == pytest.approx(0.06) and (d.mode, d.budget) == ("lower", 20)
+    assert ctl.decide(2).budget == d.budget and ctl.state.integral == pytest.approx(0.06)  # once per step
+    ctl.observe(entropy_full=0.4995)  # just below the target, but the integral still says lower
+    d = ctl.decide(3)
+    assert d.mode == "lower" and d.temperature == 0.8 and d.budget >= 1
+    ctl.observe(entropy_full=0.47)  # e = -0.06: raise
+    d = ctl.decide(4)
+    assert d.mode == "raise" and d.temperature == 1.2 and 1 <= d.budget < 60
+    back = EntropyController.from_dict(json.loads(json.dumps(ctl.to_dict())))
+    assert back.state.integral == ctl.state.integral and back.config == ctl.config
+    with pytest.raises(ValueError, match="dead_band"):
+        ControllerConfig(budget_mode="pi", dead_band=0.05)
+    with pytest.raises(ValueError, match="integral_gain"):
+        ControllerConfig(integral_gain=-0.1)
+    # the integral is clamped: |integral_gain * I| <= 1
+    clamp = EntropyController(cfg)
+    for step in range(500):
+        clamp.observe(entropy_full=0.54)
+        clamp.decide(step)
+    assert clamp.state.integral == pytest.approx(10.0)
+
+
 def test_proportional_budget_shrinks_near_the_target():
     """budget_mode=proportional: same temperature rule as the paper, budget scaled by the relative
     error (full at proportional_width), never 0 while acting; fixed (default) is the paper's."""

@@ -94,8 +94,10 @@ class ControllerSection:
     band_mode: str = field(default="hold", metadata=_help(
         "inside the dead band: hold (keep the previous T) | idle (no temperature samples)"))
     budget_mode: str = field(default="fixed", metadata=_help(
-        "fixed (the paper: full budget every step) | proportional (budget x min(1, |H - target| / (proportional_width x target)))"))
-    proportional_width: float = field(default=0.1, metadata=_help("relative error at which the proportional budget is full"))
+        "fixed (the paper: full budget every step) | proportional (budget x min(1, |H - target| / (proportional_width x target))) "
+        "| pi (proportional-integral: direction and budget from the relative error and its sum; docs/training.md)"))
+    proportional_width: float = field(default=0.1, metadata=_help("relative error at which the proportional (and pi) budget is full"))
+    integral_gain: float = field(default=0.1, metadata=_help("budget_mode=pi: weight of the summed relative error"))
     target_relative: bool = field(default=False, metadata=_help(
         "read the target's values as multiples of H0, the entropy measured at the first step (0.5 = half the base model's)"))
     initial_entropy: float | None = field(default=None, metadata=_help(
@@ -341,7 +343,10 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
     _one_of("model.compute_dtype", cfg.model.compute_dtype, ("", "float32", "bfloat16"))
     _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
     _one_of("algorithm.controller.band_mode", c.band_mode, ("hold", "idle"))
-    _one_of("algorithm.controller.budget_mode", c.budget_mode, ("fixed", "proportional"))
+    _one_of("algorithm.controller.budget_mode", c.budget_mode, ("fixed", "proportional", "pi"))
+    if c.budget_mode == "pi" and c.dead_band > 0:
+        raise ConfigError(f"config key 'algorithm.controller.dead_band' must be 0 with budget_mode=pi "
+                          f"(pi decides the direction itself), got {c.dead_band}")
     _one_of("algorithm.reg_norm", a.reg_norm, ("main", "reg", "joint"))
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
     _one_of("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
@@ -376,6 +381,7 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
         ("algorithm.controller.budget_down", c.budget_down, 0, None, False, False),
         ("algorithm.controller.dead_band", c.dead_band, 0.0, None, False, False),
         ("algorithm.controller.proportional_width", c.proportional_width, 0.0, None, True, False),
+        ("algorithm.controller.integral_gain", c.integral_gain, 0.0, None, False, False),
         ("algorithm.log_ratio_clamp", a.log_ratio_clamp, 0.0, None, True, False),
         ("algorithm.clip_cov.ratio", a.clip_cov.ratio, 0.0, 1.0, True, False),
         ("algorithm.clip_cov.ub", a.clip_cov.ub, a.clip_cov.lb, None, True, False),
@@ -479,4 +485,4 @@ def controller_config(cfg: RunConfig):
                             budget_raise=c.budget_up, budget_lower=c.budget_down, estimator=c.estimator,
                             dead_band=c.dead_band, band_mode=c.band_mode, initial_entropy=c.initial_entropy,
                             target_relative=c.target_relative, budget_mode=c.budget_mode,
-                            proportional_width=c.proportional_width)
+                            proportional_width=c.proportional_width, integral_gain=c.integral_gain)

@@ -151,6 +151,8 @@ def control(main: Batch, step: int, m: dict, *, controller: EntropyController, l
     m["aepo/raising"] = 1.0 if decision.mode == "raise" else 0.0
     if decision.entropy is not None:
         m["aepo/entropy_signal"] = decision.entropy
+    if controller.config.budget_mode == "pi":
+        m["aepo/integral"] = controller.state.integral
     return decision
 
 
