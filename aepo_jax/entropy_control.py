@@ -41,6 +41,7 @@ __all__ = [
 
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "piecewise")
 ESTIMATORS = ("full", "sampled")
+SIGNALS = ("entropy", "length")  # what the controller holds at its target (aepo_jax/trainer/targets.py)
 BAND_MODES = ("hold", "idle")
 BUDGET_MODES = ("fixed", "proportional", "pi")
 
@@ -144,6 +145,9 @@ class TargetSchedule:
 class ControllerConfig:
     """Controller settings (defaults: the paper's Table 4).
 
+    signal: the statistic held at the target: ``entropy`` (the paper; nats/token, read with
+      ``estimator``) or ``length`` (mean response tokens of the correct responses of the step's
+      rollout). Its unit is the target's; the decision rule is the same for every signal.
     estimator: which observed entropy drives the switch: ``full`` (full-distribution entropy, the
       paper's H, Section 3.2) or ``sampled`` (-log pi(o_t), what the authors' code uses).
     dead_band: half-width of a band around the target; 0 = the paper's hard switch. Inside the band
@@ -194,10 +198,13 @@ class ControllerConfig:
     budget_mode: str = "fixed"
     proportional_width: float = 0.1
     integral_gain: float = 0.1
+    signal: str = "entropy"
 
     def __post_init__(self):
         if not isinstance(self.target, TargetSchedule):
             object.__setattr__(self, "target", TargetSchedule.parse(self.target))
+        if self.signal not in SIGNALS:
+            raise ValueError(f"ControllerConfig.signal: expected one of {SIGNALS}, got {self.signal!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"ControllerConfig.estimator: expected one of {ESTIMATORS}, got {self.estimator!r}")
         if self.band_mode not in BAND_MODES:
@@ -246,7 +253,8 @@ class ControllerState:
     target: float | None = None
     step: int | None = None  # step of the last decision
     num_observations: int = 0
-    initial_signal: float | None = None  # H0: the first observed value of the configured estimator
+    initial_signal: float | None = None  # H0: the first observed value of the configured estimator (or length)
+    length: float | None = None  # the last observed mean length of correct responses (signal "length")
     integral: float = 0.0  # budget_mode=pi: the sum of relative errors inside the proportional band
 
 
@@ -268,23 +276,33 @@ class EntropyController:
         self.state = state or ControllerState()
 
     # -- signal
-    def observe(self, *, entropy_full: float | None = None, entropy_sampled: float | None = None) -> None:
-        """Record the current policy's measured entropy (either or both estimators)."""
-        for name, v in (("entropy_full", entropy_full), ("entropy_sampled", entropy_sampled)):
+    def observe(self, *, entropy_full: float | None = None, entropy_sampled: float | None = None,
+                length: float | None = None) -> None:
+        """Record the current policy's measured entropy (either or both estimators) and/or the
+        mean length of its correct responses."""
+        for name, v in (("entropy_full", entropy_full), ("entropy_sampled", entropy_sampled), ("length", length)):
             if v is not None and not math.isfinite(float(v)):
                 raise ValueError(f"observe: {name} is not finite ({v})")
-        if entropy_full is None and entropy_sampled is None:
-            raise ValueError("observe: pass entropy_full and/or entropy_sampled")
+        if entropy_full is None and entropy_sampled is None and length is None:
+            raise ValueError("observe: pass entropy_full, entropy_sampled and/or length")
+        if length is not None:
+            self.state.length = float(length)
+            if self.config.signal == "length" and self.state.initial_signal is None:
+                self.state.initial_signal = self.state.length
+            if entropy_full is None and entropy_sampled is None:
+                return  # a length alone is not an entropy observation
         if entropy_full is not None:
             self.state.entropy_full = float(entropy_full)
         if entropy_sampled is not None:
             self.state.entropy_sampled = float(entropy_sampled)
         self.state.num_observations += 1
-        if self.state.initial_signal is None:
+        if self.state.initial_signal is None and self.config.signal == "entropy":
             first = self.state.entropy_full if self.config.estimator == "full" else self.state.entropy_sampled
             self.state.initial_signal = first
 
     def signal(self) -> float | None:
+        if self.config.signal == "length":
+            return self.state.length  # None until a step has a correct response: raise first
         s = self.state.entropy_full if self.config.estimator == "full" else self.state.entropy_sampled
         if s is None and self.state.num_observations > 0:
             raise ValueError(

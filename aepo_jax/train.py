@@ -57,6 +57,7 @@ from aepo_jax.trainer.learner import Learner, LearnerSpec
 from aepo_jax.trainer.metrics import MetricsLogger, Timer
 from aepo_jax.trainer.rollouts import Rollouts, WeightSync
 from aepo_jax.trainer.startup_clock import StartupClock
+from aepo_jax.trainer.targets import target_for
 
 log = logging.getLogger("aepo_jax.train")
 
@@ -131,6 +132,7 @@ class Trainer:
         # ---- method, controller, loss, learner
         self.spec = method_spec(cfg.algorithm.method, cfg.algorithm.reading)
         self.controller = EntropyController(controller_config(cfg))
+        self.target = target_for(cfg.algorithm.controller.signal)  # how its regularising samples are drawn
         # On-policy (one epoch of one mini-batch): pi_old is the policy being updated, so the update
         # uses sg(log pi) and no separate forward pass runs (docs/algorithms.md, "Old log-probs").
         self.reuse_old_logp = cfg.train.old_logp == "reuse" or (
@@ -183,16 +185,16 @@ class Trainer:
                              "rollout", m)
         main = stages.old_logp(main, m, learner=self.learner, geo=self.geo, reuse=self.reuse_old_logp)
         decision = stages.control(main, step, m, controller=self.controller, learner=self.learner, geo=self.geo,
-                                  measure=self.measure_entropy)
+                                  measure=self.measure_entropy, target=self.target)
         reg = stages.reg_rollout(examples, decision, stages.step_seed(seed, step, 1), m, cfg=cfg, spec=self.spec,
-                                 draw=self._rollout)
+                                 draw=self._rollout, target=self.target, controller=self.controller)
         reg = stages.old_logp(reg, m, learner=self.learner, geo=self.geo, reuse=self.reuse_old_logp)
         with Timer("batch", m):
             batch = assemble(self.spec, main, reg)
         self.num_updates = stages.update(batch, step, self.num_updates, m, learner=self.learner, geo=self.geo,
                                          epochs=cfg.train.epochs, seed=seed)
         stages.observe(m, controller=self.controller, measured=self.measure_entropy,
-                       estimator=cfg.algorithm.controller.estimator)
+                       estimator=cfg.algorithm.controller.estimator, target=self.target)
         self.weights.begin(self.learner, step + 1)  # written in the background: synced at the next step
         tokens = float(batch.mask.sum())
         m["timing_s/step"] = time.perf_counter() - t0
@@ -201,9 +203,11 @@ class Trainer:
         m["perf/compiles"] = float(COMPILES.compiles - compiles)  # this process's: 0 after step 1
         return m
 
-    def _rollout(self, examples, n: int, temperature: float, seed: int, stage: str, m: dict) -> Batch:
+    def _rollout(self, examples, n: int, temperature: float, seed: int, stage: str, m: dict,
+                 max_new_tokens: int | None = None) -> Batch:
         return stages.rollout(examples, n, temperature, seed, stage, m, rollouts=self.rollouts,
-                              reward_pool=self.reward_pool, tokenizer=self.tokenizer, geo=self.geo)
+                              reward_pool=self.reward_pool, tokenizer=self.tokenizer, geo=self.geo,
+                              max_new_tokens=max_new_tokens)
 
     # ------------------------------------------------------------------ checkpoints
     def _validate(self, step: int, m: dict | None = None) -> dict:

@@ -9,6 +9,7 @@ runs share (each run syncs its own weights to it first, as it would with a long-
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -136,6 +137,9 @@ def test_every_method_runs_end_to_end(method, base_model, server, tmp_path):
             assert key in m and m[key] is not None and np.isfinite(m[key]), (method, key)
         assert m["actor/update_skipped"] == 0
         assert 0 < m["policy/entropy_full"] and m["entropy"] == m["policy/entropy_full"]
+        # the controller's generic keys, every step, every method (entropy: the same numbers)
+        assert m["control/signal"] == m["entropy"] and m["control/target"] == m["entropy_target"] == 8.0
+        assert m["control/side"] == 1.0 and "rollout/correct_length_mean" in m
         # on-policy: no separate old-log-prob pass
         assert "timing_s/old_logp" not in m
     if METHOD_SPECS[method].uses_reg_rollout:
@@ -147,6 +151,25 @@ def test_every_method_runs_end_to_end(method, base_model, server, tmp_path):
     assert ms[1]["perf/compiles"] == 0, "the learner compiled again after step 1"
     _check_method_semantics(method, ms)
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def test_length_signal_runs_end_to_end(base_model, server, tmp_path):
+    """--algorithm.controller.signal=length: the signal is this step's mean correct length, a target
+    below it lowers, and the lowering rollout stops at the current mean (the tighter token budget)."""
+    from aepo_jax.train import main
+
+    rc = main(_args(base_model, server.url, tmp_path, "--method=aepo", "--steps=2", "--algorithm.controller.signal=length",
+                    "--algorithm.controller.target=2"))
+    assert rc == 0
+    ms = _metrics(tmp_path)
+    for m in ms:
+        length = m["rollout/correct_length_mean"]
+        assert length is not None and m["control/signal"] == length and m["control/target"] == 2.0
+        assert m["control/side"] == -1.0 and m["aepo/budget"] == 30 and m["temperature"] == 1.0
+        assert m["aepo/reg_max_new_tokens"] == math.ceil(length)
+        assert m["reg_rollout/response_length_max"] <= math.ceil(length)
+        assert m["aepo/positives_used"] <= min(30, m["aepo/positives_available"])
+        assert "entropy_target" not in m and "aepo/entropy_signal" not in m and m["entropy"] > 0
 
 
 def test_aepo_mix_reading_runs_end_to_end(base_model, server, tmp_path):

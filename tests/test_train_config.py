@@ -72,6 +72,7 @@ def test_every_loss_and_controller_option_is_reachable(tmp_path):
         "algorithm.controller.dead_band": "0.02", "algorithm.controller.band_mode": "idle",
         "algorithm.controller.initial_entropy": "0.4", "algorithm.controller.target_relative": "true",
         "algorithm.controller.budget_mode": "proportional", "algorithm.controller.proportional_width": "0.2",
+        "algorithm.controller.signal": "length",
         "algorithm.clip_cov.ratio": "0.001", "algorithm.clip_cov.lb": "0.5", "algorithm.clip_cov.ub": "4.0",
         "algorithm.kl_cov.ratio": "0.002", "algorithm.kl_cov.coef": "0.5",
         "algorithm.controller.integral_gain": "0.2",

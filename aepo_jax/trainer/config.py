@@ -100,6 +100,9 @@ class ControllerSection:
     integral_gain: float = field(default=0.1, metadata=_help("budget_mode=pi: weight of the summed relative error"))
     target_relative: bool = field(default=False, metadata=_help(
         "read the target's values as multiples of H0, the entropy measured at the first step (0.5 = half the base model's)"))
+    signal: str = field(default="entropy", metadata=_help(
+        "the statistic held at the target: entropy (nats/token, the paper) | length (mean tokens of the correct "
+        "responses; shorter / longer correct samples instead of a temperature, see docs/training.md)"))
     initial_entropy: float | None = field(default=None, metadata=_help(
         "entropy assumed before the first measurement; none = raise first (the authors' code starts from 0)"))
 
@@ -342,6 +345,14 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
                               "pip install 'aepo-jax[distributed]'); use rollout.sync=disk without it")
     _one_of("model.compute_dtype", cfg.model.compute_dtype, ("", "float32", "bfloat16"))
     _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
+    _one_of("algorithm.controller.signal", c.signal, ("entropy", "length"))
+    if c.signal != "entropy":
+        from aepo_jax.methods import method_spec
+
+        spec = method_spec(a.method, a.reading)
+        if spec.uses_reg_rollout and (spec.reg_rollout != "controller" or spec.reg_rows not in ("positives", "replace")):
+            raise ConfigError(f"config key 'algorithm.controller.signal': {c.signal!r} draws its own positives; method "
+                              f"{a.method!r} (regulariser rows {spec.reg_rows!r} at {spec.reg_rollout!r}) cannot use it")
     _one_of("algorithm.controller.band_mode", c.band_mode, ("hold", "idle"))
     _one_of("algorithm.controller.budget_mode", c.budget_mode, ("fixed", "proportional", "pi"))
     if c.budget_mode == "pi" and c.dead_band > 0:
@@ -485,4 +496,5 @@ def controller_config(cfg: RunConfig):
                             budget_raise=c.budget_up, budget_lower=c.budget_down, estimator=c.estimator,
                             dead_band=c.dead_band, band_mode=c.band_mode, initial_entropy=c.initial_entropy,
                             target_relative=c.target_relative, budget_mode=c.budget_mode,
-                            proportional_width=c.proportional_width, integral_gain=c.integral_gain)
+                            proportional_width=c.proportional_width, integral_gain=c.integral_gain,
+                            signal=c.signal)

@@ -73,10 +73,12 @@ class Rollouts:
                 master_port=cfg.sync_master_port, backend=cfg.sync_backend, timeout_s=cfg.request_timeout_s)
             self.loop.run_until_complete(self.dist_sync.connect())
 
-    def generate(self, prompts: list[list[int]], n: int, temperature: float, seed: int) -> list:
-        """``n`` samples per prompt, each from the weights last published."""
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, seed: int,
+                 max_new_tokens: int | None = None) -> list:
+        """``n`` samples per prompt, each from the weights last published; ``max_new_tokens``
+        overrides ``rollout.max_new_tokens`` (only ever lower: the batch's response length is fixed)."""
         r = self.cfg
-        params = {"max_new_tokens": r.max_new_tokens, "top_p": r.top_p, "top_k": r.top_k}
+        params = {"max_new_tokens": max_new_tokens or r.max_new_tokens, "top_p": r.top_p, "top_k": r.top_k}
         samples = self.loop.run_until_complete(self.client.generate(
             prompts, n=n, sampling_params=params, seed=seed, temperature=temperature, return_logprob=False))
         self.check_weight_version(samples)

@@ -31,6 +31,7 @@ from aepo_jax.trainer.config import RunConfig
 from aepo_jax.trainer.learner import Learner
 from aepo_jax.trainer.metrics import Timer
 from aepo_jax.trainer.rollouts import Rollouts, score
+from aepo_jax.trainer.targets import TargetDistribution, correct_length_mean, reg_rows_by_target
 
 log = logging.getLogger("aepo_jax.train")
 
@@ -85,6 +86,8 @@ def rollout_metrics(b: Batch, prefix: str) -> dict:
         f"{prefix}/accuracy": float((b.rewards > 0.5).mean()),
         f"{prefix}/response_length_mean": float(lens.mean()),
         f"{prefix}/response_length_max": float(lens.max()),
+        # the length controller's signal; NaN (null in metrics.jsonl) when nothing is correct
+        f"{prefix}/correct_length_mean": correct_length_mean(lens, b.rewards) or float("nan"),
         f"{prefix}/truncation_rate": float(b.truncated.mean()),
         f"{prefix}/num_samples": float(b.num_rows),
     }
@@ -97,11 +100,12 @@ def policy_entropy(b: Batch) -> tuple[float, float]:
 
 
 def rollout(examples: list, n: int, temperature: float, seed: int, stage: str, m: dict, *,
-            rollouts: Rollouts | None, reward_pool: RewardPool | None, tokenizer, geo: Geometry) -> Batch:
+            rollouts: Rollouts | None, reward_pool: RewardPool | None, tokenizer, geo: Geometry,
+            max_new_tokens: int | None = None) -> Batch:
     """Samples and their rewards (process 0), packed; the same Batch on every process."""
     if distributed.is_main_process():
         with Timer(stage, m):
-            samples = rollouts.generate([list(e.prompt_ids) for e in examples], n, temperature, seed)
+            samples = rollouts.generate([list(e.prompt_ids) for e in examples], n, temperature, seed, max_new_tokens)
         with Timer("reward" if stage == "rollout" else f"{stage}_reward", m):
             payload = score(samples, examples, reward_pool, tokenizer, main_rollout=stage == "rollout",
                             prompt_len=geo.prompt_len, response_len=geo.response_len, pad_id=geo.pad_id)
@@ -128,8 +132,9 @@ def old_logp(batch: Batch | None, m: dict, *, learner: Learner, geo: Geometry, r
 
 
 def control(main: Batch, step: int, m: dict, *, controller: EntropyController, learner: Learner,
-            geo: Geometry, measure: bool) -> Decision:
-    """AEPO's decision for this step: T and the positive budget from the policy's entropy.
+            geo: Geometry, measure: bool, target: TargetDistribution) -> Decision:
+    """AEPO's decision for this step: T and the positive budget from the policy's entropy (or from
+    ``target``'s statistic, measured on this step's rollout before the decision: no lag).
 
     ``measure``: the signal is this step's rollout, measured before the controller decides (the
     paper; from the recomputed old log-probs, or a forward pass over the main rows). Otherwise it
@@ -145,30 +150,48 @@ def control(main: Batch, step: int, m: dict, *, controller: EntropyController, l
             h_full, h_nll = policy_entropy(main)
         controller.observe(entropy_full=h_full, entropy_sampled=h_nll)
         m["policy/entropy_full"], m["policy/entropy_nll"] = h_full, h_nll
+    if target.name != "entropy":
+        value = target.measure(main)
+        if value is not None:  # e.g. no correct response this step: keep the last value
+            controller.observe(**{target.name: value})
     decision = controller.decide(step)
-    m["entropy_target"] = decision.target
     m["aepo/budget"] = float(decision.budget)
     m["aepo/raising"] = 1.0 if decision.mode == "raise" else 0.0
-    if decision.entropy is not None:
-        m["aepo/entropy_signal"] = decision.entropy
+    m["control/target"] = decision.target
+    m["control/side"] = {"raise": 1.0, "lower": -1.0}.get(decision.mode, 0.0)
+    if target.name == "entropy":  # these keys are the entropy's; other signals have control/*
+        m["entropy_target"] = decision.target
+        if decision.entropy is not None:
+            m["aepo/entropy_signal"] = decision.entropy
     if controller.config.budget_mode == "pi":
         m["aepo/integral"] = controller.state.integral
     return decision
 
 
 def reg_rollout(examples: list, decision: Decision, seed: int, m: dict, *, cfg: RunConfig, spec: MethodSpec,
-                draw) -> Batch | None:
+                draw, target: TargetDistribution, controller: EntropyController) -> Batch | None:
     """The method's second rollout and the rows of it the batch keeps (None without one).
-    ``draw(examples, n, temperature, seed, stage, m)`` is the :func:`rollout` stage."""
+    ``draw(examples, n, temperature, seed, stage, m, max_new_tokens)`` is the :func:`rollout` stage.
+    For the entropy target, T from the decision and every positive (the paper); for another
+    target, its own sampling and selection (:mod:`aepo_jax.trainer.targets`)."""
     temperature = 1.0 if spec.reg_rollout in ("none", "t1") else decision.temperature
+    max_new_tokens = cfg.rollout.max_new_tokens
+    signal = None if target.name == "entropy" else controller.signal()
+    if target.name != "entropy" and spec.reg_rollout == "controller":
+        temperature, max_new_tokens = target.sampling(decision, signal, cfg.rollout.temperature, max_new_tokens)
+        m["aepo/reg_max_new_tokens"] = float(max_new_tokens)
     m["temperature"] = temperature
     if not spec.uses_reg_rollout:
         return None
     n_prompts = max(1, math.ceil(cfg.algorithm.reg_prompt_fraction * len(examples)))
     reg = draw(examples[:n_prompts], cfg.algorithm.reg_samples_per_prompt or cfg.rollout.n,
-               temperature, seed, "reg_rollout", m)
+               temperature, seed, "reg_rollout", m, max_new_tokens)
     with Timer("batch", m):
-        rows, stats = select_reg_rows(spec, reg, decision.budget, np.random.default_rng([cfg.train.seed, decision.step, 2]))
+        rng = np.random.default_rng([cfg.train.seed, decision.step, 2])
+        if target.name == "entropy":
+            rows, stats = select_reg_rows(spec, reg, decision.budget, rng)
+        else:
+            rows, stats = reg_rows_by_target(target, spec, reg, decision, signal, rng)
     m.update(stats)
     return rows
 
@@ -197,10 +220,12 @@ def update(batch: Batch, step: int, num_updates: int, m: dict, *, learner: Learn
     return num_updates
 
 
-def observe(m: dict, *, controller: EntropyController, measured: bool, estimator: str) -> None:
+def observe(m: dict, *, controller: EntropyController, measured: bool, estimator: str,
+            target: TargetDistribution) -> None:
     """``entropy``: the policy's entropy on this step's rollout, before the update (the controller's
     estimator). Unless ``measured`` by :func:`control`, it comes from the update's forward pass and
-    feeds the next decision."""
+    feeds the next decision. ``control/signal``: the controlled statistic of this step's rollout."""
     if not measured:
         controller.observe(entropy_full=m["policy/entropy_full"], entropy_sampled=m["policy/entropy_nll"])
     m["entropy"] = m["policy/entropy_full"] if estimator == "full" else m["policy/entropy_nll"]
+    m["control/signal"] = m["entropy"] if target.name == "entropy" else m[f"rollout/correct_{target.name}_mean"]

@@ -1,0 +1,134 @@
+"""The controller on a signal other than entropy (response length) and the length target
+distribution: how its regularising samples are drawn and chosen on each side of the target."""
+
+import math
+
+import numpy as np
+import pytest
+
+from aepo_jax.entropy_control import ControllerConfig, Decision, EntropyController
+from aepo_jax.methods import method_spec
+from aepo_jax.trainer.batch import pack
+from aepo_jax.trainer.targets import TARGETS, LengthTarget, correct_length_mean, reg_rows_by_target, target_for
+
+
+def decision(mode, budget=5):
+    return Decision(step=0, temperature=1.2 if mode == "raise" else 0.8, budget=budget, target=10.0, entropy=None,
+                    mode=mode)
+
+
+def _reg_batch(lengths, rewards, truncated):
+    outputs = [[5] * int(n) for n in lengths]
+    return pack([[1, 2]] * len(lengths), outputs, list(rewards), list(range(len(lengths))), list(truncated),
+                main_rollout=False, prompt_len=4, response_len=int(max(lengths)), pad_id=0)
+
+
+def test_correct_length_mean_counts_only_correct_responses():
+    assert correct_length_mean([5, 7, 100, 9], [1, 1, 0, 1]) == pytest.approx(7.0)
+    assert correct_length_mean([5, 7], [0, 0]) is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_selection_keeps_the_right_side_most_extreme_first(seed):
+    rng = np.random.default_rng(seed)
+    n = 64
+    lengths = rng.integers(3, 40, size=n).astype(float)
+    rewards = (rng.random(n) < 0.6).astype(float)
+    truncated = rng.random(n) < 0.1
+    signal = float(correct_length_mean(lengths, rewards))
+    t = LengthTarget()
+    reg = _reg_batch(lengths, rewards, truncated)
+    assert t.measure(reg) == pytest.approx(signal)
+    ok = (rewards > 0) & ~truncated
+    for mode, side in (("lower", lengths < signal), ("raise", lengths > signal)):
+        for budget in (0, 3, 1000):
+            idx = t.select(reg, decision(mode, budget), signal, budget, np.random.default_rng(seed))
+            eligible = np.flatnonzero(ok & side)
+            assert len(idx) == min(budget, len(eligible)) and len(set(idx)) == len(idx)
+            assert set(idx) <= set(eligible)
+            if len(idx) and len(idx) < len(eligible):  # the kept ones are the most extreme
+                rest = np.setdiff1d(eligible, idx)
+                if mode == "lower":
+                    assert lengths[idx].max() <= lengths[rest].min()
+                else:
+                    assert lengths[idx].min() >= lengths[rest].max()
+    assert len(t.select(reg, decision("idle", 0), signal, 0, rng)) == 0
+
+
+def test_length_sampling_budget_only_shortens():
+    t = LengthTarget()
+    assert t.sampling(decision("lower"), 12.3, 1.0, 48) == (1.0, 13)  # stops at the current mean
+    assert t.sampling(decision("lower"), 80.0, 1.0, 48) == (1.0, 48)  # never above the rollout's budget
+    assert t.sampling(decision("raise"), 12.3, 1.0, 48) == (1.0, 48)
+    assert t.sampling(decision("lower"), None, 1.0, 48) == (1.0, 48)  # no signal yet
+    assert TARGETS["entropy"].sampling(decision("raise"), None, 1.0, 48) == (1.2, 48)
+    with pytest.raises(ValueError, match="signal 'width'"):
+        target_for("width")
+
+
+def test_controller_on_length_signal():
+    ctl = EntropyController(ControllerConfig(target="20", signal="length"))
+    assert ctl.decide(0).mode == "raise"  # nothing observed yet
+    ctl.observe(entropy_full=0.5, entropy_sampled=0.6)  # entropy does not drive a length controller
+    assert ctl.signal() is None
+    ctl.observe(length=25.0)
+    d = ctl.decide(1)
+    assert (d.mode, d.entropy, d.target) == ("lower", 25.0, 20.0)
+    ctl.observe(length=15.0, entropy_full=0.4)
+    assert ctl.decide(2).mode == "raise"
+    again = EntropyController.from_dict(ctl.to_dict())  # checkpointed with its signal
+    assert again.config.signal == "length" and again.signal() == 15.0 and again.decide(3).mode == "raise"
+    rel = EntropyController(ControllerConfig(target="0.7", signal="length", target_relative=True))
+    rel.observe(entropy_full=0.5)
+    rel.observe(length=30.0)  # the first length is L0
+    rel.observe(length=25.0)
+    d = rel.decide(0)
+    assert d.target == pytest.approx(21.0) and d.mode == "lower"
+    with pytest.raises(ValueError, match="signal"):
+        ControllerConfig(signal="speed")
+    with pytest.raises(ValueError, match="length is not finite"):
+        ctl.observe(length=math.nan)
+
+
+def test_entropy_controller_state_ignores_length():
+    """The entropy path: a length observation changes neither its signal nor H0."""
+    a, b = EntropyController(ControllerConfig(target="0.5", target_relative=True)), EntropyController(
+        ControllerConfig(target="0.5", target_relative=True))
+    a.observe(entropy_full=0.4, entropy_sampled=0.5)
+    b.observe(entropy_full=0.4, entropy_sampled=0.5)
+    b.observe(length=30.0)
+    assert a.decide(1) == b.decide(1) and a.state.initial_signal == b.state.initial_signal == 0.4
+
+
+@pytest.mark.parametrize("reading", ["paper", "mix"])
+def test_reg_rows_by_length(reading):
+    lengths = [4, 9, 6, 12, 3, 7]
+    rewards = [1, 1, 0, 1, 1, 1]
+    truncated = [False, False, False, False, True, False]
+    reg = _reg_batch(lengths, rewards, truncated)
+    spec = method_spec("aepo", reading)
+    rows, stats = reg_rows_by_target(TARGETS["length"], spec, reg, decision("lower", 1), 8.0, np.random.default_rng(0))
+    # correct, not truncated, shorter than 8: lengths 4 and 7 (3 is truncated); the shortest kept
+    assert stats == {"aepo/positives_available": 2.0, "aepo/positives_used": 1.0}
+    assert rows.mask.sum(axis=1).tolist() == [4] and rows.advantages.tolist() == [1.0]
+    assert rows.is_reg.tolist() == [reading == "paper"]
+    rows, stats = reg_rows_by_target(TARGETS["length"], spec, reg, decision("raise", 5), 8.0, np.random.default_rng(0))
+    assert sorted(rows.mask.sum(axis=1).tolist()) == [9, 12] and stats["aepo/positives_used"] == 2.0
+    with pytest.raises(ValueError, match="positive regulariser rows"):
+        reg_rows_by_target(TARGETS["length"], method_spec("ablation_eq3"), reg, decision("raise"), 8.0,
+                           np.random.default_rng(0))
+
+
+def test_config_signal_key():
+    from aepo_jax.config import ConfigError, build_config
+    from aepo_jax.trainer.config import ALIASES, RunConfig, controller_config, validate
+
+    cfg = validate(build_config(RunConfig, ["--algorithm.controller.signal=length",
+                                            "--algorithm.controller.target=14"], aliases=ALIASES))
+    assert controller_config(cfg).signal == "length"
+    validate(build_config(RunConfig, ["--algorithm.controller.signal=length", "--method=grpo"], aliases=ALIASES))
+    with pytest.raises(ConfigError, match="algorithm.controller.signal"):
+        validate(build_config(RunConfig, ["--algorithm.controller.signal=speed"], aliases=ALIASES))
+    with pytest.raises(ConfigError, match="algorithm.controller.signal.*ablation_eq3"):
+        validate(build_config(RunConfig, ["--algorithm.controller.signal=length", "--method=ablation_eq3"],
+                              aliases=ALIASES))
