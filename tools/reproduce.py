@@ -16,7 +16,7 @@ controller.
 
 The grid (``build_grid``): AEPO at five targets relative to the base model's entropy H0 (0.5, 0.75,
 1, 1.5 and 2 x H0) under both readings (``paper``, ``mix``); GRPO, Entropy-Reg at two
-coefficients, Entropy-Adv and the ablations Eq. (2) / Eq. (3) (at 1.5 x H0); AEPO at 0.5 and 1.5 x
+coefficients, Entropy-Adv, Clip-Cov and KL-Cov (verl's defaults; full grid only) and the ablations Eq. (2) / Eq. (3) (at 1.5 x H0); AEPO at 0.5 and 1.5 x
 H0 and GRPO on a weaker and a stronger base model. The full grid repeats the held-target and
 baseline runs for three seeds (the seed of the run and of its base model); ``--quick`` runs one.
 
@@ -186,6 +186,9 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
             runs.append(RunSpec(f"entropy_reg-l{_num(c)}-s{s}", "baseline", b, "entropy_reg", f"Entropy-Reg lambda={c:g}",
                                 seed=s, options=(("algorithm.entropy_coef", str(c)),)))
         runs.append(RunSpec(f"entropy_adv-s{s}", "baseline", b, "entropy_adv", "Entropy-Adv", seed=s))
+        # the covariance baselines (verl's defaults): the full grid only (--quick keeps its time budget)
+        for m, lab in (() if quick else (("clip_cov", "Clip-Cov"), ("kl_cov", "KL-Cov"))):
+            runs.append(RunSpec(f"{m}-s{s}", "baseline", b, m, lab, seed=s))
         for m, lab in (("ablation_eq2", "Eq. (2): REINFORCE on T = 1 samples"),
                        ("ablation_eq3", "Eq. (3): temperature samples, GRPO advantages")):
             runs.append(RunSpec(f"{m}-t{_num(ABLATION_TARGET)}-s{s}", "baseline", b, m, f"{lab}, {ABLATION_TARGET:g} x H0",

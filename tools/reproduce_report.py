@@ -167,6 +167,8 @@ def _baseline_sets(st: Study) -> list[tuple[str, list[dict]]]:
                        key=lambda c: float(c)):
         out.append((f"Entropy-Reg lambda={coef}", st.select("baseline", method="entropy_reg", options=[["algorithm.entropy_coef", coef]])))
     out.append(("Entropy-Adv", st.select("baseline", method="entropy_adv")))
+    out.append(("Clip-Cov", st.select("baseline", method="clip_cov")))
+    out.append(("KL-Cov", st.select("baseline", method="kl_cov")))
     abl = st.select("baseline", method="ablation_eq2")
     t = abl[0]["run"]["target"] if abl else None
     out.append((f"Eq. (2) ablation, target {t:g} x H0" if t else "Eq. (2) ablation", abl))
@@ -203,6 +205,8 @@ def _passk_rows(st: Study) -> list[tuple[str, list[dict], str]]:
     if base_evals:
         rows.append(("base model", base_evals, "base"))
     rows.append(("GRPO", [r["eval"] for r in st.select("baseline", method="grpo")], "grpo"))
+    for method, label in (("clip_cov", "Clip-Cov"), ("kl_cov", "KL-Cov")):  # the covariance baselines
+        rows.append((label, [r["eval"] for r in st.select("baseline", method=method)], "cov"))
     for reading in st.readings():
         for t in st.targets():
             rows.append((f"AEPO ({reading}) {t:g} x H0", [r["eval"] for r in st.select("held", reading=reading, target=t)], reading))
@@ -231,6 +235,8 @@ def fig_passk(st: Study, path: Path) -> None:
             ax.plot(ks, ys, color="gray", linewidth=2, label=label)
         elif kind == "grpo":
             ax.plot(ks, ys, color="black", linestyle=":", linewidth=2, label=label)
+        elif kind == "cov":
+            ax.plot(ks, ys, linestyle="--", linewidth=1.5, label=label)
         else:
             t = float(label.split(")")[1].split("x")[0])
             ax.plot(ks, ys, color=cmap(targets.index(t) / max(1, len(targets) - 1)), label=label)
