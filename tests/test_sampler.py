@@ -358,3 +358,51 @@ def test_non_finite_weights_refused_and_overflow_stays_in_the_vocabulary(sampler
             for p in PROMPTS for t in (0.0, 1.0)]
     for r in over.generate(reqs):
         assert len(r.output_ids) == 6 and all(0 <= t < VOCAB for t in r.output_ids), r.output_ids
+
+
+def test_prompt_bucket_representatives_cover_every_reachable_bucket():
+    from aepo_jax.rollout.sampler import bucket_of, prompt_bucket_representatives
+
+    rng = np.random.default_rng(7)
+    buckets = (16, 32, 64, 128)
+    for _ in range(20):
+        lengths = rng.integers(1, 200, size=int(rng.integers(1, 30))).tolist()
+        reps = prompt_bucket_representatives(lengths, buckets)
+        # every batch of these prompts runs in the bucket of its longest prompt: one of reps
+        for _ in range(10):
+            batch = rng.choice(lengths, size=int(rng.integers(1, len(lengths) + 1)))
+            assert bucket_of(int(max(batch)), buckets) in reps
+        for b, n in reps.items():
+            assert bucket_of(n, buckets) == b and n == max(x for x in lengths if bucket_of(x, buckets) == b)
+
+
+def test_warming_the_representative_buckets_leaves_nothing_to_compile(model_dir):
+    """Prompts of 30-35 tokens straddle the 32 bucket: a batch of only short ones is another
+    shape. One batch per representative length compiles every shape any batch of them uses."""
+    from aepo_jax.compilation_cache import COMPILES
+    from aepo_jax.rollout.protocol import SamplingRequest
+    from aepo_jax.rollout.sampler import Sampler, SamplerConfig, prompt_bucket_representatives
+
+    COMPILES.install()
+    s = Sampler.from_pretrained(model_dir, dtype="float32",
+                                config=SamplerConfig(max_batch=8, batch_buckets=(8,), prompt_buckets=(16, 32, 64),
+                                                     gen_buckets=(8,)))
+    rng = np.random.default_rng(3)
+    lengths = [30, 31, 32, 33, 35]
+    prompts = {n: [int(t) for t in rng.integers(3, VOCAB, size=n)] for n in lengths}
+
+    def run(ns, seed):
+        return s.generate([SamplingRequest(input_ids=tuple(prompts[n]), max_new_tokens=8, temperature=1.0,
+                                           seed=seed + i) for i, n in enumerate(ns)])
+
+    reps = prompt_bucket_representatives(lengths, s.buckets["prompt"])
+    assert reps == {32: 32, 64: 35}
+    for n in reps.values():
+        run([n] * 8, 0)
+    before = COMPILES.compiles
+    for seed in range(6):  # only-short batches, only-long ones, mixed, partial
+        ns = rng.choice(lengths, size=int(rng.integers(1, 9))).tolist()
+        run(ns, 100 * seed)
+    run([30] * 8, 7)
+    run([35] * 3, 9)
+    assert COMPILES.compiles == before

@@ -95,6 +95,9 @@ def test_health_and_info_endpoints(server, dirs):
     s2, sinfo2 = http("GET", server.url + "/get_server_info")
     assert s1 == s2 == 200 and sinfo["model_path"] == dirs[0] and sinfo["max_context_length"] == 512
     assert sinfo["port"] == int(server.url.rsplit(":", 1)[1]) and sinfo["skip_tokenizer_init"] is False
+    # ours, beyond SGLang's: the sampler's buckets and the programs compiled so far (the warm-up's at least)
+    assert (sinfo["batch_buckets"], sinfo["prompt_buckets"], sinfo["gen_buckets"]) == ([16], [32], [16, 256])
+    assert isinstance(sinfo["compiled_programs"], int) and sinfo["compiled_programs"] > 0
     if api is not None:
         api.GetModelInfoResponse.from_json_value(info)
         api.GetServerInfoResponse.from_json_value(sinfo)

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 import aepo_jax
+from aepo_jax.compilation_cache import COMPILES
 from aepo_jax.rollout import protocol, responses
 from aepo_jax.rollout.contract import RequestError, bad_request, parse_json, value_error
 from aepo_jax.rollout.sampler import Sampler, SamplerConfig, SamplingRequest
@@ -87,6 +88,7 @@ class RolloutServer:
     def load(self) -> None:
         """Blocking: load the model and tokenizer, compile the smallest bucket."""
         a = self.args
+        COMPILES.install()  # /server_info's compiled_programs (idempotent; server.main installs it too)
         with open(os.path.join(a.model_path, "config.json")) as f:
             self._model_cfg = json.load(f)
         bb = a.batch_buckets or tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < a.max_batch) + (a.max_batch,)
@@ -267,6 +269,11 @@ class RolloutServer:
             "skip_tokenizer_init": self.tokenizer is None, "context_length": ctx, "max_req_input_len": max(ctx - 1, 0),
             "tp_size": 1, "dp_size": 1, "dtype": a.dtype, "max_running_requests": a.max_batch,
             "random_seed": a.random_seed, "weight_version": self._weight_version(),
+            # Not SGLang's: the sampler's compiled shapes (a client can warm every bucket its prompts
+            # reach) and the programs this process has compiled or loaded so far (a test that no
+            # step after the first compiles).
+            **({f"{k}_buckets": v for k, v in s.buckets.items()} if s else {}),
+            "compiled_programs": COMPILES.compiles,
         })
 
     # ------------------------------------------------------------------ weights

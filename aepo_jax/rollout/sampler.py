@@ -40,11 +40,28 @@ class SampleResult:
     seed: int = 0
 
 
-def _bucket(n: int, buckets: Sequence[int]) -> int:
+def bucket_of(n: int, buckets: Sequence[int]) -> int:
+    """The compiled size that holds ``n``: the smallest bucket >= n (beyond the last: n itself)."""
     for b in buckets:
         if n <= b:
             return b
     return n  # beyond the last bucket: exact size (one more compile)
+
+
+_bucket = bucket_of
+
+
+def prompt_bucket_representatives(prompt_lengths: Sequence[int], buckets: Sequence[int]) -> dict[int, int]:
+    """{prompt bucket: the longest of ``prompt_lengths`` in it} for every bucket those lengths reach.
+
+    A batch's prompt bucket is the bucket of its longest prompt, so a set of prompts can only ever
+    run in these buckets; one request per representative length compiles every one of them (the
+    trainer's start-up warm-up, so that no later step compiles)."""
+    out: dict[int, int] = {}
+    for n in prompt_lengths:
+        b = bucket_of(int(n), buckets)
+        out[b] = max(out.get(b, 0), int(n))
+    return dict(sorted(out.items()))
 
 
 def _pow2_buckets(lo: int, hi: int) -> list[int]:
@@ -223,6 +240,14 @@ class Sampler:
                 config=config, dtype=dtype, model_path=path)
         s.mesh = mesh
         return s
+
+    @property
+    def buckets(self) -> dict[str, list[int]]:
+        """The compiled shapes' sizes: every generation runs in one (batch, prompt, gen, stop)
+        bucket combination, and each new combination is one compilation."""
+        c = self.config
+        return {"batch": list(c.batch_buckets), "prompt": list(self._pb), "gen": list(self._gb),
+                "stop": list(c.stop_buckets)}
 
     # ---------------------------------------------------------------- weights
     def model(self):
