@@ -116,6 +116,7 @@ class Trainer:
             data_lib.PromptConfig(template=cfg.data.template, max_prompt_length=cfg.data.max_prompt_length))
         # Every process walks the same stream (process 0 samples for all of them), so the
         # iterator state is identical everywhere and a resume is exact on any topology.
+        self.prompts = [list(e.prompt_ids) for e in examples]  # the rollout warm-up's lengths
         self.pipeline = data_lib.PromptPipeline(examples, data_lib.PipelineConfig(
             batch_size=cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
             process_index=0, process_count=1))
@@ -256,6 +257,8 @@ class Trainer:
                     self.rollouts.connect()
                 embedded = self.rollouts is not None and self.rollouts.server is not None
                 self.startup.mark("server start (rest)" if embedded else "servers healthy")
+                if self.is_main and self.rollouts.prewarm(self.prompts, stages.rollout_calls(cfg, self.spec)):
+                    self.startup.mark("rollout warm-up")
                 # The servers must sample from this run's policy: the restored one on a resume, and
                 # the base model on a fresh start (a long-lived server may hold another run's weights).
                 self.weights.begin(self.learner, self.start_step)
@@ -266,11 +269,17 @@ class Trainer:
                     logger.log(0, vm)
                     logger.message(validation.summary_line(0, vm, cfg) if vm else "")
                 last_ckpt_s = None
+                server_compiles = None
                 for step in range(self.start_step, cfg.train.steps):
                     m = self.train_step(step)
                     vm = self._validate(step + 1, m) if validation.should_validate(cfg, step + 1) else {}
                     m.update(vm)
                     m.update(self.startup.report_once("first step", log))  # the start-up's phases, once
+                    if self.is_main and step == self.start_step:
+                        server_compiles = self.rollouts.server_compiles()  # two round trips a run, not a step
+                    if server_compiles is not None and step + 1 == cfg.train.steps:
+                        # the programs the servers compiled after the first step (0: all were warmed)
+                        m["perf/server_compiles"] = float(self.rollouts.server_compiles() - server_compiles)
                     if last_ckpt_s is not None:
                         m["timing_s/checkpoint"] = last_ckpt_s  # the previous step's save
                     # Log before checkpointing: a run killed in between resumes at the previous

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["aepo", "grpo", "entropy_reg", "entropy_adv", "ablation_eq2", "ablation_eq3", "reinforce", "clip_cov",
            "kl_cov"]
 METHOD_SPECS = {m: method_spec(m) for m in METHODS}
-NONDETERMINISTIC = ("timing_s/", "perf/tokens_per_s", "perf/compiles")  # compiles: the process's, not the run's
+# compiles: the process's, not the run's; server_compiles: logged at a run's last step only
+NONDETERMINISTIC = ("timing_s/", "perf/tokens_per_s", "perf/compiles", "perf/server_compiles")
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,8 @@ def test_every_method_runs_end_to_end(method, base_model, server, tmp_path):
         assert "aepo/entropy_signal" not in ms[0] and ms[1]["aepo/entropy_signal"] == ms[0]["entropy"]
         assert all("timing_s/entropy" not in m for m in ms)
     assert ms[1]["perf/compiles"] == 0, "the learner compiled again after step 1"
+    # the start-up warm-up compiled every sampler shape the run's rollouts reach
+    assert ms[1]["perf/server_compiles"] == 0 and "perf/server_compiles" not in ms[0]
     _check_method_semantics(method, ms)
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "checkpoints" / "2").is_dir()
 

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from aepo_jax.rewards import RewardPool
 from aepo_jax.rollout.client import RolloutClient
 from aepo_jax.rollout.launch import start_server, wait_healthy
+from aepo_jax.rollout.sampler import prompt_bucket_representatives
 from aepo_jax.rollout.weight_sync import WeightSyncError, publish_weights, write_weights
 from aepo_jax.trainer.batch import Batch, pack
 from aepo_jax.trainer.config import RunConfig
@@ -49,6 +50,13 @@ class Rollouts:
             # Started now, without waiting: it loads and compiles while the learner initialises.
             extra = self.cfg.server_args.split() if self.cfg.server_args else []
             extra += ["--dtype", cfg.model.dtype]
+            # Every generation is rollout.max_new_tokens long at most: one generation bucket of that
+            # size (the KV cache no longer than needed), and no start-up compile of a shape the run
+            # never uses: the trainer warms the shapes its rollouts reach (prewarm).
+            if not any(a.startswith("--gen-buckets") for a in extra):
+                extra += ["--gen-buckets", str(self.cfg.max_new_tokens)]
+            if "--skip-server-warmup" not in extra:
+                extra.append("--skip-server-warmup")
             log.info("starting the embedded SGLang-compatible server for %s", model_path)
             self.server = start_server(model_path, extra_args=extra, log_path=str(run_dir / "server.log"))
 
@@ -91,6 +99,40 @@ class Rollouts:
         if wrong:
             raise WeightSyncError(f"samples came from weight_version {wrong} (server: version), "
                                   f"not the synced {self.weight_version!r}")
+
+    def prewarm(self, prompts: list[list[int]], calls: list[tuple[int, int]]) -> int:
+        """Compile, now, every sampler shape the run's rollouts can reach, so that no step after the
+        first compiles (servers that report their buckets in ``/server_info``: the embedded one).
+
+        A server batch runs in the bucket of its longest prompt, so the run's prompts reach one
+        prompt bucket per representative length (:func:`prompt_bucket_representatives`). For each,
+        every rollout call of a step (``calls``: (prompts, samples per prompt)) is drawn once, at
+        the step's row count and response length, with the run's prompt of that length repeated
+        (greedy: the compiled programs do not depend on the temperature; the samples are dropped).
+        Returns the number of warm-up rollouts (0 when no server reports buckets)."""
+        infos = [self.loop.run_until_complete(self.client.server_info(u)) for u in self.client.urls]
+        if not infos or any("prompt_buckets" not in i for i in infos):
+            return 0
+        by_len = {len(p): p for p in prompts}
+        reps = set()
+        for info in infos:
+            reps.update(prompt_bucket_representatives(list(by_len), info["prompt_buckets"]).values())
+        r = self.cfg
+        params = {"max_new_tokens": r.max_new_tokens, "top_p": r.top_p, "top_k": r.top_k}
+        done = 0
+        for length in sorted(reps):
+            for num_prompts, n in dict.fromkeys(calls):
+                self.loop.run_until_complete(self.client.generate(
+                    [by_len[length]] * num_prompts, n=n, sampling_params=params, seed=0, temperature=0.0,
+                    return_logprob=False))
+                done += 1
+        return done
+
+    def server_compiles(self) -> int | None:
+        """Programs the servers have compiled so far (summed; None when they do not report it)."""
+        infos = [self.loop.run_until_complete(self.client.server_info(u)) for u in self.client.urls]
+        counts = [i.get("compiled_programs") for i in infos]
+        return None if any(c is None for c in counts) else int(sum(counts))
 
     def publish(self, path: str, version: str) -> None:
         """Every server loads the weights written at ``path``. No /model_info round trip: each sample

@@ -40,7 +40,7 @@ log = logging.getLogger("aepo_jax.train")
 class Geometry:
     """The run's fixed batch shapes (each jitted function compiles once)."""
 
-    prompt_len: int        # P: the longest prompt, rounded up to a multiple of 8
+    prompt_len: int        # P: the longest prompt (not rounded up: every padding column costs a forward and backward)
     response_len: int      # R: rollout.max_new_tokens
     pad_id: int
     num_minibatches: int   # optimiser updates per epoch
@@ -64,9 +64,22 @@ def geometry(cfg: RunConfig, spec: MethodSpec, *, data_size: int, longest_prompt
         micro = 1
         rows = main_rows + cap
         rows += (-rows) % data_size
-    return Geometry(prompt_len=int(math.ceil(longest_prompt / 8) * 8), response_len=cfg.rollout.max_new_tokens,
+    return Geometry(prompt_len=int(longest_prompt), response_len=cfg.rollout.max_new_tokens,
                     pad_id=pad_id, num_minibatches=num_minibatches, reg_cap=rows - main_rows,
                     micro_batches=micro, logprob_rows=mbs or main_rows)
+
+
+def rollout_calls(cfg: RunConfig, spec: MethodSpec) -> list[tuple[int, int]]:
+    """(prompts, samples per prompt) of every rollout a step draws: the main one and, for methods
+    with one, the temperature rollout (:func:`reg_rollout`); the shapes the servers are warmed with."""
+    p = cfg.data.prompts_per_step
+    return [(p, cfg.rollout.n)] + ([_reg_call(cfg, p)] if spec.uses_reg_rollout else [])
+
+
+def _reg_call(cfg: RunConfig, num_prompts: int) -> tuple[int, int]:
+    """(prompts, samples per prompt) of the temperature rollout of a step with ``num_prompts``."""
+    a = cfg.algorithm
+    return max(1, math.ceil(a.reg_prompt_fraction * num_prompts)), a.reg_samples_per_prompt or cfg.rollout.n
 
 
 def step_seed(base: int, step: int, phase: int) -> int:
@@ -183,9 +196,8 @@ def reg_rollout(examples: list, decision: Decision, seed: int, m: dict, *, cfg: 
     m["temperature"] = temperature
     if not spec.uses_reg_rollout:
         return None
-    n_prompts = max(1, math.ceil(cfg.algorithm.reg_prompt_fraction * len(examples)))
-    reg = draw(examples[:n_prompts], cfg.algorithm.reg_samples_per_prompt or cfg.rollout.n,
-               temperature, seed, "reg_rollout", m, max_new_tokens)
+    n_prompts, n = _reg_call(cfg, len(examples))
+    reg = draw(examples[:n_prompts], n, temperature, seed, "reg_rollout", m, max_new_tokens)
     with Timer("batch", m):
         rng = np.random.default_rng([cfg.train.seed, decision.step, 2])
         if target.name == "entropy":
