@@ -494,29 +494,37 @@ def print_plan(grid: Grid, env: Env, workers: int, out=print) -> dict:
 
 
 def run_grid(grid: Grid, env: Env, workers: int) -> tuple[list[dict], list[dict], list[str]]:
-    """Bases first (each build pinned to its own core), then every run; failures are collected."""
+    """Every base model (each build pinned to its own core) and every run; a run starts as soon as
+    its base model is ready. Failures are collected and reported; the rest of the grid goes on."""
     errors: list[str] = []
-    base_res: dict[str, dict] = {}
     with futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        jobs = {pool.submit(build_base, grid, b, env, env.cpus[i % len(env.cpus)]): b for i, b in enumerate(grid.bases)}
-        for f in futures.as_completed(jobs):
+        # Bases are queued first: a run job waits for its base only after every base job has
+        # left the queue (FIFO), so waiting never starves a build of a worker.
+        base_jobs = {b.name: pool.submit(build_base, grid, b, env, env.cpus[i % len(env.cpus)])
+                     for i, b in enumerate(grid.bases)}
+
+        def run_job(run: RunSpec) -> dict:
             try:
-                base_res[jobs[f].name] = f.result()
-            except Exception as e:  # noqa: BLE001 - reported, the rest of the grid goes on
-                errors.append(f"base {jobs[f].name}: {e}")
-                env.log(f"FAILED base {jobs[f].name}: {e}")
-        runnable = [r for r in grid.runs if r.base in base_res]
-        errors += [f"run {r.name}: its base {r.base} failed" for r in grid.runs if r.base not in base_res]
-        jobs = {pool.submit(train_and_eval, grid, r, env): r for r in runnable}
-        run_res: dict[str, dict] = {}
-        for f in futures.as_completed(jobs):
+                base_jobs[run.base].result()
+            except Exception:  # noqa: BLE001 - reported once, under the base
+                raise ReproduceError(f"its base model {run.base} failed") from None
+            return train_and_eval(grid, run, env)
+
+        run_jobs = {r.name: pool.submit(run_job, r) for r in grid.runs}
+        bases, runs = [], []
+        for name, f in base_jobs.items():
             try:
-                run_res[jobs[f].name] = f.result()
+                bases.append(f.result())
             except Exception as e:  # noqa: BLE001
-                errors.append(f"run {jobs[f].name}: {e}")
-                env.log(f"FAILED {jobs[f].name}: {e}")
-    return ([base_res[b.name] for b in grid.bases if b.name in base_res],
-            [run_res[r.name] for r in grid.runs if r.name in run_res], errors)
+                errors.append(f"base {name}: {e}")
+                env.log(f"FAILED base {name}: {e}")
+        for name, f in run_jobs.items():
+            try:
+                runs.append(f.result())
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"run {name}: {e}")
+                env.log(f"FAILED {name}: {e}")
+    return bases, runs, errors
 
 
 # --- summaries -----------------------------------------------------------------------------------------
