@@ -229,7 +229,7 @@ def test_report_from_stored_rows(rp, report, tmp_path):
     for name in report.FIGURES.values():
         if name != report.FIGURES["theory"]:
             assert (tmp_path / "out" / name).stat().st_size > 10_000, name
-    claims = {c: v for c, _, v in report.claims(report.Study(data))}
+    claims = {c: v for _, c, _, v in report.claims(report.Study(data))}
     # synthetic rows built to confirm: AEPO on target, GRPO at 0.7 x H0, Entropy-Reg 0.6 / 2.0 x H0
     assert claims["AEPO holds the entropy at arbitrary targets (Fig. 1), reading 'paper'"] == "**confirmed**"
     assert claims["GRPO collapses the entropy (Fig. 4)"] == "**confirmed**"
@@ -247,7 +247,7 @@ def test_report_verdicts_follow_the_numbers(rp, report, tmp_path):
             r["series"]["entropy"] = [0.4] * 20
         if r["run"]["method"] == "aepo" and r["run"]["target"] == 2.0:
             r["series"]["entropy"] = [0.4] * 20
-    claims = {c: v for c, _, v in report.claims(report.Study(data))}
+    claims = {c: v for _, c, _, v in report.claims(report.Study(data))}
     assert claims["GRPO collapses the entropy (Fig. 4)"] == "**not confirmed**"
     assert claims["AEPO holds the entropy at arbitrary targets (Fig. 1), reading 'paper'"] == "**partly**"
     text = report.write(data, tmp_path / "out").read_text()

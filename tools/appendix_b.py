@@ -2,7 +2,7 @@
 """Appendix B of the AEPO paper, checked numerically with the project's own loss, entropy head and
 controller on tabular softmax policies.
 
-    python tools/appendix_b.py            # prints the checks (also part of tools/reproduce.py)
+    python tools/appendix_b.py [--json FILE]   # prints the checks (tools/reproduce.py runs it too)
 
 The setting of Appendix B: one state, actions a with logits z(a) (a tabular policy, so Assumption
 B.4 holds with c = 1), binary reward R(a) = 1 on a set A* of correct actions, and the update of
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import partial
 
 import numpy as np
 
@@ -167,7 +166,7 @@ def theorem_checks(n_pol: int = 4000, seed: int = 0, eta: float = 1e-2, chunk: i
 
 
 def closed_loop(targets=(0.5, 1.5), steps: int = 150, seed: int = 1, prompts: int = 64, actions: int = 16,
-                n_correct: int = 8, lr: float = 5.0, scale: float = 3.0, t_high: float = 1.2, t_low: float = 0.8) -> dict:
+                n_correct: int = 8, lr: float = 5.0, scale: float = 3.0, t_high: float = 1.2, t_low: float = 0.8, alpha: float = 1.0) -> dict:
     """GRPO + AEPO's REINFORCE term on a population of tabular prompts, the project's controller
     choosing T and the budget each update from the mean entropy (the head's); and GRPO alone."""
     rng = np.random.default_rng(seed)
@@ -214,7 +213,7 @@ def closed_loop(targets=(0.5, 1.5), steps: int = 150, seed: int = 1, prompts: in
                 temperature, lam = 1.0, 0.0
             else:
                 d = ctl.decide(k)
-                temperature, lam = d.temperature, d.budget / main_rows
+                temperature, lam = d.temperature, alpha * d.budget / main_rows
             z, h, acc = step(z, jnp.float32(temperature), jnp.float32(lam))
             hs.append(float(h))
             ctl.observe(entropy_full=float(h))
@@ -307,8 +306,19 @@ def run_all(n_pol: int = 4000, seed: int = 0) -> dict:
     }
 
 
-def main() -> int:
-    res = run_all()
+def main(argv=None) -> int:
+    import argparse  # noqa: PLC0415
+    import json  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policies", type=int, default=4000, help="random tabular policies")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="", help="also write the checks (and the figure's data) to this file")
+    args = ap.parse_args(argv)
+    res = run_all(args.policies, args.seed)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f)
     for c in res["checks"]:
         tag = "info" if c["ok"] is None else "pass" if c["ok"] else "FAIL"
         print(f"[{tag}] {c['name']}\n       {c['measured']}")

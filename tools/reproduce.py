@@ -11,7 +11,7 @@ evaluates the final policy of each run and each base model on the toy task's hel
 (``python -m aepo_jax.eval``: avg@n and the unbiased pass@k up to k = n = 256 at T = 1), then
 writes ``OUT/runs.json`` (every run's spec, per-step entropy / target / reward / temperature,
 evaluation, wall time), the PNG figures and the README. The Appendix B checks
-(``tools/appendix_b.py``) run in this process on the project's own loss, entropy head and
+(``tools/appendix_b.py``, a subprocess) run on the project's own loss, entropy head and
 controller.
 
 The grid (``build_grid``): AEPO at five targets relative to the base model's entropy H0 (0.5, 0.75,
@@ -300,7 +300,7 @@ class Env:
         return env
 
 
-def _run(cmd: list[str], log_path: Path, env: Env, *, cpu: int | None = None) -> tuple[float, float]:
+def _run(cmd: list[str], log_path: Path, env: Env, *, cpu: int | None = None, check: bool = True) -> tuple[float, float]:
     """Run ``cmd``, its output appended to ``log_path``; raise naming the log on failure.
 
     Returns (wall seconds, CPU seconds of the process and the children it waited for: the
@@ -321,7 +321,7 @@ def _run(cmd: list[str], log_path: Path, env: Env, *, cpu: int | None = None) ->
             proc.wait()
             raise
         proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and check:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise ReproduceError(f"{' '.join(cmd[1:3])} exited with {proc.returncode}; log {log_path}:\n  " + "\n  ".join(tail))
     return time.time() - t0, usage.ru_utime + usage.ru_stime
@@ -567,16 +567,6 @@ def summarize_run(res: dict) -> dict:
 # --- report ----------------------------------------------------------------------------------------------
 
 
-def _import_tool(name: str):
-    import importlib.util  # noqa: PLC0415
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def write_report(data: dict, out: Path) -> Path:
     import reproduce_report  # noqa: PLC0415  (tools/reproduce_report.py; tools/ is on sys.path)
 
@@ -652,11 +642,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         est = {"wall_s": float("nan")}
     theory = None
     if not args.no_theory and not args.collect:
-        appendix_b = _import_tool("appendix_b")
-        t0 = time.time()
-        theory = appendix_b.run_all()
-        theory["wall_s"] = time.time() - t0
-        log(f"Appendix B checks: {theory['summary']} ({theory['wall_s']:.0f} s)")
+        # in a subprocess: this process only starts others (no jax here, nothing forks a jax process)
+        path = env.work / "appendix_b.json"
+        secs, _ = _run([env.python, str(ROOT / "tools" / "appendix_b.py"), "--json", str(path)],
+                       env.work / "logs" / "appendix_b.log", env, check=False)
+        theory = read_json(path)
+        if isinstance(theory, dict):
+            theory["wall_s"] = secs
+            log(f"Appendix B checks: {theory['summary']} ({secs:.0f} s)")
+        else:
+            log(f"Appendix B checks wrote nothing: see {env.work / 'logs' / 'appendix_b.log'}")
     if args.collect:  # the finished runs of the work directory, nothing run
         bases = [res for b in grid.bases if (res := _finished(env.work / "bases" / b.name, grid.base_spec_dict(b)))]
         runs = [res for r in grid.runs if (res := _finished(env.work / "runs" / r.name, grid.run_spec_dict(r)))]

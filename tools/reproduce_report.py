@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -305,8 +304,8 @@ def _verdict(ok: bool | None, partly: bool = False) -> str:
     return "**confirmed**" if ok else ("**partly**" if partly else "**not confirmed**")
 
 
-def claims(st: Study) -> list[tuple[str, str, str]]:
-    """(claim, measured, verdict) for each claim of the paper the grid measures."""
+def claims(st: Study) -> list[tuple[str, str, str, str]]:
+    """(id, claim, measured, verdict) for each claim of the paper the grid measures."""
     out = []
     # C1: arbitrary targets held
     per_target = []
@@ -316,20 +315,20 @@ def claims(st: Study) -> list[tuple[str, str, str]]:
     if per_target:
         held = [t for t, _, oks in per_target if all(oks)]
         text = "; ".join(f"{t:g} x H0: {_pct(m)}" for t, m, _ in per_target)
-        out.append(("AEPO holds the entropy at arbitrary targets (Fig. 1), reading 'paper'",
+        out.append(("held", "AEPO holds the entropy at arbitrary targets (Fig. 1), reading 'paper'",
                     f"share of the second half within +-10% (mean over seeds): {text}; held (>= 90% on every seed) at "
                     f"{len(held)} of {len(per_target)} targets",
                     _verdict(len(held) == len(per_target), partly=bool(held))))
     for reading in [r for r in st.readings() if r != "paper"]:
         rows = [(t, st.s(st.select("held", reading=reading, target=t), "held")) for t in st.targets()]
         held = [t for t, xs in rows if xs and all(x >= HELD_SHARE for x in xs)]
-        out.append((f"... the same under reading '{reading}' (the authors' code)",
+        out.append(("held_mix", f"... the same under reading '{reading}' (the authors' code)",
                     "; ".join(f"{t:g} x H0: {_pct(_mean(xs))}" for t, xs in rows) + f"; held at {len(held)} of {len(rows)}",
                     _verdict(len(held) == len(rows), partly=bool(held))))
     g = st.select("baseline", method="grpo")
     if g:
         r = st.ratio(g)
-        out.append(("GRPO collapses the entropy (Fig. 4)", f"end entropy / H0 = {_pm(r, lambda x: f'{x:.2f}')} (collapse: <= {COLLAPSE})",
+        out.append(("grpo", "GRPO collapses the entropy (Fig. 4)", f"end entropy / H0 = {_pm(r, lambda x: f'{x:.2f}')} (collapse: <= {COLLAPSE})",
                     _verdict(all(x <= COLLAPSE for x in r), partly=any(x <= COLLAPSE for x in r))))
     ereg = [(lab, runs) for lab, runs in _baseline_sets(st) if lab.startswith("Entropy-Reg")]
     if ereg:
@@ -339,12 +338,12 @@ def claims(st: Study) -> list[tuple[str, str, str]]:
             kind = "collapse" if all(x <= COLLAPSE for x in r) else "explosion" if all(x >= EXPLOSION for x in r) else "neither"
             parts.append(f"{lab.split()[-1]}: end / H0 = {_pm(r, lambda x: f'{x:.2f}')} ({kind})")
             drifted.append(kind != "neither")
-        out.append(("Entropy-Reg drives the entropy to collapse or explosion (Fig. 3, 4)", "; ".join(parts),
+        out.append(("entropy_reg", "Entropy-Reg drives the entropy to collapse or explosion (Fig. 3, 4)", "; ".join(parts),
                     _verdict(all(drifted), partly=any(drifted))))
     ea = st.select("baseline", method="entropy_adv")
     if ea:
         r = st.ratio(ea)
-        out.append(("Entropy-Adv fails to sustain the entropy (Fig. 4)", f"end entropy / H0 = {_pm(r, lambda x: f'{x:.2f}')}",
+        out.append(("entropy_adv", "Entropy-Adv fails to sustain the entropy (Fig. 4)", f"end entropy / H0 = {_pm(r, lambda x: f'{x:.2f}')}",
                     _verdict(all(x <= COLLAPSE for x in r), partly=any(x < 1.0 for x in r))))
     for m, what in (("ablation_eq2", "Ablation: REINFORCE on T = 1 samples (the paper's Eq. (3) of Table 3, this package's `ablation_eq2`): "
                                      "entropy falls like GRPO's, no control"),
@@ -359,7 +358,7 @@ def claims(st: Study) -> list[tuple[str, str, str]]:
                + (f" (AEPO at the same target: held {_pct(_mean(st.s(aepo, 'held')))}, end / H0 {_mean(st.ratio(aepo)):.2f})" if aepo else ""))
         fails = [h < HELD_SHARE for h in held]
         collapsed = [x <= COLLAPSE for x in r]
-        out.append((what, txt + f"; collapse (<= {COLLAPSE} x H0) on {sum(collapsed)} of {len(r)} seed(s)",
+        out.append(("ablation", what, txt + f"; collapse (<= {COLLAPSE} x H0) on {sum(collapsed)} of {len(r)} seed(s)",
                     _verdict(all(fails) and all(collapsed), partly=all(fails))))
     # performance
     rows = _passk_rows(st)
@@ -371,14 +370,14 @@ def claims(st: Study) -> list[tuple[str, str, str]]:
         b1 = [(lab, _passk(ev, 1) > _passk(gr, 1)) for lab, ev in aepo_rows]
         bk = [(lab, _passk(ev, kmax) > _passk(gr, kmax)) for lab, ev in aepo_rows]
         wins1, winsk = [lab.split(") ")[1] for lab, ok in b1 if ok], [lab.split(") ")[1] for lab, ok in bk if ok]
-        out.append(("Across all entropy levels AEPO outperforms GRPO (pass@1 and pass@k)",
+        out.append(("beats_grpo", "Across all entropy levels AEPO outperforms GRPO (pass@1 and pass@k)",
                     f"GRPO pass@1 {_pct(_passk(gr, 1))}, pass@{kmax} {_pct(_passk(gr, kmax))}; AEPO above GRPO on pass@1 at "
                     f"{len(wins1)} of {len(b1)} targets ({', '.join(wins1) or 'none'}), on pass@{kmax} at {len(winsk)} of {len(bk)} "
                     f"({', '.join(winsk) or 'none'})",
                     _verdict(all(ok for _, ok in b1 + bk), partly=bool(wins1 or winsk))))
         if base:
             bestk = max(_passk(ev, kmax) for _, ev in aepo_rows)
-            out.append((f"AEPO explores beyond the base model at large k (pass@{kmax} above the base model's), GRPO does not",
+            out.append(("beyond_base", f"AEPO explores beyond the base model at large k (pass@{kmax} above the base model's), GRPO does not",
                         f"base pass@{kmax} {_pct(_passk(base, kmax))}, GRPO {_pct(_passk(gr, kmax))}, best AEPO target {_pct(bestk)}",
                         _verdict(bestk > _passk(base, kmax) and _passk(gr, kmax) <= _passk(base, kmax),
                                  partly=bestk > _passk(base, kmax))))
@@ -389,7 +388,7 @@ def claims(st: Study) -> list[tuple[str, str, str]]:
         se = _mean([_se(e) for _, _, evs in p1 for e in evs])
         interior = 0 < i < len(vals) - 1
         margin = min(vals[i] - vals[0], vals[i] - vals[-1])
-        out.append(("Performance is non-monotonic in the entropy target: it rises, then falls (Table 3)",
+        out.append(("nonmono", "Performance is non-monotonic in the entropy target: it rises, then falls (Table 3)",
                     "pass@1 by target: " + ", ".join(f"{lab}: {_pct(v)}" for v, lab, _ in p1)
                     + f"; maximum at {p1[i][1]}, {100 * margin:.1f} points above the lower end point"
                     + f" (standard error of one pass@1 over problems: {100 * se:.1f} points)",
@@ -404,7 +403,7 @@ def claims(st: Study) -> list[tuple[str, str, str]]:
         if be:
             txt += f"; base pass@1 {_pct(be['avg_at_n'])}"
         ok = [st.sum[r["name"]]["held"] >= HELD_SHARE for r in runs]
-        out.append((f"Robustness: the controller holds its targets on the {b} base model", txt, _verdict(all(ok), partly=any(ok))))
+        out.append(("robust", f"Robustness: the controller holds its targets on the {b} base model", txt, _verdict(all(ok), partly=any(ok))))
     return out
 
 
@@ -538,7 +537,7 @@ def write(data: dict, out: Path) -> Path:
         "",
         "## The paper's claims, as measured",
         "",
-        _table(["claim", "measured here", "verdict"], cl),
+        _table(["claim", "measured here", "verdict"], [c[1:] for c in cl]),
         "",
         "## Entropy held at arbitrary targets (Fig. 1)",
         "",
@@ -570,7 +569,7 @@ def write(data: dict, out: Path) -> Path:
         *( [f"![Appendix B]({FIGURES['theory']})", ""] if th and th.get("figure") else []),
         "## Where the toy does not reproduce a claim, and why",
         "",
-        why_section(cl, data),
+        why_section(cl, st),
         "",
         "## Time",
         "",
@@ -584,38 +583,107 @@ def write(data: dict, out: Path) -> Path:
     return path
 
 
-def why_section(cl: list[tuple[str, str, str]], data: dict) -> str:
-    """The claims not confirmed, each with the reason the toy setting gives for it."""
-    reasons = {
-        "GRPO collapses": "GRPO's entropy falls with every step (rich-get-richer on the correct answers) but slowly on this "
-                          "task: a 2-layer model, lr 1e-3, 16 prompts a step; in short runs it has not yet reached 0.8 x H0 "
-                          "(docs/data.md: 0.74 x H0 after 100 steps on seed 0).",
-        "Entropy-Reg": "Entropy-Reg's drift direction and speed depend on lambda against the size of the policy gradient; in "
-                       "a short run a moderate lambda can sit between collapse and explosion.",
-        "Entropy-Adv": "Entropy-Adv adds at most |A| / kappa to the advantage; on this task it slows GRPO's fall "
-                       "rather than stopping it, and short runs end before a collapse shows.",
-        "Ablation": "Without the controller's temperature the REINFORCE term on positives still sharpens the policy; how far "
-                    "it falls within the run depends on the run length.",
-        "non-monotonic": "The toy's correct answers differ only in free filler words, which do not change correctness: "
-                         "entropy spent on fillers neither helps nor hurts pass@1, so the rise-then-fall that the paper "
-                         "sees on math (exploration vs dispersion) has little room here.",
-        "outperforms GRPO": "On the toy most of the pass@1 gain comes from sharpening the digit lookups, which every method "
-                            "does; a high target spends entropy on filler words, so AEPO and GRPO end close.",
-        "explores beyond": "pass@k at k = n saturates near 100% for every policy on this task: the base model already "
-                           "finds every answer with 256 samples.",
-        "holds": "See the held table: a miss is a target the controller reached late, or overshot (the fixed 60 / 30 budget "
-                 "acting one step late), in a run too short for the second half to settle.",
-        "Robustness": "On the weak base only a few temperature samples are positive, so the REINFORCE lever is weak "
-                      "against GRPO's push (docs/data.md discusses this and `--algorithm.reg_norm=reg`).",
-    }
+def _slope(r: dict) -> float:
+    """Least-squares slope of entropy / H0 per step over the run."""
+    h = r["series"]["entropy"]
+    pts = [(x, y / h[0]) for x, y in zip(r["steps"], h) if isinstance(y, (int, float))]
+    n = len(pts)
+    if n < 2:
+        return float("nan")
+    mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else float("nan")
+
+
+def _drift(st: Study, runs: Sequence[dict], level: float) -> str:
+    """'ends at E x H0 after N steps, moving S x H0 a step: at that rate LEVEL x H0 at about step K'."""
+    if not runs:
+        return ""
+    end, slope = _mean(st.ratio(runs)), _mean([_slope(r) for r in runs])
+    n = runs[0]["steps"][-1]
+    txt = f"ends at {end:.2f} x H0 after {n} steps, moving {slope:+.4f} x H0 a step over the run"
+    if slope and math.isfinite(slope) and (level - end) / slope > 0:
+        txt += f": at that rate {level:g} x H0 would come at about step {n + (level - end) / slope:.0f}"
+    elif math.isfinite(slope):
+        txt += f", away from {level:g} x H0"
+    return txt
+
+
+def _misses(st: Study, runs: Sequence[dict]) -> str:
+    above = below = total = 0
+    for r in runs:
+        h, t = r["series"]["entropy"], r["series"]["entropy_target"]
+        half = len(h) // 2
+        for hh, tt in zip(h[half:], t[half:]):
+            if isinstance(hh, (int, float)) and isinstance(tt, (int, float)) and tt > 0:
+                total += 1
+                above += hh > (1 + BAND) * tt
+                below += hh < (1 - BAND) * tt
+    return f"{above} of its {total} second-half steps above the band, {below} below"
+
+
+def why_section(cl: Sequence[tuple[str, str, str, str]], st: Study) -> str:
+    """For each claim not (fully) confirmed: what the runs show about why, from their numbers."""
     out = []
-    for claim, measured, verdict in cl:
-        if "not confirmed" in verdict or "partly" in verdict:
-            why = next((v for k, v in reasons.items() if k.lower() in claim.lower()), "")
-            out.append(f"- *{claim}* ({verdict.strip('*')}): {why}")
-    if not out:
-        return "Every claim measured here is confirmed."
-    return "\n".join(out)
+    for cid, claim, _, verdict in cl:
+        if "**confirmed**" == verdict:
+            continue
+        why = []
+        if cid in ("held", "held_mix"):
+            reading = "paper" if cid == "held" else "mix"
+            for t in st.targets():
+                runs = st.select("held", reading=reading, target=t)
+                held = st.s(runs, "held")
+                if runs and not all(x >= HELD_SHARE for x in held):
+                    firsts = [x for x in st.s(runs, "first_in_band")]
+                    why.append(f"{t:g} x H0: {_misses(st, runs)}; first step in the band "
+                               + ", ".join(str(x) if x is not None else "never" for x in firsts)
+                               + f"; entropy at the end {_mean(st.s(runs, 'h_end')):.3f} for a target of {_mean(st.s(runs, 'target')):.3f}")
+        elif cid == "grpo":
+            why.append("GRPO " + _drift(st, st.select("baseline", method="grpo"), COLLAPSE))
+        elif cid == "entropy_reg":
+            for label, runs in _baseline_sets(st):
+                if label.startswith("Entropy-Reg"):
+                    slope = _mean([_slope(r) for r in runs])
+                    level = EXPLOSION if slope > 0 else COLLAPSE
+                    why.append(f"{label} {_drift(st, runs, level)}")
+        elif cid == "entropy_adv":
+            why.append("Entropy-Adv " + _drift(st, st.select("baseline", method="entropy_adv"), COLLAPSE))
+        elif cid == "ablation":
+            m = "ablation_eq2" if "T = 1" in claim else "ablation_eq3"
+            runs = st.select("baseline", method=m)
+            why.append(f"`{m}` {_drift(st, runs, COLLAPSE)}; held {_pct(_mean(st.s(runs, 'held')))} of the second half "
+                       f"({_misses(st, runs)})")
+        elif cid in ("beats_grpo", "beyond_base", "nonmono"):
+            rows = _passk_rows(st)
+            gr = next((ev for _, ev, kind in rows if kind == "grpo"), [])
+            base = next((ev for _, ev, kind in rows if kind == "base"), [])
+            aepo = [(lab.split(") ")[1], ev) for lab, ev, kind in rows if kind == "paper"]
+            se = 100 * _mean([_se(r["eval"]) for r in st.runs])
+            probs = st.runs[0]["eval"].get("problems") or len(st.runs[0]["eval"].get("per_problem_correct") or []) or 0
+            if cid == "beats_grpo" and gr:
+                kmax = _ks(gr)[-1]
+                why.append("pass@1 minus GRPO's, by target: " + ", ".join(
+                    f"{lab} {100 * (_passk(ev, 1) - _passk(gr, 1)):+.1f}" for lab, ev in aepo)
+                    + f" points; pass@{kmax}: " + ", ".join(f"{lab} {100 * (_passk(ev, kmax) - _passk(gr, kmax)):+.1f}" for lab, ev in aepo)
+                    + f" points. One pass@1 has a standard error of about {se:.1f} points over the {probs} held-out problems")
+            elif cid == "beyond_base" and gr and base:
+                kmax = _ks(gr)[-1]
+                why.append(f"pass@{kmax} counts the problems solved at least once in {kmax} samples: one of the {probs} problems is "
+                           f"{100 / max(1, probs):.1f} points; base {_pct(_passk(base, kmax))}, GRPO {_pct(_passk(gr, kmax))}, AEPO "
+                           + ", ".join(f"{lab} {_pct(_passk(ev, kmax))}" for lab, ev in aepo))
+            elif cid == "nonmono" and aepo:
+                vals = [100 * _passk(ev, 1) for _, ev in aepo]
+                why.append(f"pass@1 spans {max(vals) - min(vals):.1f} points over the targets, against a standard error of about "
+                           f"{se:.1f} points for one run")
+        elif cid == "robust":
+            b = claim.split(" on the ")[1].split(" base")[0]
+            for r in st.select("robust", base=b):
+                if r["run"]["target"] is not None and st.sum[r["name"]]["held"] < HELD_SHARE:
+                    why.append(f"{r['run']['label']}: {_misses(st, [r])}; reward {st.sum[r['name']]['reward_start']:.2f} -> "
+                               f"{st.sum[r['name']]['reward_end']:.2f}")
+        out.append(f"- *{claim}* ({verdict.strip('*')}): " + "; ".join(why) + ".")
+    return "\n".join(out) if out else "Every claim measured here is confirmed."
 
 
 def _theory_figure(fig: dict, path: Path) -> None:
