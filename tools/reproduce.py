@@ -307,27 +307,55 @@ class Env:
         return env
 
 
+_CHILDREN: set[int] = set()
+_CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def stop_children(signum=None, frame=None) -> None:  # noqa: ARG001 - a signal handler
+    """SIGTERM / Ctrl-C: stop every running job's process group (a trainer saves nothing more and
+    stops its server; its last checkpoint stays for the next invocation to resume from), then exit."""
+    import signal  # noqa: PLC0415
+
+    _STOPPING.set()
+    with _CHILDREN_LOCK:
+        pids = list(_CHILDREN)
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    print(f"stopping: {len(pids)} job(s) signalled; the same command resumes the grid", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
 def _run(cmd: list[str], log_path: Path, env: Env, *, cpu: int | None = None, check: bool = True) -> tuple[float, float]:
     """Run ``cmd``, its output appended to ``log_path``; raise naming the log on failure.
 
     Returns (wall seconds, CPU seconds of the process and the children it waited for: the
     trainer's embedded server included). CPU time is what extrapolates to another machine's load.
     """
+    if _STOPPING.is_set():
+        raise ReproduceError("stopped")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pre = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None and hasattr(os, "sched_setaffinity") else None
     with open(log_path, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
+        # its own session: stop_children() signals the whole group (a trainer and its embedded server)
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env.environ(),
-                                cwd=str(ROOT), preexec_fn=pre)
+                                cwd=str(ROOT), preexec_fn=pre, start_new_session=True)
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc.pid)
         try:
             _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc.pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
+        if _STOPPING.is_set():
+            raise ReproduceError("stopped")
     if proc.returncode != 0 and check:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise ReproduceError(f"{' '.join(cmd[1:3])} exited with {proc.returncode}; log {log_path}:\n  " + "\n  ".join(tail))
@@ -642,6 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{time.strftime('%H:%M:%S')} [{(time.time() - t_start) / 60:5.1f} min] {msg}", flush=True)
 
     env = Env(work, log=log)
+    import signal  # noqa: PLC0415
+
+    signal.signal(signal.SIGTERM, stop_children)
+    signal.signal(signal.SIGINT, stop_children)
     est = print_plan(grid, env, args.workers)
     if args.plan:
         return 0
