@@ -696,8 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [res for r in grid.runs if (res := _finished(env.work / "runs" / r.name, grid.run_spec_dict(r)))]
         errors = [f"run {r.name}: not finished when the report was written" for r in grid.runs
                   if not any(x["name"] == r.name for x in runs)]
-        if theory is None:
-            theory = (read_json(out / RUNS_FILE) or {}).get("theory")
+        if theory is None:  # the checks this grid's last full invocation ran
+            theory = read_json(env.work / "appendix_b.json") or (read_json(out / RUNS_FILE) or {}).get("theory")
     else:
         bases, runs, errors = run_grid(grid, env, args.workers)
     wall = time.time() - t_start

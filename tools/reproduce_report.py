@@ -480,13 +480,26 @@ def time_section(data: dict, st: Study) -> str:
     lines = [f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, AVX-512 {'yes' if m.get('avx512') else 'no'}; "
              f"shared with other jobs (load average at the end {', '.join(f'{x:.1f}' for x in (m.get('loadavg_end') or []))})."]
     if fresh:
-        lines.append(f"This study: {len(runs)} runs of {steps} steps with {data.get('workers')} workers in {data['wall_s'] / 60:.1f} min "
-                     f"(estimate printed at the start: {data.get('estimate_s', float('nan')) / 60:.0f} min on idle cores). "
-                     f"Per run (training + held-out evaluation, {len(fresh)} runs made from scratch here): wall "
-                     f"{_mean(wall):.0f} s (min {min(wall):.0f}, max {max(wall):.0f}), CPU {_mean(cpu):.0f} s.")
+        if data.get("collected"):
+            lines.append(f"This report was assembled (`--collect`) from the {len(runs)} finished runs of the work directory "
+                         f"({data['grid'].get('n_runs', '?')} in the grid); the runs ran with {data.get('workers')} workers.")
+        else:
+            lines.append(f"This study: {len(runs)} runs of {steps} steps with {data.get('workers')} workers in "
+                         f"{data['wall_s'] / 60:.1f} min (estimate printed at the start: "
+                         f"{data.get('estimate_s', float('nan')) / 60:.0f} min on idle cores).")
+        lines.append(f"Per run (training + held-out evaluation, {len(fresh)} runs made from scratch): wall "
+                     f"{_mean(wall):.0f} s (min {min(wall):.0f}, max {max(wall):.0f}), CPU {_mean(cpu):.0f} s "
+                     f"(training {_mean([r['cpu_s']['train'] for r in fresh if r.get('cpu_s')]):.0f}, evaluation "
+                     f"{_mean([r['cpu_s']['eval'] for r in fresh if r.get('cpu_s')]):.0f}).")
         cpu_step = _mean([(r["cpu_s"]["train"]) / steps for r in fresh if r.get("cpu_s")])
-        lines.append(f"CPU time is what extrapolates across loads: {cpu_step:.2f} CPU-s per training step including start-up; "
-                     "`python tools/reproduce.py --plan` turns it into the estimate for any grid.")
+        lines.append(f"CPU time is what extrapolates across loads: {cpu_step:.2f} CPU-s per training step including start-up. "
+                     f"At the measured CPU per run the quick grid ({data['grid'].get('n_runs', '?')} runs) is "
+                     f"{_mean(cpu) * (data['grid'].get('n_runs') or 0) / 60:.0f} CPU-min, about "
+                     f"{_mean(cpu) * (data['grid'].get('n_runs') or 0) / 60 / 1.6:.0f} min on 2 otherwise idle cores"
+                     if data.get("quick") else
+                     f"CPU time is what extrapolates across loads: {cpu_step:.2f} CPU-s per training step including start-up.")
+        lines.append("`python tools/reproduce.py --plan` prints the estimate for any grid (from this study's own finished runs "
+                     "once there are some).")
     return "\n".join(lines)
 
 
