@@ -99,8 +99,8 @@ def test_buckets_cover_every_tensor_once_in_order_and_unflatten_exactly(seed):
     for b in plan:
         names = [specs[i][0] for i in b]
         lay = BucketLayout.of(names, ["float32"] * len(b), [specs[i][1] for i in b])
-        flat = np.asarray(_flatten(*[jnp.asarray(arrays[n]) for n in names]))
-        assert flat.dtype == np.uint8 and flat.size == lay.total_bytes
+        flat = np.asarray(_flatten(*[jnp.asarray(arrays[n]) for n in names])).view(np.uint8)
+        assert flat.size == lay.total_bytes
         for n, a in lay.unflatten(flat).items():
             np.testing.assert_array_equal(a, arrays[n])
     with pytest.raises(ValueError, match="t1: byte offset 2"):  # SGLang's receiver refuses it too
@@ -266,3 +266,28 @@ def test_bad_distributed_bodies_are_400_naming_the_field(server):
     for path, body, field in cases:
         status, data, _ = run_sync(client._pool.request("POST", server.url, path, body), client)
         assert status == 400 and field in str(data), (path, data)
+
+
+def test_connect_fails_at_once_when_a_server_refuses_to_join(server):
+    import time
+
+    from aepo_jax.rollout.client import RolloutClient
+    from aepo_jax.rollout.dist_sync import DistributedWeightSync
+    from aepo_jax.rollout.weight_sync import WeightSyncError
+
+    client = RolloutClient(server.url)
+
+    async def go():
+        async with client:
+            first = DistributedWeightSync(client, timeout_s=60)
+            await first.connect()
+            try:
+                second = DistributedWeightSync(client, timeout_s=8)  # same group name: the server refuses
+                t = time.perf_counter()
+                with pytest.raises(WeightSyncError, match="already exists"):
+                    await second.connect()
+                assert time.perf_counter() - t < 6  # not after our own join timed out
+            finally:
+                await first.close()
+
+    asyncio.run(go())

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
 
 from aepo_jax.rollout.contract import bad_request
 from aepo_jax.rollout.dist_group import DTYPES, BucketLayout, join_group, leave_group, np_dtype, require_torch
+
+log = logging.getLogger("aepo_jax.rollout.server")
 
 
 _REQUIRED = object()
@@ -161,6 +165,7 @@ class WeightReceiver:
             raise ValueError(f"Group {req.group_name} not in {sorted(self.groups)}. "
                              "Please call `init_weights_update_group` first.")
         lay = req.layout
+        t0 = time.perf_counter()
         if req.load_format == "flattened_bucket":
             flat = torch.empty(lay.total_bytes, dtype=torch.uint8)
             dist.broadcast(flat, src=0, group=pg)
@@ -171,6 +176,7 @@ class WeightReceiver:
                 t = torch.empty(shape, dtype=getattr(torch, dt))
                 dist.broadcast(t, src=0, group=pg)
                 got[name] = t.reshape(-1).view(torch.uint8).numpy().view(np_dtype(dt)).reshape(shape)
+        log.info("received %d tensors, %.1f MB, in %.3f s", len(lay.names), lay.total_bytes / 1e6, time.perf_counter() - t0)
         from aepo_jax.models import from_hf_tensors, hf_tensor_specs
 
         want = dict(hf_tensor_specs(sampler.cfg))
@@ -184,5 +190,8 @@ class WeightReceiver:
             if not set(want) <= set(self.staged):
                 return None
             staged, self.staged = self.staged, {}
-        return from_hf_tensors(sampler.cfg, staged, dtype=sampler.dtype, mesh=sampler.mesh,
-                               what="update_weights_from_distributed tensors")
+        t1 = time.perf_counter()
+        model = from_hf_tensors(sampler.cfg, staged, dtype=sampler.dtype, mesh=sampler.mesh,
+                                what="update_weights_from_distributed tensors")
+        log.info("new weights placed on the devices in %.3f s", time.perf_counter() - t1)
+        return model

@@ -81,9 +81,9 @@ def _free_port(address: str) -> int:
 
 @jax.jit
 def _flatten(*arrays):
-    """uint8 concatenation of the arrays' bytes, in order (row-major, native byte order)."""
-    return jnp.concatenate([jax.lax.bitcast_convert_type(a, jnp.uint8).reshape(-1) if a.dtype.itemsize > 1
-                            else a.reshape(-1).astype(jnp.uint8) for a in arrays])
+    """The arrays (one dtype) raveled and concatenated, in order: the bucket's bytes in that dtype
+    (torch views them as uint8 without a copy; a bitcast here would cost a relayout)."""
+    return jnp.concatenate([a.reshape(-1) for a in arrays])
 
 
 class DistributedWeightSync:
@@ -126,17 +126,23 @@ class DistributedWeightSync:
         inits = [asyncio.ensure_future(self.client.init_weights_update_group(
             u, master_address=addr, master_port=port, rank_offset=o, world_size=self.world_size,
             group_name=self.group_name, backend=self.backend, timeout_s=self.timeout_s)) for u, o in zip(urls, offsets)]
+        join = asyncio.ensure_future(asyncio.to_thread(join_group, addr, port, 0, self.world_size, self.group_name,
+                                                       self.backend, self.timeout_s))
         try:
-            self.group = await asyncio.to_thread(join_group, addr, port, 0, self.world_size, self.group_name,
-                                                 self.backend, self.timeout_s)
+            # a server that refuses fails the connect at once (our join would only time out)
+            done, _ = await asyncio.wait([join, *inits], return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+            self.group = await join
             await asyncio.gather(*inits)
         except BaseException as e:
             for t in inits:
                 t.cancel()
             await asyncio.gather(*inits, return_exceptions=True)
-            if self.group is not None:
-                leave_group(self.group)
-                self.group = None
+            if join.done() and not join.cancelled() and join.exception() is None:
+                leave_group(join.result())
+            self.group = None
             if isinstance(e, Exception):
                 raise WeightSyncError(f"the servers {urls} could not join the weight-update group at "
                                       f"{addr}:{port} ({self.backend}): {e}") from e
@@ -169,7 +175,7 @@ class DistributedWeightSync:
 
     def _broadcast(self, flat) -> None:
         torch = self.torch
-        t = torch.from_dlpack(flat)  # zero copy: the JAX buffer itself (on GPU: device memory)
+        t = torch.from_dlpack(flat).view(torch.uint8)  # zero copy: the JAX buffer itself (on GPU: device memory)
         torch.distributed.broadcast(t, src=0, group=self.group)
         if t.is_cuda:
             torch.cuda.synchronize(t.device)

@@ -10,7 +10,8 @@ It imports nothing that starts jax at module level: ``main`` sets the host devic
 Endpoints: ``POST|PUT /generate``, ``GET /health``, ``/health_generate``, ``/ready``, ``/model_info``
 (+``/get_model_info``), ``/server_info`` (+``/get_server_info``), ``POST /update_weights_from_disk``,
 ``/update_weight_version``, ``GET|POST /flush_cache``, ``POST /abort_request``, ``/pause_generation``,
-``/continue_generation``.
+``/continue_generation``, ``/init_weights_update_group``, ``/update_weights_from_distributed``,
+``/destroy_weights_update_group`` (gloo; see docs/weight_sync.md).
 """
 
 from __future__ import annotations

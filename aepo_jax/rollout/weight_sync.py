@@ -70,6 +70,35 @@ def _remove_at_exit(path: str) -> None:
     atexit.register(shutil.rmtree, path, True)
 
 
+def resolve_sync_dir(sync_dir: str | None) -> str:
+    """``sync_dir``, or the default one (removed when this process exits) when it is None/empty."""
+    if not sync_dir:
+        sync_dir = default_sync_dir()
+        _remove_at_exit(sync_dir)
+    return os.path.abspath(sync_dir)
+
+
+def shared_by_all_processes(sync_dir: str) -> bool:
+    """Collective: True when every process of the learner sees the same ``sync_dir`` (a file
+    process 0 creates there is visible to all), so :func:`write_weights_per_process` can be used."""
+    import jax
+
+    from aepo_jax.trainer import distributed
+
+    probe = os.path.join(sync_dir, f".shared-probe-{os.getpid()}")
+    probe = distributed.broadcast_object(probe)
+    if jax.process_index() == 0:
+        os.makedirs(sync_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("probe\n")
+    distributed.sync("sync-dir-probe")
+    seen = distributed.allgather_object(os.path.isfile(probe))
+    distributed.sync("sync-dir-probed")
+    if jax.process_index() == 0:
+        os.remove(probe)
+    return all(seen)
+
+
 def _safe_version(v: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", v)
 
@@ -92,10 +121,7 @@ def write_weights(model, weight_version: str | int, sync_dir: str | None = None,
     Blocking and thread-safe (the trainer runs it in a background thread, overlapping the step's
     logging, checkpoint and next prompts)."""
     version = str(weight_version)
-    if sync_dir is None:
-        sync_dir = default_sync_dir()
-        _remove_at_exit(sync_dir)
-    sync_dir = os.path.abspath(sync_dir)
+    sync_dir = resolve_sync_dir(sync_dir)
     os.makedirs(sync_dir, exist_ok=True)
     path = os.path.join(sync_dir, f"weights_v{_safe_version(version)}")
     if dtype is None:  # the learner's own dtype: the server then reproduces its log-probs exactly
@@ -103,6 +129,84 @@ def write_weights(model, weight_version: str | int, sync_dir: str | None = None,
     kw = {} if source_dir is None else {"source_dir": source_dir}
     save_pretrained(model, path, dtype, **kw)
     return path
+
+
+@dataclass
+class ShardedWrite:
+    path: str  # the checkpoint directory (the same on every process)
+    bytes_written: int  # tensor bytes this process wrote (its replica-0 shards)
+    bytes_total: int  # tensor bytes of the whole checkpoint
+
+
+def write_weights_per_process(model, weight_version: str | int, sync_dir: str, *, dtype: Any = None,
+                              source_dir: str | None = None, max_shard_size: int | None = None) -> ShardedWrite:
+    """Collective form of :func:`write_weights` for a learner of several processes: every process
+    writes the shards of each HF tensor that it holds (replica 0 of each block, so each byte is
+    written once), straight into safetensors files that process 0 laid out; no process ever holds
+    the whole model. ``sync_dir`` must be the same directory on every process (a shared file
+    system; WeightSyncError on every process otherwise). The result is byte for byte the
+    checkpoint :func:`write_weights` (``save_pretrained``) writes, renamed into place by process 0
+    once complete. Every process calls it with the same arguments, in the same order."""
+    import jax
+    import numpy as np
+
+    from aepo_jax.models import hf_device_tensors, hf_tensor_specs
+    from aepo_jax.models.decoder import as_dtype
+    from aepo_jax.models.hf_io import DEFAULT_MAX_SHARD_BYTES, plan_shard_files, safetensors_header, write_hf_metadata
+    from aepo_jax.trainer import distributed
+
+    version = str(weight_version)
+    dt = as_dtype(dtype if dtype is not None else getattr(model, "param_dtype", "float32"))
+    cfg = model.cfg
+    specs = hf_tensor_specs(cfg)
+    plan = plan_shard_files(specs, dt.itemsize, max_shard_size or DEFAULT_MAX_SHARD_BYTES)
+    path = os.path.join(os.path.abspath(sync_dir), f"weights_v{_safe_version(version)}")
+    tmp = path + ".partial"
+    where: dict[int, tuple[str, int]] = {}  # tensor index -> (file, byte offset of its data)
+    main = jax.process_index() == 0
+    for fn, idxs in plan:
+        head, starts = safetensors_header([specs[j][0] for j in idxs], [specs[j][1] for j in idxs], dt)
+        where.update({j: (os.path.join(tmp, fn), o) for j, o in zip(idxs, starts)})
+        if main:
+            if fn == plan[0][0]:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+            size = starts[-1] + int(np.prod(specs[idxs[-1]][1])) * dt.itemsize
+            with open(os.path.join(tmp, fn), "wb") as f:  # header, then the data region (sparse until written)
+                f.write(head)
+                f.truncate(size)
+    distributed.sync(f"weights-{version}-laid-out")
+    seen = distributed.allgather_object(all(os.path.isfile(f) for f, _ in where.values()))
+    if not all(seen):
+        raise WeightSyncError(f"rollout.sync_dir {sync_dir!r}: processes {[i for i, s in enumerate(seen) if not s]} "
+                              "cannot see the files process 0 created there; a multi-process learner needs a "
+                              "directory every process shares (or leave rollout.sync_dir empty)")
+    maps: dict[str, np.memmap] = {}
+    written = 0
+    try:
+        for j, (name, arr) in enumerate(hf_device_tensors(model, dt)):
+            fn, off = where[j]
+            if fn not in maps:
+                maps[fn] = np.memmap(fn, dtype=np.uint8, mode="r+")
+            shape = specs[j][1]
+            n = int(np.prod(shape)) * dt.itemsize
+            dest = maps[fn][off:off + n].view(dt).reshape(shape)
+            for shard in arr.addressable_shards:
+                if shard.replica_id == 0:  # exactly one copy of each block, on one process, is written
+                    block = np.asarray(shard.data)
+                    dest[shard.index] = block
+                    written += block.nbytes
+        for m in maps.values():
+            m.flush()
+    finally:
+        maps.clear()
+    distributed.sync(f"weights-{version}-written")
+    if main:
+        write_hf_metadata(cfg, tmp, dt, plan, source_dir=source_dir)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    distributed.sync(f"weights-{version}-published")
+    return ShardedWrite(path, written, sum(int(np.prod(s)) * dt.itemsize for _, s in specs))
 
 
 async def publish_weights(client, path: str, weight_version: str | int, *, verify: bool = True, keep: int = 1,

@@ -29,7 +29,9 @@ from aepo_jax.rewards import RewardPool
 from aepo_jax.rollout.client import RolloutClient
 from aepo_jax.rollout.launch import start_server, wait_healthy
 from aepo_jax.rollout.sampler import prompt_bucket_representatives
-from aepo_jax.rollout.weight_sync import WeightSyncError, publish_weights, write_weights
+from aepo_jax.rollout.weight_sync import (WeightSyncError, publish_weights, resolve_sync_dir, shared_by_all_processes,
+                                          write_weights, write_weights_per_process)
+from aepo_jax.trainer import distributed
 from aepo_jax.trainer.batch import Batch, pack
 from aepo_jax.trainer.config import RunConfig
 
@@ -185,12 +187,29 @@ class WeightSync:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
         # (version, future of (path, write seconds)); distributed: (version, the model to broadcast)
         self.pending: tuple[str, Future] | None = None
+        self.shared_dir: str | None = None  # several processes: the sync dir all of them write to ("" = not shared)
 
     def begin(self, learner, version: int) -> None:
         """Start writing the learner's weights as ``version`` (a collective with several processes)."""
         model = learner.model()
         if jax.process_count() > 1:
-            # Every process takes part in gathering the parameters; only process 0 writes and posts.
+            if self.shared_dir is None:  # once: process 0's sync dir, and whether every process sees it
+                d = distributed.broadcast_object(resolve_sync_dir(self.sync_dir) if self.is_main else None)
+                self.shared_dir = d if shared_by_all_processes(d) else ""
+                if not self.shared_dir and self.is_main:
+                    log.warning("rollout.sync_dir %s is not shared by all learner processes: every sync gathers the "
+                                "whole model onto every process; a directory they all share avoids that", d)
+            if self.shared_dir:
+                # Each process writes the blocks it holds (a collective, so not in the background thread).
+                t0 = time.perf_counter()
+                res = write_weights_per_process(model, str(version), self.shared_dir, dtype=self.dtype,
+                                                source_dir=self.model_path)
+                if self.is_main:
+                    done: Future = Future()
+                    done.set_result((res.path, time.perf_counter() - t0))
+                    self.pending = (str(version), done)
+                return
+            # Not shared: every process takes part in gathering the parameters; process 0 writes and posts.
             params = multihost_utils.process_allgather(learner.params, tiled=True)
             if not self.is_main:
                 return
