@@ -25,6 +25,7 @@ import aepo_jax
 from aepo_jax.compilation_cache import COMPILES
 from aepo_jax.rollout import protocol, responses
 from aepo_jax.rollout.contract import RequestError, bad_request, parse_json, value_error
+from aepo_jax.rollout.dist_recv import WeightReceiver
 from aepo_jax.rollout.sampler import Sampler, SamplerConfig, SamplingRequest
 from aepo_jax.rollout.scheduler import BatchScheduler
 
@@ -80,8 +81,6 @@ class RolloutServer:
         self.scheduler: BatchScheduler | None = None
         # SGLang's distributed weight update (dist_recv): broadcasts are received on their own thread,
         # never on the sampler's, so a batch in progress never delays the learner's broadcast
-        from aepo_jax.rollout.dist_recv import WeightReceiver
-
         self.receiver = WeightReceiver()
 
     # ------------------------------------------------------------------ start-up

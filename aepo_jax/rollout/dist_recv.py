@@ -151,6 +151,8 @@ class WeightReceiver:
         if pg is None:
             return False, f"Group {name} not in {sorted(self.groups)}."
         leave_group(pg)
+        with self._lock:
+            self.staged.clear()  # a sync cut short leaves nothing for the next group's
         return True, "Succeeded to destroy custom process group."
 
     def receive(self, req: UpdateRequest, sampler) -> Any:
