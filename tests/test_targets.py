@@ -17,9 +17,10 @@ def decision(mode, budget=5):
                     mode=mode)
 
 
-def _reg_batch(lengths, rewards, truncated):
+def _reg_batch(lengths, rewards, truncated, group=None):
     outputs = [[5] * int(n) for n in lengths]
-    return pack([[1, 2]] * len(lengths), outputs, list(rewards), list(range(len(lengths))), list(truncated),
+    group = list(group) if group is not None else [0] * len(lengths)
+    return pack([[1, 2]] * len(lengths), outputs, list(rewards), group, list(truncated),
                 main_rollout=False, prompt_len=4, response_len=int(max(lengths)), pad_id=0)
 
 
@@ -29,38 +30,44 @@ def test_correct_length_mean_counts_only_correct_responses():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_length_selection_keeps_the_right_side_most_extreme_first(seed):
+def test_length_selection_keeps_the_right_side_of_each_prompt_most_extreme_first(seed):
+    """Positives are shorter (longer) than the mean correct length of their own prompt's samples:
+    a hard question's long answer is not 'long', and an easy question's short one not 'short'."""
     rng = np.random.default_rng(seed)
-    n = 64
-    lengths = rng.integers(3, 40, size=n).astype(float)
-    rewards = (rng.random(n) < 0.6).astype(float)
-    truncated = rng.random(n) < 0.1
-    signal = float(correct_length_mean(lengths, rewards))
+    groups, per = 8, 8
+    group = np.repeat(np.arange(groups), per)
+    base = rng.integers(8, 30, size=groups)[group]  # each prompt has its own answer length
+    lengths = (base + rng.integers(-4, 5, size=group.size)).astype(float)
+    rewards = (rng.random(group.size) < 0.6).astype(float)
+    truncated = rng.random(group.size) < 0.1
+    reg = _reg_batch(lengths, rewards, truncated, group)
     t = LengthTarget()
-    reg = _reg_batch(lengths, rewards, truncated)
-    assert t.measure(reg) == pytest.approx(signal)
+    assert t.measure(reg) == pytest.approx(correct_length_mean(lengths, rewards))
     ok = (rewards > 0) & ~truncated
-    for mode, side in (("lower", lengths < signal), ("raise", lengths > signal)):
+    rel = np.zeros(group.size)
+    for g in range(groups):
+        own = ok & (group == g)
+        rel[own] = lengths[own] - lengths[own].mean()
+    for mode, side in (("lower", rel < 0), ("raise", rel > 0)):
         for budget in (0, 3, 1000):
-            idx = t.select(reg, decision(mode, budget), signal, budget, np.random.default_rng(seed))
+            idx = t.select(reg, decision(mode, budget), None, budget, np.random.default_rng(seed))
             eligible = np.flatnonzero(ok & side)
             assert len(idx) == min(budget, len(eligible)) and len(set(idx)) == len(idx)
             assert set(idx) <= set(eligible)
             if len(idx) and len(idx) < len(eligible):  # the kept ones are the most extreme
                 rest = np.setdiff1d(eligible, idx)
                 if mode == "lower":
-                    assert lengths[idx].max() <= lengths[rest].min()
+                    assert rel[idx].max() <= rel[rest].min()
                 else:
-                    assert lengths[idx].min() >= lengths[rest].max()
+                    assert rel[idx].min() >= rel[rest].max()
+    signal = correct_length_mean(lengths, rewards)
     assert len(t.select(reg, decision("idle", 0), signal, 0, rng)) == 0
 
 
-def test_length_sampling_budget_only_shortens():
+def test_length_sampling_is_the_rollouts_own():
     t = LengthTarget()
-    assert t.sampling(decision("lower"), 12.3, 1.0, 48) == (1.0, 13)  # stops at the current mean
-    assert t.sampling(decision("lower"), 80.0, 1.0, 48) == (1.0, 48)  # never above the rollout's budget
-    assert t.sampling(decision("raise"), 12.3, 1.0, 48) == (1.0, 48)
-    assert t.sampling(decision("lower"), None, 1.0, 48) == (1.0, 48)  # no signal yet
+    for mode in ("lower", "raise"):
+        assert t.sampling(decision(mode), 12.3, 1.0, 48) == (1.0, 48)
     assert TARGETS["entropy"].sampling(decision("raise"), None, 1.0, 48) == (1.2, 48)
     with pytest.raises(ValueError, match="signal 'width'"):
         target_for("width")
@@ -102,13 +109,14 @@ def test_entropy_controller_state_ignores_length():
 
 @pytest.mark.parametrize("reading", ["paper", "mix"])
 def test_reg_rows_by_length(reading):
-    lengths = [4, 9, 6, 12, 3, 7]
-    rewards = [1, 1, 0, 1, 1, 1]
-    truncated = [False, False, False, False, True, False]
-    reg = _reg_batch(lengths, rewards, truncated)
+    lengths = [4, 9, 6, 12, 3, 7, 30, 40, 20]
+    rewards = [1, 1, 0, 1, 1, 1, 1, 0, 0]
+    truncated = [False, False, False, False, True, False, False, False, False]
+    group = [0, 0, 0, 0, 0, 0, 1, 1, 1]  # prompt 1 has one correct sample: no contrast, no positive
+    reg = _reg_batch(lengths, rewards, truncated, group)
     spec = method_spec("aepo", reading)
     rows, stats = reg_rows_by_target(TARGETS["length"], spec, reg, decision("lower", 1), 8.0, np.random.default_rng(0))
-    # correct, not truncated, shorter than 8: lengths 4 and 7 (3 is truncated); the shortest kept
+    # prompt 0's correct, finished samples: 4, 9, 12, 7 (mean 8); shorter: 4 and 7; the shortest kept
     assert stats == {"aepo/positives_available": 2.0, "aepo/positives_used": 1.0}
     assert rows.mask.sum(axis=1).tolist() == [4] and rows.advantages.tolist() == [1.0]
     assert rows.is_reg.tolist() == [reading == "paper"]

@@ -102,7 +102,7 @@ class ControllerSection:
         "read the target's values as multiples of H0, the entropy measured at the first step (0.5 = half the base model's)"))
     signal: str = field(default="entropy", metadata=_help(
         "the statistic held at the target: entropy (nats/token, the paper) | length (mean tokens of the correct "
-        "responses; shorter / longer correct samples instead of a temperature, see docs/training.md)"))
+        "responses; shorter / longer correct samples instead of a temperature, see docs/targets.md)"))
     initial_entropy: float | None = field(default=None, metadata=_help(
         "entropy assumed before the first measurement; none = raise first (the authors' code starts from 0)"))
 

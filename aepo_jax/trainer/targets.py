@@ -21,24 +21,21 @@ Entropy (the paper): T_high / T_low from the decision, the positives are the cor
 (a random subset when there are more than the budget). The trainer keeps its original code path for
 it (:func:`aepo_jax.trainer.batch.select_reg_rows`), so entropy runs are unchanged.
 
-Length: the mean token count of the correct responses. A token budget can only shorten, so the two
-sides are built differently:
-
-* lowering: the regulariser rollout stops at ``ceil(signal)`` tokens (the current mean), so every
-  sample that finishes and is correct is at most as long as the mean; of those, the ones strictly
-  shorter than the mean are kept, shortest first. (Drawing with the full budget and keeping the
-  short ones is the same distribution, since sampling is left to right; the tighter budget only
-  stops the long ones early, which saves their tokens.)
-* raising: the full token budget; the correct samples longer than the mean are kept, longest first.
+Length: the mean token count of the correct responses. The regulariser rollout is drawn at the
+rollout's own temperature and budget; its positives are the correct samples that are shorter
+(lowering) or longer (raising) than the mean correct length *of their own prompt's* samples, the
+most extreme first. Why per prompt: how long a correct answer must be depends on the question
+(here, on the number of hops). Compared with one global length, the short correct samples would
+mostly be the easy questions' and the long ones the hard questions', and the policy would learn to
+solve some questions rather than to answer each one more briefly or at more length; a tighter token
+budget (one per call, for every prompt) has the same bias, so it is not used. Prompts with fewer
+than two correct samples have no contrast and give no positive.
 
 Truncated samples never count: they did not stop, so they teach nothing about where to stop.
-Before any correct response has been seen there is no signal; the controller then raises (as it
-does for entropy) and the raising rule keeps the longest correct samples.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,8 +100,6 @@ class LengthTarget(TargetDistribution):
         return correct_length_mean(main.mask.sum(axis=1), main.rewards)
 
     def sampling(self, decision, signal, temperature, max_new_tokens):
-        if decision.mode == "lower" and signal is not None:
-            return temperature, int(min(max_new_tokens, max(1, math.ceil(signal))))
         return temperature, max_new_tokens
 
     def select(self, reg, decision, signal, budget, rng):
@@ -112,12 +107,17 @@ class LengthTarget(TargetDistribution):
         ok = (reg.rewards > 0) & ~np.asarray(reg.truncated, bool)
         if decision.mode == "idle" or budget <= 0:
             return np.zeros(0, np.int64)
+        rel = np.zeros_like(lengths)  # length - the mean correct length of the same prompt's samples
+        for g in np.unique(reg.group):
+            own = ok & (reg.group == g)
+            if own.sum() >= 2:  # one correct sample has nothing to be shorter or longer than
+                rel[own] = lengths[own] - lengths[own].mean()
         if decision.mode == "lower":
-            ok &= lengths < signal if signal is not None else ok
-            key = lengths  # shortest first
+            ok &= rel < 0
+            key = rel  # the most below its prompt's mean first
         else:
-            ok &= lengths > signal if signal is not None else ok
-            key = -lengths  # longest first
+            ok &= rel > 0
+            key = -rel
         idx = np.flatnonzero(ok)
         # ties broken at random, so equal-length samples of different prompts share the budget
         order = np.lexsort((rng.random(len(idx)), key[idx]))
