@@ -72,6 +72,11 @@ def test_distributed_sync_without_torch_is_a_config_error(monkeypatch):
     cfg.rollout.sync = "distributed"
     with pytest.raises(ConfigError, match=r"rollout\.sync.*torch.*distributed"):
         validate(cfg)
+    monkeypatch.undo()
+    cfg.train.num_processes = 2
+    with pytest.raises(ConfigError, match=r"rollout\.sync.*single-process.*num_processes=2"):
+        validate(cfg)
+    cfg.train.num_processes = 0
     cfg.rollout.sync = "nfs"
     with pytest.raises(ConfigError, match=r"rollout\.sync"):
         validate(cfg)

@@ -343,6 +343,10 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
         if importlib.util.find_spec("torch") is None:
             raise ConfigError("config key 'rollout.sync': 'distributed' needs torch (the 'distributed' extra: "
                               "pip install 'aepo-jax[distributed]'); use rollout.sync=disk without it")
+        if cfg.train.num_processes > 1:
+            raise ConfigError(f"config key 'rollout.sync': 'distributed' needs a single-process learner, got "
+                              f"train.num_processes={cfg.train.num_processes}; use rollout.sync=disk (each process "
+                              "writes its own shards)")
     _one_of("model.compute_dtype", cfg.model.compute_dtype, ("", "float32", "bfloat16"))
     _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
     _one_of("algorithm.controller.signal", c.signal, ("entropy", "length"))
