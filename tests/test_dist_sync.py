@@ -291,3 +291,54 @@ def test_connect_fails_at_once_when_a_server_refuses_to_join(server):
                 await first.close()
 
     asyncio.run(go())
+
+
+def test_tensor_by_tensor_update_without_buckets(server, dirs):
+    """``load_format: null``: one broadcast per tensor, in names order (SGLang's default format),
+    split over two requests; the weights swap only when the second completes the model."""
+    import torch
+    import torch.distributed as dist
+
+    from aepo_jax.models import hf_device_tensors, load_pretrained
+    from aepo_jax.rollout.client import RolloutClient
+    from aepo_jax.rollout.dist_group import join_group, leave_group
+    from aepo_jax.rollout.dist_sync import _free_port
+
+    learner = load_pretrained(dirs[1], dtype="float32")
+    tensors = [(n, np.asarray(a)) for n, a in hf_device_tensors(learner, "float32")]
+    half = len(tensors) // 2
+    client = RolloutClient(server.url)
+
+    async def go():
+        async with client:
+            port = _free_port("127.0.0.1")
+            init = asyncio.ensure_future(client.init_weights_update_group(
+                server.url, master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2, backend="gloo"))
+            pg = await asyncio.to_thread(join_group, "127.0.0.1", port, 0, 2, "weight_update_group", "gloo", 60)
+            await init
+            seen = []
+            try:
+                for k, part in enumerate((tensors[:half], tensors[half:])):
+                    post = asyncio.ensure_future(client.update_weights_from_distributed(
+                        [n for n, _ in part], ["float32"] * len(part), [a.shape for _, a in part],
+                        weight_version=f"tbt{k}", load_format=None))
+
+                    def send(part=part):
+                        for _, a in part:
+                            dist.broadcast(torch.from_numpy(np.array(a)), src=0, group=pg)
+
+                    await asyncio.to_thread(send)
+                    await post
+                    seen.append((await client.weight_versions())[server.url])
+                out = await client.generate([[1, 5, 9]], n=1, sampling_params={"max_new_tokens": 6, "ignore_eos": True},
+                                            seed=1, temperature=1.0)
+            finally:
+                await client.destroy_weights_update_group()
+                leave_group(pg)
+            return seen, out
+
+    seen, out = asyncio.run(go())
+    assert seen[0] != "tbt0" and seen[1] == "tbt1"  # half a model is staged, not served
+    s = out[0][0]
+    assert s.weight_version == "tbt1"
+    np.testing.assert_allclose(s.logprobs, _learner_logprobs(learner, [1, 5, 9], s.output_ids), atol=1e-4)
