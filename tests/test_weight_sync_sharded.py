@@ -74,7 +74,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mesh", ["4x1", "2x2"])
+@pytest.mark.parametrize("mesh", ["2x2", pytest.param("4x1", marks=pytest.mark.slow)])
 def test_two_processes_each_write_their_shards(model_dir, tmp_path, mesh):
     from aepo_jax.models import load_pretrained, save_pretrained
 
