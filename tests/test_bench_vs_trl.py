@@ -75,7 +75,7 @@ def test_machine_names_the_cpu_and_avx512():
 # ---------------------------------------------------------------------------- TRL's side
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    from aepo_jax.data.toy_base import ToyBaseConfig, build_toy_base
+    from aepo_jax.toy import ToyBaseConfig, build_toy_base
 
     out = tmp_path_factory.mktemp("toy_base")
     build_toy_base(out, ToyBaseConfig(steps=3, warmup_steps=1, n_train_problems=64))

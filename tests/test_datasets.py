@@ -127,7 +127,7 @@ def test_file_level_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory):
-    from aepo_jax.data.toy_base import build_tokenizer
+    from aepo_jax.data.toy_tokenizer import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
 

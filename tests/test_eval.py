@@ -135,7 +135,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def toy_tokenizer(tmp_path_factory):
-    from aepo_jax.data.toy_base import build_tokenizer
+    from aepo_jax.data.toy_tokenizer import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
@@ -176,7 +176,7 @@ def test_end_to_end_through_the_embedded_server(tmp_path):
     """Sample through the real embedded server with a (barely trained) toy model: the report's
     numbers must equal a rescoring of the written samples, for every k."""
     from aepo_jax.data import toy_task
-    from aepo_jax.data.toy_base import ToyBaseConfig, build_toy_base
+    from aepo_jax.toy import ToyBaseConfig, build_toy_base
     from aepo_jax.eval import main
     from aepo_jax.rewards import exact_match_reward
 

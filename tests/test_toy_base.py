@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from aepo_jax.data import toy_task
-from aepo_jax.data.toy_base import ToyBaseConfig, ensure_toy_base, response_token_count
+from aepo_jax.data.toy_tokenizer import response_token_count
+from aepo_jax.toy import ToyBaseConfig, ensure_toy_base
 
 TINY = ToyBaseConfig(steps=3, warmup_steps=1, n_train_problems=64)
 
@@ -64,7 +65,7 @@ def _same_files(a: Path, b: Path) -> None:
 _BUILD_IN_A_PROCESS = """
 import json, sys
 import jax
-from aepo_jax.data.toy_base import ToyBaseConfig, build_toy_base
+from aepo_jax.toy import ToyBaseConfig, build_toy_base
 assert jax.device_count() == int(sys.argv[3]), jax.devices()
 jax.jit(lambda x: x.sum())(jax.numpy.ones(8)).block_until_ready()  # a live backend, as in the trainer
 build_toy_base(sys.argv[1], ToyBaseConfig(**json.loads(sys.argv[2])))
@@ -90,11 +91,11 @@ def test_build_is_the_same_bytes_from_any_process(tiny_base, tmp_path):
 
 
 def test_build_refuses_an_unpinned_process(tmp_path, monkeypatch):
-    from aepo_jax.data import toy_base
+    from aepo_jax.toy import recipe
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     with pytest.raises(RuntimeError, match="XLA_FLAGS"):
-        toy_base._pin_build_process()
+        recipe._pin_build_process()
 
 
 def test_cache_reuses_and_rebuilds_on_recipe_change(tiny_base):

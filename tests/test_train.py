@@ -31,7 +31,7 @@ NONDETERMINISTIC = ("timing_s/", "perf/tokens_per_s", "perf/compiles", "perf/ser
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
-    from aepo_jax.data.toy_base import ToyBaseConfig, build_toy_base
+    from aepo_jax.toy import ToyBaseConfig, build_toy_base
 
     out = tmp_path_factory.mktemp("toy_base")
     build_toy_base(out, ToyBaseConfig(steps=150))

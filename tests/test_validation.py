@@ -66,7 +66,7 @@ def test_default_set_is_the_toy_test_split_eval_uses(tmp_path):
     """Without eval.files the held-out set is the built-in task's test split, tokenized as
     ``python -m aepo_jax.eval --data toy`` tokenizes it (seed 0), and disjoint from training."""
     from aepo_jax import data as data_lib
-    from aepo_jax.data.toy_base import build_tokenizer
+    from aepo_jax.data.toy_tokenizer import build_tokenizer
     from aepo_jax.eval import EvalConfig, _load_benchmark
 
     tok = build_tokenizer(tmp_path / "tok")
@@ -84,7 +84,7 @@ def test_validation_equals_the_eval_command(tmp_path):
     seed); then ``python -m aepo_jax.eval`` on the base model and on the exported step-2
     checkpoint, each through its own embedded server: every number is equal, exactly."""
     from aepo_jax.data import toy_task
-    from aepo_jax.data.toy_base import ToyBaseConfig, build_toy_base
+    from aepo_jax.toy import ToyBaseConfig, build_toy_base
     from aepo_jax.eval import main as eval_main
     from aepo_jax.train import main as train_main
 

@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     m = machine()
     load_start = os.getloadavg()[0]
     print(f"{machine_line(m)}; load average {load_start:.1f}", flush=True)
-    from aepo_jax.data import ensure_toy_base
+    from aepo_jax.toy import ensure_toy_base
 
     t0 = time.perf_counter()
     toy_dir = ensure_toy_base()  # built once and cached; not part of either side's time

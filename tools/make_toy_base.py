@@ -5,7 +5,7 @@
     python tools/make_toy_base.py --eval               # then: pass@k at T=1 and token entropy
 
 The build is the same bytes for the same recipe on any process (it trains in a subprocess pinned
-to one CPU device and one core, see aepo_jax/data/toy_base.py) and takes a few minutes. The recipe and teacher-forced diagnostics are written to toy_base.json in
+to one CPU device and one core, see aepo_jax/toy/recipe.py) and takes a few minutes. The recipe and teacher-forced diagnostics are written to toy_base.json in
 the model directory; --eval samples the toy test split through the embedded server
 (``python -m aepo_jax.eval``) and prints avg@n, pass@k and the mean sampled-token entropy.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aepo_jax.data.toy_base import ToyBaseConfig, build_toy_base, default_cache_dir, ensure_toy_base
+    from aepo_jax.toy import ToyBaseConfig, build_toy_base, default_cache_dir, ensure_toy_base
 
     defaults = ToyBaseConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

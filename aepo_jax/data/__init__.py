@@ -1,4 +1,4 @@
-"""Data: problem files, prompt templates, the prompt pipeline, the built-in toy task and base model.
+"""Data: problem files, prompt templates, the prompt pipeline, the built-in toy task and its tokenizer.
 
 Typical use (what the trainer does)::
 
@@ -9,7 +9,7 @@ Typical use (what the trainer does)::
     state = pipeline.get_state()      # into the checkpoint; pipeline.set_state(state) on resume
 
 With no data files the trainer uses the toy task: ``toy_problems("train")`` and the base model from
-``ensure_toy_base(cache_dir)``.
+``aepo_jax.toy.ensure_toy_base(cache_dir)`` (the toy package trains it; data/ trains nothing).
 """
 
 from __future__ import annotations
@@ -30,13 +30,6 @@ def toy_problems(split: str = "train", seed: int = 0, n_train: int = 4096, n_tes
     return [Problem(prompt=r["prompt"], answer=r["answer"], source="toy", uid=f"toy-{split}:{i}") for i, r in enumerate(rows)]
 
 
-def ensure_toy_base(cache_dir: str | None = None, **kwargs) -> str:
-    """Path of the built-in toy base model (HF directory), building it on first use."""
-    from aepo_jax.data.toy_base import ensure_toy_base as _ensure  # noqa: PLC0415 - imports jax/models
-
-    return _ensure(cache_dir, **kwargs)
-
-
 __all__ = [
     "DEFAULT_INSTRUCTION",
     "DataError",
@@ -48,7 +41,6 @@ __all__ = [
     "PromptConfig",
     "PromptPipeline",
     "PromptStats",
-    "ensure_toy_base",
     "load_problems",
     "tokenize_problems",
     "toy_problems",

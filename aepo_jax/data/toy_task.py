@@ -170,7 +170,7 @@ def solution_text(p: ToyProblem, wrong_values: dict[int, int] | None = None,
     return " ".join(words)
 
 
-# Tokens of a worked solution (every task word is one token, see toy_base): the fillers, a space
+# Tokens of a worked solution (every task word is one token, see toy_tokenizer): the fillers, a space
 # and the start digit (Qwen2's pre-tokenizer never joins a space to a digit), three per hop (link,
 # separator, digit), five for `` \\boxed{d}``, and EOS.
 TOKENS_PER_HOP = 3

@@ -11,7 +11,7 @@ ones) and is otherwise fluent: pass@1 is about the mean of ``(1 - noise) ** hops
 hops, and RL can sharpen exactly those digit tokens, the entropy that GRPO collapses and AEPO
 holds.
 
-Outputs (``build_toy_base(out_dir)``): ``model.safetensors`` + ``config.json`` +
+Outputs (``aepo_jax.toy.build_toy_base(out_dir)``): ``model.safetensors`` + ``config.json`` +
 ``generation_config.json`` (via :func:`aepo_jax.models.save_pretrained`), a real byte-level BPE
 ``tokenizer.json`` trained with the ``tokenizers`` library, with ``tokenizer_config.json`` and a chat
 template (``AutoTokenizer.from_pretrained(out_dir)`` loads it and splits text exactly as the file
@@ -22,24 +22,21 @@ splits long reductions (the K dimension of a matmul, a sum) into as many partial
 thread pool has threads, and that pool is sized by the visible cores *and* by the number of
 simulated host devices (``--xla_force_host_platform_device_count``), so a float32 training run of
 700 steps lands on a different, and measurably weaker, model under ``--mesh=8x1`` than on one
-device. :func:`build_toy_base` therefore never trains in the calling process: it runs the recipe in
+device. :func:`~aepo_jax.toy.build.build_toy_base` therefore never trains in the calling process: it runs the recipe in
 a fresh Python subprocess with one CPU device, one core (CPU affinity) and XLA's single-threaded
 Eigen, so every reduction is summed in one fixed order (:data:`BUILD_ENV`, checked by the child).
+:mod:`aepo_jax.toy.build` starts that subprocess (``python -m aepo_jax.toy.recipe``) and caches
+the result.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
 import random
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from aepo_jax.data import toy_task
-from aepo_jax.data.prompts import DEFAULT_INSTRUCTION, PromptConfig, tokenize_problems
+from aepo_jax.data.prompts import PromptConfig, tokenize_problems
+from aepo_jax.data.toy_tokenizer import build_tokenizer, encode_responses, response_token_count, value_positions
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +63,6 @@ BUILD_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
-PAD, EOS = "<|pad|>", "<|endoftext|>"
-GENERATION_PROMPT = "Answer:"
-# The chat template writes the user's words, then the generation prompt. It keeps the problem and
-# the default \boxed{} instruction word for word, so the generic prompt path (auto -> chat, default
-# instruction) produces exactly the prompts the model was trained on.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}" + GENERATION_PROMPT + "{% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -104,75 +93,8 @@ class ToyBaseConfig:
             raise ValueError(f"ToyBaseConfig: warmup_steps ({self.warmup_steps}) must be in [0, steps={self.steps})")
 
 
-# --- tokenizer -----------------------------------------------------------------------------------
-
-# Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer): letters-words with one optional
-# leading non-letter, single digits, punctuation runs, whitespace.
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-
-def tokenizer_corpus() -> list[str]:
-    """Everything the toy model reads or writes: the chat template's words, the default
-    instruction, and every word of the task."""
-    return [GENERATION_PROMPT, DEFAULT_INSTRUCTION, *toy_task.corpus_texts()]
-
-
-def build_tokenizer(out_dir: str | Path):
-    """Write the toy tokenizer (``tokenizer.json`` + config + chat template); return it loaded.
-
-    It is a byte-level BPE with Qwen2's pre-tokenizer, normaliser and decoder, trained with the
-    ``tokenizers`` library on :func:`tokenizer_corpus` until every pre-token piece of that corpus
-    is one token. The reason for Qwen2's exact pipeline: transformers 5 loads any ``model_type:
-    qwen2`` directory with its own Qwen2Tokenizer, which rebuilds the pre-tokenizer from that
-    recipe and keeps only vocab and merges from ``tokenizer.json``; a tokenizer built any other
-    way would silently tokenize differently there (and in SGLang) than in the trainer.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: PLC0415
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: PLC0415
-
-    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096,  # an upper bound: training stops when every corpus piece is one token
-        min_frequency=1,
-        special_tokens=[PAD, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any text stays encodable
-        show_progress=False,
-    )
-    tok.train_from_iterator(tokenizer_corpus(), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=None)
-    hf.chat_template = CHAT_TEMPLATE
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out_dir)
-    return AutoTokenizer.from_pretrained(out_dir)
-
 
 # --- training data -------------------------------------------------------------------------------
-
-
-def response_token_count(p: toy_task.ToyProblem) -> int:
-    """Tokens of a clean worked solution without EOS: fillers, space, start, 3 per hop (link,
-    separator, digit), 5 for " \\boxed{d}"."""
-    return toy_task.response_tokens(p) - 1
-
-
-def value_positions(p: toy_task.ToyProblem) -> list[int]:
-    """Indices (in a clean response) of the digit written after each hop."""
-    return [toy_task.FILLER_SLOTS + 1 + toy_task.TOKENS_PER_HOP * (i + 1) for i in range(p.hops)]
-
-
-def encode_responses(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 @dataclass
@@ -199,6 +121,7 @@ def _make_batch(corpus: _Corpus, idx: np.ndarray, noise: float, rng: random.Rand
         attn[r, : len(seq)] = 1
         loss[r, len(corpus.prompt_ids[i]) : len(seq)] = 1.0  # predict response tokens and EOS only
     return ids, attn, loss
+
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -308,27 +231,6 @@ def teacher_forced_diagnostics(model, tokenizer, problems: list[toy_task.ToyProb
     }
 
 
-def build_toy_base(out_dir: str | Path, cfg: ToyBaseConfig = ToyBaseConfig()) -> Path:
-    """Build the toy base model into ``out_dir`` (overwritten); return the path.
-
-    The recipe runs in a fresh subprocess with :data:`BUILD_ENV` (one device, one core), so the
-    bytes do not depend on this process's devices, threads or jax state. Its log goes to stderr;
-    a failed build raises RuntimeError with the child's exit status.
-    """
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "TF_"))}
-    env.update(BUILD_ENV)
-    root = str(Path(__file__).resolve().parents[2])  # the directory holding the aepo_jax package
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "aepo_jax.data.toy_base", str(out_dir), json.dumps(dataclasses.asdict(cfg))]
-    t0 = time.time()
-    proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"toy base: the build subprocess failed (exit {proc.returncode}); its log is above")
-    logger.info("toy base built in %.1f s at %s", time.time() - t0, out_dir)
-    return out_dir
-
 
 def _pin_build_process() -> None:
     """In the build subprocess, before jax starts: check the environment, then take one core."""
@@ -337,6 +239,7 @@ def _pin_build_process() -> None:
             raise RuntimeError(f"toy base: the build must run with {k}={v!r} (got {os.environ.get(k)!r}); use build_toy_base()")
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
 
 
 def _build_here(out_dir: Path, cfg: ToyBaseConfig) -> Path:
@@ -399,60 +302,8 @@ def _build_here(out_dir: Path, cfg: ToyBaseConfig) -> Path:
     return out_dir
 
 
-# --- cache ---------------------------------------------------------------------------------------
 
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("AEPO_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "aepo_jax")
-    return Path(root)
-
-
-def _is_complete(path: Path, cfg: ToyBaseConfig) -> bool:
-    try:
-        info = json.loads((path / "toy_base.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        info.get("build_version") == BUILD_VERSION
-        and info.get("recipe") == dataclasses.asdict(cfg)
-        and (path / "model.safetensors").exists()
-        and (path / "tokenizer.json").exists()
-    )
-
-
-def ensure_toy_base(cache_dir: str | os.PathLike | None = None, cfg: ToyBaseConfig = ToyBaseConfig()) -> str:
-    """Path of the toy base model under ``cache_dir`` (default ``$AEPO_JAX_CACHE`` or
-    ``~/.cache/aepo_jax``), building it first if it is missing or was built by another recipe.
-
-    Safe to call from several processes at once: one builds (under a file lock) into a temporary
-    directory that is renamed into place, the others wait and then reuse it.
-    """
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"toy_base-v{BUILD_VERSION}-seed{cfg.seed}"
-    if _is_complete(target, cfg):
-        return str(target)
-    with open(root / ".toy_base.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if _is_complete(target, cfg):
-                return str(target)
-            tmp = Path(tempfile.mkdtemp(prefix=".toy_base-", dir=root))
-            try:
-                logger.warning("building the toy base model into %s (once; about a minute or two on CPU)", target)
-                build_toy_base(tmp, cfg)
-                if target.exists():
-                    shutil.rmtree(target)
-                tmp.rename(target)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    shutil.rmtree(tmp)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return str(target)
-
-
-if __name__ == "__main__":  # the build subprocess: python -m aepo_jax.data.toy_base OUT_DIR RECIPE_JSON
+if __name__ == "__main__":  # the build subprocess: python -m aepo_jax.toy.recipe OUT_DIR RECIPE_JSON
     _pin_build_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s toy base build: %(message)s", force=True)
     _build_here(Path(sys.argv[1]), ToyBaseConfig(**json.loads(sys.argv[2])))
