@@ -120,12 +120,11 @@ def _configure_jax(directory: Path | None) -> None:
                           float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
         jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                           int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
-    try:  # jax decides at its first compilation whether the cache is used; make it decide again
-        from jax._src import compilation_cache  # noqa: PLC0415
+    # jax decides at its first compilation whether the cache is used (and where); make it decide
+    # again with this setting (the public re-export of jax's own reset).
+    from jax.experimental.compilation_cache import compilation_cache  # noqa: PLC0415
 
-        compilation_cache.reset_cache()
-    except (ImportError, AttributeError):  # pragma: no cover - a jax without it
-        pass
+    compilation_cache.reset_cache()
     COMPILES.install()
 
 
