@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from aepo_jax.config import ConfigError
-from aepo_jax.entropy_control import TargetSchedule
-from aepo_jax.methods import METHODS as METHOD_TABLE, READINGS, method_help
+from aepo_jax.entropy_control import BAND_MODES, BUDGET_MODES, ESTIMATORS, SIGNALS, ControllerConfig, TargetSchedule
+from aepo_jax.losses import AGG_MODES, REG_NORMS, LossConfig
+from aepo_jax.methods import METHODS as METHOD_TABLE, READINGS, method_help, method_spec
+from aepo_jax.platform import parse_mesh_spec
 
 METHODS = tuple(METHOD_TABLE)  # the names of aepo_jax/methods.py's table
 
@@ -292,8 +295,6 @@ def _target_values(schedule) -> list[float]:
 
 
 def _check_urls(key: str, urls) -> None:
-    from urllib.parse import urlsplit
-
     for i, url in enumerate(urls):
         try:
             parts = urlsplit(url)
@@ -316,7 +317,7 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
             f"config key 'train.old_logp': 'reuse' needs an on-policy update (train.epochs=1 and one mini-batch), "
             f"got train.epochs={cfg.train.epochs}, train.mini_batch_prompts={cfg.train.mini_batch_prompts}; "
             "use 'auto' or 'recompute'")
-    _one_of("algorithm.agg", a.agg, ("seq-mean-token-mean", "token-mean"))
+    _one_of("algorithm.agg", a.agg, AGG_MODES)
     _finite_numbers(cfg)
     try:
         schedule = TargetSchedule.parse(c.target)
@@ -327,8 +328,6 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
             raise ConfigError(f"config key 'algorithm.controller.target': entropy targets must be finite and >= 0, "
                               f"got {v} in {c.target!r}")
     if cfg.train.mesh:
-        from aepo_jax.platform import parse_mesh_spec
-
         try:
             parse_mesh_spec(cfg.train.mesh)
         except ValueError as e:
@@ -348,21 +347,19 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
                               f"train.num_processes={cfg.train.num_processes}; use rollout.sync=disk (each process "
                               "writes its own shards)")
     _one_of("model.compute_dtype", cfg.model.compute_dtype, ("", "float32", "bfloat16"))
-    _one_of("algorithm.controller.estimator", c.estimator, ("full", "sampled"))
-    _one_of("algorithm.controller.signal", c.signal, ("entropy", "length"))
+    _one_of("algorithm.controller.estimator", c.estimator, ESTIMATORS)
+    _one_of("algorithm.controller.signal", c.signal, SIGNALS)
     if c.signal != "entropy":
-        from aepo_jax.methods import method_spec
-
         spec = method_spec(a.method, a.reading)
         if spec.uses_reg_rollout and (spec.reg_rollout != "controller" or spec.reg_rows not in ("positives", "replace")):
             raise ConfigError(f"config key 'algorithm.controller.signal': {c.signal!r} draws its own positives; method "
                               f"{a.method!r} (regulariser rows {spec.reg_rows!r} at {spec.reg_rollout!r}) cannot use it")
-    _one_of("algorithm.controller.band_mode", c.band_mode, ("hold", "idle"))
-    _one_of("algorithm.controller.budget_mode", c.budget_mode, ("fixed", "proportional", "pi"))
+    _one_of("algorithm.controller.band_mode", c.band_mode, BAND_MODES)
+    _one_of("algorithm.controller.budget_mode", c.budget_mode, BUDGET_MODES)
     if c.budget_mode == "pi" and c.dead_band > 0:
         raise ConfigError(f"config key 'algorithm.controller.dead_band' must be 0 with budget_mode=pi "
                           f"(pi decides the direction itself), got {c.dead_band}")
-    _one_of("algorithm.reg_norm", a.reg_norm, ("main", "reg", "joint"))
+    _one_of("algorithm.reg_norm", a.reg_norm, REG_NORMS)
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
     _one_of("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
     _one_of("data.template", cfg.data.template, ("auto", "chat", "plain"))
@@ -481,8 +478,6 @@ def _validate_eval(cfg: RunConfig) -> None:
 
 def loss_config(cfg: RunConfig):
     """The :class:`aepo_jax.losses.LossConfig` of a run (every field has a key under ``algorithm``)."""
-    from aepo_jax.losses import LossConfig
-
     a = cfg.algorithm
     return LossConfig(clip_low=a.clip_low, clip_high=a.clip_high, clip_dual=a.clip_dual or None, alpha=a.alpha,
                       entropy_coef=a.entropy_coef, adv_beta=a.adv_beta, adv_kappa=a.adv_kappa, agg=a.agg,
@@ -493,8 +488,6 @@ def loss_config(cfg: RunConfig):
 
 def controller_config(cfg: RunConfig):
     """The :class:`aepo_jax.entropy_control.ControllerConfig` of a run (keys under ``algorithm.controller``)."""
-    from aepo_jax.entropy_control import ControllerConfig, TargetSchedule
-
     c = cfg.algorithm.controller
     return ControllerConfig(target=TargetSchedule.parse(c.target), t_high=c.t_high, t_low=c.t_low,
                             budget_raise=c.budget_up, budget_lower=c.budget_down, estimator=c.estimator,
