@@ -238,11 +238,6 @@ class DirectCallStats:
 DIRECT_CALL_STATS = DirectCallStats()
 
 
-def _alarm(timeout_s: float | None):
-    """SIGALRM guard when one can be armed (main thread; an earlier outer alarm stays in charge)."""
-    return wall_clock_limit(timeout_s, lambda: RewardTimeout(f"math_reward exceeded {timeout_s} s"))
-
-
 def math_reward(response: str, ground_truth: str, timeout_s: float | None = 10.0) -> float:
     """1.0 if the response's final answer equals ``ground_truth`` mathematically, else 0.0.
 
@@ -257,7 +252,8 @@ def math_reward(response: str, ground_truth: str, timeout_s: float | None = 10.0
         return 0.0
     gold = normalize_ground_truth(ground_truth)
     try:
-        with _alarm(timeout_s):
+        # SIGALRM guard when one can be armed (main thread; an earlier outer alarm stays in charge).
+        with wall_clock_limit(timeout_s, lambda: RewardTimeout(f"math_reward exceeded {timeout_s} s")):
             return 1.0 if answers_equivalent(pred, gold) else 0.0
     except RewardTimeout:
         DIRECT_CALL_STATS.timeouts += 1
