@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flax import nnx
 
 V = 97
 
@@ -45,7 +46,7 @@ def test_extras_match_a_full_forward(model, seed):
     tok_ids = tuple(int(t) for t in rng.integers(0, V, int(rng.integers(1, 4))))
     t_out = float(rng.choice([0.7, 1.0, 1.3]))
     req = LogprobRequest(prompt, output, start=start, top_k=k, token_ids=tok_ids, out_temperature=t_out)
-    (ex,) = compute_many(model, [req])
+    (ex,) = compute_many(*nnx.split(model), [req], V)
 
     seq = list(prompt) + list(output)
     lp1 = _full_logsoftmax(model, seq)
@@ -80,9 +81,9 @@ def test_nothing_asked_means_no_forward_and_empty_fields(model):
 
     req = LogprobRequest((1, 2, 3), (4, 5), start=-1)
     assert not req.needs_forward
-    (ex,) = compute_many(model, [req])
+    (ex,) = compute_many(*nnx.split(model), [req], V)
     assert ex.input_token_logprobs == [] and ex.output_top_logprobs == []
     # start == len(prompt) - 1: one entry, None, still no forward
     req = LogprobRequest((1, 2, 3), (), start=2)
     assert not req.needs_forward
-    assert compute_many(model, [req])[0].input_token_logprobs == [(None, 3)]
+    assert compute_many(*nnx.split(model), [req], V)[0].input_token_logprobs == [(None, 3)]

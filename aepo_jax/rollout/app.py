@@ -209,8 +209,9 @@ class RolloutServer:
                 token_ids=opt.token_ids_logprob, out_temperature=t_out))
         if all(x is None for x in reqs):
             return reqs
-        model = self.sampler.model()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, extra_logprobs.compute_many, model, reqs)
+        graphdef, state = self.sampler.weights()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, extra_logprobs.compute_many, graphdef, state, reqs, self.sampler.vocab_size)
 
     def openai_backend(self):
         """What the OpenAI routes (``openai_api``) read from this server."""

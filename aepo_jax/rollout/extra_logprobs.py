@@ -194,10 +194,7 @@ def compute(graphdef, state, req: LogprobRequest, vocab_size: int) -> LogprobExt
     return out
 
 
-def compute_many(model, reqs: Sequence[LogprobRequest | None]) -> list[LogprobExtras | None]:
-    """``compute`` for each request that is not None, with the weights of ``model`` (a Decoder)."""
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    vocab = int(model.cfg.vocab_size)
-    return [None if r is None else compute(graphdef, state, r, vocab) for r in reqs]
+def compute_many(graphdef, state, reqs: Sequence[LogprobRequest | None], vocab_size: int) -> list[LogprobExtras | None]:
+    """``compute`` for each request that is not None, with the weights ``(graphdef, state)`` as the
+    sampler holds them (``Sampler.weights()``: no model is rebuilt per request)."""
+    return [None if r is None else compute(graphdef, state, r, vocab_size) for r in reqs]

@@ -254,6 +254,10 @@ class Sampler:
         """The served weights as a Decoder (the learner's layout), e.g. for a reference forward."""
         return nnx.merge(self._graphdef, self._weights[0])
 
+    def weights(self) -> tuple:
+        """The served weights as ``(graphdef, state)``, the form the jitted functions take."""
+        return self._graphdef, self._weights[0]
+
     @property
     def weight_version(self) -> str:
         return self._weights[1]
