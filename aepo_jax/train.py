@@ -151,7 +151,8 @@ class Trainer:
         learner_spec = LearnerSpec(loss_name=self.spec.loss, loss=loss_config(cfg), prompt_len=self.geo.prompt_len,
                                    response_len=self.geo.response_len, logprob_chunk=cfg.model.logprob_chunk,
                                    micro_batches=self.geo.micro_batches, entropy_grad=self.spec.entropy_grad,
-                                   reuse_old_logp=self.reuse_old_logp, seed=cfg.train.seed)
+                                   reuse_old_logp=self.reuse_old_logp, seed=cfg.train.seed,
+                                   entropy_signal=not self.measure_entropy)
         total_updates = cfg.train.steps * cfg.train.epochs * self.geo.num_minibatches
         self.learner = Learner(model, learner_spec, cfg.optim, total_updates, self.mesh)
         self.num_updates = 0

@@ -11,7 +11,7 @@
 On-policy updates (``LearnerSpec.reuse_old_logp``: one epoch of one mini-batch, as in the paper)
 use ``stop_gradient(log pi_theta)`` as log pi_old: before the update theta = theta_old, so this is
 the same number without a separate forward pass. The update then also returns the policy's
-entropy on the batch's main-rollout rows (``policy/entropy_full``, ``policy/entropy_nll``) from
+entropy on the batch's main-rollout rows (``policy/entropy_full``, ``policy/entropy_nll``; ``LearnerSpec.entropy_signal``) from
 its own forward pass: the signal the controller reads at the next step.
 
 Parameters live as an ``nnx.State`` sharded by the model's logical-axis rules over the mesh; the
@@ -42,7 +42,9 @@ class LearnerSpec:
     """Static facts the jitted functions are specialised on.
 
     loss_name: the registered loss (``MethodSpec.loss``); entropy_grad: differentiate the entropy
-    (``MethodSpec.entropy_grad``); reuse_old_logp: on-policy update, log pi_old = sg(log pi_theta).
+    (``MethodSpec.entropy_grad``); reuse_old_logp: on-policy update, log pi_old = sg(log pi_theta);
+    entropy_signal: also return the policy's entropy on the main-rollout rows from the update's own
+    forward pass (``policy/entropy_*``), for a controller that is not measured before the update.
     """
 
     loss_name: str
@@ -53,6 +55,7 @@ class LearnerSpec:
     micro_batches: int = 1
     entropy_grad: bool = False
     reuse_old_logp: bool = False
+    entropy_signal: bool = True
     seed: int = 0  # of the loss's random draws (Clip-Cov): key = (seed, update index, micro-batch)
 
 
@@ -198,7 +201,7 @@ class Learner:
                 "logp": logp, "old_logp": old, "mask": micro.mask, "advantages": micro.advantages,
                 "rewards": micro.rewards, "is_reg": micro.is_reg, "entropy": ent,
             }, spec.loss, denominators=dens, rng=rng)
-            return loss, (metrics, _policy_entropy_sums(micro, logp, ent))
+            return loss, (metrics, _policy_entropy_sums(micro, logp, ent) if spec.entropy_signal else None)
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -215,10 +218,11 @@ class Learner:
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, (stacked, ent_sums) = jax.lax.scan(body, zeros, (mb, rngs))
         metrics = merge_microbatch_metrics(stacked)
-        ent_sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), ent_sums)
-        rows = jnp.maximum(ent_sums["rows"], 1.0)
-        metrics["policy/entropy_full"] = ent_sums["full"] / rows
-        metrics["policy/entropy_nll"] = ent_sums["nll"] / rows
+        if spec.entropy_signal:
+            ent_sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), ent_sums)
+            rows = jnp.maximum(ent_sums["rows"], 1.0)
+            metrics["policy/entropy_full"] = ent_sums["full"] / rows
+            metrics["policy/entropy_nll"] = ent_sums["nll"] / rows
         grad_norm = optax.tree_utils.tree_norm(grads)
         finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(grad_norm)
         updates, new_opt = self.tx.update(grads, opt_state, params)

@@ -224,8 +224,6 @@ def update(batch: Batch, step: int, num_updates: int, m: dict, *, learner: Learn
                     log.warning("step %d: non-finite loss or gradient; update skipped", step + 1)
                 update_metrics.append(um)
     for k in update_metrics[0]:
-        if k.startswith("policy/") and k in m:
-            continue  # measured exactly on the rollout before the update (recomputed old log-probs)
         vals = [u[k] for u in update_metrics]
         m[k] = float(np.sum(vals)) if k == "actor/update_skipped" else _mean(vals)
     m["optim/num_updates"] = float(num_updates)
