@@ -95,7 +95,7 @@ def test_build_refuses_an_unpinned_process(tmp_path, monkeypatch):
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     with pytest.raises(RuntimeError, match="XLA_FLAGS"):
-        recipe._pin_build_process()
+        recipe.pin_build_process()
 
 
 def test_cache_reuses_and_rebuilds_on_recipe_change(tiny_base):

@@ -37,7 +37,7 @@ def build_toy_base(out_dir: str | Path, cfg: ToyBaseConfig = ToyBaseConfig()) ->
     env.update(BUILD_ENV)
     root = str(Path(__file__).resolve().parents[2])  # the directory holding the aepo_jax package
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "aepo_jax.toy.recipe", str(out_dir), json.dumps(dataclasses.asdict(cfg))]
+    cmd = [sys.executable, "-m", "aepo_jax.toy", str(out_dir), json.dumps(dataclasses.asdict(cfg))]
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, check=False)
     if proc.returncode != 0:

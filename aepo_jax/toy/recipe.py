@@ -25,8 +25,8 @@ simulated host devices (``--xla_force_host_platform_device_count``), so a float3
 device. :func:`~aepo_jax.toy.build.build_toy_base` therefore never trains in the calling process: it runs the recipe in
 a fresh Python subprocess with one CPU device, one core (CPU affinity) and XLA's single-threaded
 Eigen, so every reduction is summed in one fixed order (:data:`BUILD_ENV`, checked by the child).
-:mod:`aepo_jax.toy.build` starts that subprocess (``python -m aepo_jax.toy.recipe``) and caches
-the result.
+:mod:`aepo_jax.toy.build` starts that subprocess (``python -m aepo_jax.toy``, :mod:`aepo_jax.toy.__main__`)
+and caches the result.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,7 +231,7 @@ def teacher_forced_diagnostics(model, tokenizer, problems: list[toy_task.ToyProb
 
 
 
-def _pin_build_process() -> None:
+def pin_build_process() -> None:
     """In the build subprocess, before jax starts: check the environment, then take one core."""
     for k, v in BUILD_ENV.items():
         if os.environ.get(k) != v:
@@ -242,7 +241,7 @@ def _pin_build_process() -> None:
 
 
 
-def _build_here(out_dir: Path, cfg: ToyBaseConfig) -> Path:
+def build_in_this_process(out_dir: Path, cfg: ToyBaseConfig) -> Path:
     """The recipe itself, in this process (only ever the pinned subprocess: see the module doc)."""
     import jax  # noqa: PLC0415
 
@@ -300,10 +299,3 @@ def _build_here(out_dir: Path, cfg: ToyBaseConfig) -> Path:
     (out_dir / "toy_base.json").write_text(json.dumps(info, indent=2) + "\n")
     logger.info("toy base built in %.1f s at %s: %s", time.time() - t0, out_dir, diag)
     return out_dir
-
-
-
-if __name__ == "__main__":  # the build subprocess: python -m aepo_jax.toy.recipe OUT_DIR RECIPE_JSON
-    _pin_build_process()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s toy base build: %(message)s", force=True)
-    _build_here(Path(sys.argv[1]), ToyBaseConfig(**json.loads(sys.argv[2])))

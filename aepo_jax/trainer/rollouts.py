@@ -148,18 +148,13 @@ class Rollouts:
         self.weight_version = version
 
     def close(self) -> None:
-        if self.dist_sync is not None:
-            try:
-                self.loop.run_until_complete(self.dist_sync.close())
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
-            self.dist_sync = None
-        if self.client is not None:
-            try:
-                self.loop.run_until_complete(self.client.close())
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
-            self.client = None
+        for part in (self.dist_sync, self.client):  # the group first: leaving it talks to the servers
+            if part is not None:
+                try:
+                    self.loop.run_until_complete(part.close())
+                except Exception:  # noqa: BLE001 - best effort at shutdown
+                    pass
+        self.dist_sync = self.client = None
         if self.server is not None:
             self.server.stop()
             self.server = None
