@@ -3,7 +3,8 @@
 :func:`validate` checks everything that needs no model, data or devices (one
 :class:`~aepo_jax.config.ConfigError` naming the key and the numbers); :func:`validate_mesh` the
 batch shapes that must divide over the mesh, once jax has started. Both are re-exported by
-:mod:`aepo_jax.trainer.config`.
+:mod:`aepo_jax.trainer.config`. ``RunConfig`` in the annotations is that module's class, not imported
+here (it imports this module: the arrow points one way only).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aepo_jax.config import ConfigError
@@ -19,9 +19,6 @@ from aepo_jax.entropy_control import BAND_MODES, BUDGET_MODES, ESTIMATORS, SIGNA
 from aepo_jax.losses import AGG_MODES, REG_NORMS
 from aepo_jax.methods import METHODS, READINGS, method_spec
 from aepo_jax.platform import parse_mesh_spec
-
-if TYPE_CHECKING:
-    from aepo_jax.trainer.config import RunConfig
 
 
 def uses_on_policy_update(cfg: RunConfig) -> bool:
