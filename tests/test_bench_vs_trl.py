@@ -43,17 +43,20 @@ def test_ours_command_is_a_valid_run_with_the_shared_settings():
     assert cfg.train.compilation_cache == "/tmp/cc"
 
 
-def _fake_run(side, step_times, rewards, process_s):
+def _fake_run(side, step_times, rewards, process_s, compiles=None, server_compiles=None):
+    compiles = compiles or [0.0] * len(step_times)
     return {"side": side, "process_s": process_s,
-            "steps": [{"step": i + 1, "step_s": t, "reward": r, "entropy": 0.3, "stages": {"rollout": t / 2}}
-                      for i, (t, r) in enumerate(zip(step_times, rewards))],
+            "steps": [{"step": i + 1, "step_s": t, "reward": r, "entropy": 0.3, "stages": {"rollout": t / 2},
+                       "compiles": c, "server_compiles": server_compiles if i + 1 == len(step_times) else None}
+                      for i, (t, r, c) in enumerate(zip(step_times, rewards, compiles))],
             **({"phases_s": {}, "trl_version": "x"} if side == "trl" else {})}
 
 
 def test_summary_medians_skip_warm_up_steps_and_give_the_ratio():
     n = 10
     ours = [_fake_run("ours", [9.0] + [1.0] * 4 + [0.5] * 5, [0.5] * n, 30.0),
-            _fake_run("ours", [5.0] + [1.0] * 4 + [0.5] * 5, [0.5] * 9 + [0.9], 20.0)]
+            _fake_run("ours", [5.0] + [1.0] * 4 + [0.5] * 5, [0.5] * 9 + [0.9], 20.0,
+                      compiles=[30.0, 0.0, 2.0] + [0.0] * 7, server_compiles=1.0)]
     trl = [_fake_run("trl", [2.0] * 5 + [1.0] * 5, [0.5] * 9 + [0.8], 15.0),
            _fake_run("trl", [2.0] * 5 + [1.0] * 5, [0.5] * 9 + [1.0], 16.0)]
     s = bench.summarise([ours[0], trl[0], ours[1], trl[1]], n)
@@ -62,6 +65,7 @@ def test_summary_medians_skip_warm_up_steps_and_give_the_ratio():
     assert s["ours"]["process_s"] == [30.0, 20.0] and s["process_ratio_first"] == 2.0
     assert s["process_ratio_second"] == 1.25
     assert s["ours"]["reward_last"] == [0.5, 0.9] and s["reward_last_diff"] == pytest.approx(0.7 - 0.9)
+    assert s["ours"]["compiles_after_step1"] == [0.0, 2.0] and s["ours"]["server_compiles_after_step1"] == [None, 1.0]
     assert s["ours"]["step1_s"] == [9.0, 5.0] and s["ours"]["stages_s"] == {"rollout": 0.25} | {
         k: 0.0 for k in bench.OUR_STAGES if k != "rollout"}
 

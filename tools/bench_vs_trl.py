@@ -318,7 +318,8 @@ def read_ours(run_dir: str | Path) -> tuple[list[dict], dict]:
             startup = {k.removeprefix("timing_s/"): round(v, 2) for k, v in m.items()
                        if k.startswith("timing_s/startup")}
         out.append({"step": m["step"], "step_s": m["timing_s/step"], "reward": m.get("rollout/reward_mean"),
-                    "entropy": m.get("policy/entropy_full"),
+                    "entropy": m.get("policy/entropy_full"), "compiles": m.get("perf/compiles"),
+                    "server_compiles": m.get("perf/server_compiles"),
                     "stages": {s: m[f"timing_s/{s}"] for s in OUR_STAGES if f"timing_s/{s}" in m}})
     return out, startup
 
@@ -390,6 +391,11 @@ def summarise(runs: list[dict], steps: int) -> dict:
         }
         if side == "ours":
             out[side]["startup_s"] = [r.get("startup") for r in rs]
+            # programs compiled after step 1: the learner's (perf/compiles of steps 2..N) and the
+            # rollout servers' (perf/server_compiles, logged at the last step); both 0 when every
+            # shape was compiled (or warmed) at start-up
+            out[side]["compiles_after_step1"] = [sum(s.get("compiles") or 0.0 for s in r["steps"][1:]) for r in rs]
+            out[side]["server_compiles_after_step1"] = [r["steps"][-1].get("server_compiles") for r in rs]
             out[side]["startup_line"] = [r.get("startup_line") for r in rs]
         else:
             out[side]["phases_s"] = [r["phases_s"] for r in rs]
@@ -421,6 +427,9 @@ def print_table(s: dict, steps: int) -> None:
           f"{', '.join(f(x, 2) for x in t.get('step1_s', [])):>22s}")
     print(f"{'reward at step %d' % steps:34s} {', '.join(f(x, 3) for x in o.get('reward_last', [])):>22s} "
           f"{', '.join(f(x, 3) for x in t.get('reward_last', [])):>22s}")
+    if "compiles_after_step1" in o:
+        print(f"{'programs compiled after step 1':34s} learner {o['compiles_after_step1']}, "
+              f"rollout server {o['server_compiles_after_step1']}")
     print("stages (median s): ours " + ", ".join(f"{k} {v}" for k, v in o.get("stages_s", {}).items()))
     print("                   TRL  " + ", ".join(f"{k} {v}" for k, v in t.get("stages_s", {}).items()))
     if "ratio" in s:
