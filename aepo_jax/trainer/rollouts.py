@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from aepo_jax.rewards import RewardPool
 from aepo_jax.rollout.client import RolloutClient
 from aepo_jax.rollout.launch import start_server, wait_healthy
-from aepo_jax.rollout.sampler import prompt_bucket_representatives
+from aepo_jax.rollout.sampler import bucket_of, prompt_bucket_representatives
 from aepo_jax.rollout.weight_sync import (WeightSyncError, publish_weights, resolve_sync_dir, shared_by_all_processes,
                                           write_weights, write_weights_per_process)
 from aepo_jax.trainer import distributed
@@ -109,7 +109,7 @@ class Rollouts:
         A server batch runs in the bucket of its longest prompt, so the run's prompts reach one
         prompt bucket per representative length (:func:`prompt_bucket_representatives`). For each,
         every rollout call of a step (``calls``: (prompts, samples per prompt)) is drawn once, at
-        the step's row count and response length, with the run's prompt of that length repeated
+        the step's row count and generation bucket, with the run's prompt of that length repeated
         (greedy: the compiled programs do not depend on the temperature; the samples are dropped).
         Returns the number of warm-up rollouts (0 when no server reports buckets)."""
         infos = [self.loop.run_until_complete(self.client.server_info(u)) for u in self.client.urls]
@@ -120,7 +120,10 @@ class Rollouts:
         for info in infos:
             reps.update(prompt_bucket_representatives(list(by_len), info["prompt_buckets"]).values())
         r = self.cfg
-        params = {"max_new_tokens": r.max_new_tokens, "top_p": r.top_p, "top_k": r.top_k}
+        # One new token compiles the same programs when it falls in the same generation bucket as
+        # max_new_tokens (the embedded server's single bucket): the warm-up then barely decodes.
+        one = all(bucket_of(1, i["gen_buckets"]) == bucket_of(r.max_new_tokens, i["gen_buckets"]) for i in infos)
+        params = {"max_new_tokens": 1 if one else r.max_new_tokens, "top_p": r.top_p, "top_k": r.top_k}
         done = 0
         for length in sorted(reps):
             for num_prompts, n in dict.fromkeys(calls):
