@@ -44,6 +44,8 @@ ESTIMATORS = ("full", "sampled")
 SIGNALS = ("entropy", "length")  # what the controller holds at its target (aepo_jax/trainer/targets.py)
 BAND_MODES = ("hold", "idle")
 BUDGET_MODES = ("fixed", "proportional", "pi")
+# proportional_width when none is given: the band of each mode, as measured (docs/training.md)
+DEFAULT_WIDTH = {"fixed": 0.1, "proportional": 0.1, "pi": 0.3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +166,8 @@ class ControllerConfig:
       toy task at target 0.5 x H0, every miss of the +-10% band was an overshoot above it after a
       burst of full-budget raising steps).
     proportional_width: relative error at which the proportional budget reaches its maximum (and,
-      for ``pi``, the width of the proportional band).
+      for ``pi``, the width of the proportional band); None = 0.1 for ``proportional``, 0.3 for
+      ``pi`` (:attr:`width`).
     budget_mode ``pi`` (not the paper): proportional-integral control of one signed lever.
       ``e = (H - target) / target``; inside the band (``|e| < proportional_width``) the integral
       ``I`` accumulates ``e`` (clamped to ``|integral_gain * I| <= 1``; frozen outside the band,
@@ -177,8 +180,13 @@ class ControllerConfig:
       proportional budget alone settles where its push equals the drift, an offset of up to
       proportional_width from the target. The integral removes that offset (it learns the push
       the drift needs), the proportional part keeps steps near the target small.
-    integral_gain: weight of the integral in ``pi`` (1 / the number of steps over which a constant
-      error builds a full-budget push).
+    integral_gain: weight of the integral in ``pi``. Both pi settings are small on purpose: one
+      decision moves the entropy over several later steps (Adam's momentum carries each update's
+      direction into the next ones) and the per-step entropy estimate is noisy (about 5% of H on
+      the toy task), so a high gain turns lag and noise into oscillation. Measured at 0.5 x H0
+      (docs/training.md): width 0.1 with gain 0.1 held it worse than the fixed budget on base
+      seeds 0 and 1; width 0.3 with gain 0.03 better on seed 1, worse on seed 0, where the integral
+      winds up during the approach from H0. Not yet a replacement for ``fixed``.
     target_relative: False (the paper): the schedule's values are entropies in nats/token. True:
       they are multiples of H0, the first entropy the controller observes (the base model's), so
       ``target=0.5`` holds half the starting entropy whatever the model. H0 is part of the state
@@ -196,8 +204,8 @@ class ControllerConfig:
     initial_entropy: float | None = None
     target_relative: bool = False
     budget_mode: str = "fixed"
-    proportional_width: float = 0.1
-    integral_gain: float = 0.1
+    proportional_width: float | None = None
+    integral_gain: float = 0.03
     signal: str = "entropy"
 
     def __post_init__(self):
@@ -219,8 +227,8 @@ class ControllerConfig:
             )
         if self.budget_mode not in BUDGET_MODES:
             raise ValueError(f"ControllerConfig.budget_mode: expected one of {BUDGET_MODES}, got {self.budget_mode!r}")
-        if not self.proportional_width > 0:
-            raise ValueError(f"ControllerConfig.proportional_width: expected > 0, got {self.proportional_width}")
+        if self.proportional_width is not None and not self.proportional_width > 0:
+            raise ValueError(f"ControllerConfig.proportional_width: expected > 0 or None, got {self.proportional_width}")
         if not self.dead_band >= 0:
             raise ValueError(f"ControllerConfig.dead_band: expected >= 0, got {self.dead_band}")
         if not self.integral_gain >= 0:
@@ -228,6 +236,11 @@ class ControllerConfig:
         if self.budget_mode == "pi" and self.dead_band > 0:
             raise ValueError("ControllerConfig: budget_mode='pi' decides the direction from its own signal; "
                              f"dead_band must be 0 with it, got {self.dead_band}")
+
+    @property
+    def width(self) -> float:
+        """The proportional band in use (``proportional_width``, or the mode's default)."""
+        return self.proportional_width if self.proportional_width is not None else DEFAULT_WIDTH[self.budget_mode]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -341,14 +354,14 @@ class EntropyController:
             temperature, budget = 1.0, 0
         st = self.state
         if cfg.budget_mode == "proportional" and h is not None and mode != "idle" and target > 0:
-            share = min(1.0, abs(h - target) / (cfg.proportional_width * target))
+            share = min(1.0, abs(h - target) / (cfg.width * target))
             budget = max(1, int(round(budget * share))) if budget > 0 else 0
         elif cfg.budget_mode == "pi" and h is not None and not math.isnan(target) and target > 0:
             e = (h - target) / target
-            if abs(e) < cfg.proportional_width and st.step != int(step):  # once per step, inside the band
+            if abs(e) < cfg.width and st.step != int(step):  # once per step, inside the band
                 limit = 1.0 / cfg.integral_gain if cfg.integral_gain > 0 else 0.0
                 st.integral = float(min(limit, max(-limit, st.integral + e)))
-            u = (e + cfg.integral_gain * st.integral) / cfg.proportional_width
+            u = (e + cfg.integral_gain * st.integral) / cfg.width
             mode = "lower" if u > 0 else "raise"
             temperature, full = (cfg.t_low, cfg.budget_lower) if mode == "lower" else (cfg.t_high, cfg.budget_raise)
             budget = max(1, int(round(full * min(1.0, abs(u))))) if full > 0 else 0

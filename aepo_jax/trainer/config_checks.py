@@ -158,7 +158,6 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
         ("algorithm.controller.budget_up", c.budget_up, 0, None, False, False),
         ("algorithm.controller.budget_down", c.budget_down, 0, None, False, False),
         ("algorithm.controller.dead_band", c.dead_band, 0.0, None, False, False),
-        ("algorithm.controller.proportional_width", c.proportional_width, 0.0, None, True, False),
         ("algorithm.controller.integral_gain", c.integral_gain, 0.0, None, False, False),
         ("algorithm.log_ratio_clamp", a.log_ratio_clamp, 0.0, None, True, False),
         ("algorithm.clip_cov.ratio", a.clip_cov.ratio, 0.0, 1.0, True, False),
@@ -187,6 +186,8 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
         ("train.num_processes", t.num_processes, 0, None, False, False),
         ("train.process_id", t.process_id, -1, None, False, False),
     ]
+    if c.proportional_width is not None:
+        ranges.append(("algorithm.controller.proportional_width", c.proportional_width, 0.0, None, True, False))
     for key, value, lo, hi, lo_open, hi_open in ranges:
         _in_range(key, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
     _validate_eval(cfg)
