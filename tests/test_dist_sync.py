@@ -236,7 +236,7 @@ def test_distributed_sync_serves_the_learners_weights(server, dirs):
     r1, out1, r2, out2, versions = asyncio.run(go())
     assert r1.weight_version == "5" and r1.servers == [server.url] and r1.buckets > 1
     n_bytes = sum(int(np.prod(a.shape)) * 4 for a in _params(learner).values())
-    assert r1.bytes == n_bytes and r1.gbps > 0
+    assert r1.bytes == n_bytes and r1.gbps > 0 and 0 < r1.broadcast_s <= r1.send_s
     for i, row in enumerate(out1):
         for s in row:
             assert s.weight_version == "5"

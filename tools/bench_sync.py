@@ -12,7 +12,8 @@ check; distributed = pause + every bucket + /model_info check + continue (joinin
 once per run, reported as ``connect_s``). After one untimed warm-up of each, both paths alternate ``--repeats`` times;
 the best time of each counts. GB/s = parameter bytes / sync time. The last line is JSON: per shape the times,
 ``ratio`` = disk time / distributed time, and for the largest shape ``disk_gbps``,
-``memcpy_gbps``, ``distributed_gbps``, ``socket_gbps``.
+``memcpy_gbps``, ``distributed_gbps``, ``socket_gbps`` and ``broadcast_gbps`` (the bytes over the
+time spent inside the broadcasts alone: the transfer, to hold against ``socket_gbps``).
 """
 
 from __future__ import annotations
@@ -148,14 +149,15 @@ async def bench_shape(shape: str, repeats: int, bucket_mb: float, work: str) -> 
                 v += 1
                 t = time.perf_counter()
                 r2 = await sync.sync(learner, f"n{v}", dtype="float32")
-                dist.append((time.perf_counter() - t, r2.send_s, r2.buckets))
+                dist.append((time.perf_counter() - t, r2.send_s, r2.buckets, r2.broadcast_s))
             await sync.close()
     finally:
         server.stop()
     d, n = min(disk), min(dist)
     return {"params_bytes": nbytes, "disk_s": round(d[0], 4), "disk_write_s": round(d[1], 4),
             "disk_load_s": round(d[2], 4), "distributed_s": round(n[0], 4), "distributed_send_s": round(n[1], 4),
-            "buckets": n[2], "connect_s": round(connect_s, 3), "disk_gbps": round(nbytes / d[0] / 1e9, 3),
+            "buckets": n[2], "broadcast_s": round(n[3], 4), "broadcast_gbps": round(nbytes / n[3] / 1e9, 3),
+            "connect_s": round(connect_s, 3), "disk_gbps": round(nbytes / d[0] / 1e9, 3),
             "distributed_gbps": round(nbytes / n[0] / 1e9, 3), "ratio": round(d[0] / n[0], 3)}
 
 
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
                   f"disk/distributed {r['ratio']}x", flush=True)
     big = out["shapes"][shapes[-1]]
     out.update(shape=shapes[-1], ratio=big["ratio"], disk_gbps=big["disk_gbps"],
-               distributed_gbps=big["distributed_gbps"],
+               distributed_gbps=big["distributed_gbps"], broadcast_gbps=big["broadcast_gbps"],
                memcpy_gbps=round(memcpy_gbps(big["params_bytes"]), 3), socket_gbps=round(socket_gbps(big["params_bytes"]), 3))
     print(f"limits: memcpy {out['memcpy_gbps']} GB/s, loopback socket {out['socket_gbps']} GB/s")
     print(json.dumps(out))

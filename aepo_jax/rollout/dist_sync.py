@@ -49,6 +49,7 @@ class DistSyncResult:
     send_s: float  # preparing and broadcasting every bucket (overlapped)
     verify_s: float
     servers: list[str]
+    broadcast_s: float = 0.0  # of send_s: inside the broadcasts themselves (the transfer)
 
     @property
     def total_s(self) -> float:
@@ -173,12 +174,15 @@ class DistributedWeightSync:
             layout = BucketLayout.of(names, [dt.name] * len(names), [specs[i][1] for i in idxs])
             yield layout, _flatten(*arrays)
 
-    def _broadcast(self, flat) -> None:
+    def _broadcast(self, flat) -> float:
+        """Send one bucket; returns the seconds the broadcast took (after the bucket was ready)."""
         torch = self.torch
         t = torch.from_dlpack(flat).view(torch.uint8)  # zero copy: the JAX buffer itself (on GPU: device memory)
+        t0 = time.perf_counter()
         torch.distributed.broadcast(t, src=0, group=self.group)
         if t.is_cuda:
             torch.cuda.synchronize(t.device)
+        return time.perf_counter() - t0
 
     async def sync(self, model, weight_version: str | int, *, dtype: Any = None, verify: bool = True) -> DistSyncResult:
         """Make every server serve ``model``'s weights as ``weight_version`` (see the module doc)."""
@@ -190,6 +194,7 @@ class DistributedWeightSync:
         await self.client.pause_generation(self.pause_mode)
         t1 = time.perf_counter()
         total = nb = 0
+        bcast_s = 0.0
         try:
             buckets = self._buckets(model, dtype)
             nxt = next(buckets)
@@ -210,6 +215,7 @@ class DistributedWeightSync:
                 for r in res:
                     if isinstance(r, BaseException):
                         raise WeightSyncError(f"weight sync {version!r}, bucket {nb}: {r}") from r
+                bcast_s += res[0]
                 total += layout.total_bytes
                 nb += 1
             t2 = time.perf_counter()
@@ -224,4 +230,4 @@ class DistributedWeightSync:
             t3 = time.perf_counter()
         finally:
             await self.client.continue_generation()
-        return DistSyncResult(version, total, nb, t1 - t0, t2 - t1, t3 - t2, servers)
+        return DistSyncResult(version, total, nb, t1 - t0, t2 - t1, t3 - t2, servers, bcast_s)
