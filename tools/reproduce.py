@@ -716,7 +716,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RUNS_FILE, data)
     path = write_report(data, out)
-    log(f"wrote {path} ({len(runs)} runs, {len(errors)} failed) in {wall / 60:.1f} min")
+    if args.collect:
+        log(f"wrote {path} from {len(runs)} finished runs ({len(errors)} of the grid not finished)")
+    else:
+        log(f"wrote {path} ({len(runs)} runs, {len(errors)} failed) in {wall / 60:.1f} min")
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     return 1 if errors else 0

@@ -111,6 +111,12 @@ def _plt():
     return plt
 
 
+def _target_colours(plt):
+    """Colour of the j-th of n targets (called as cmap(j / (n - 1))): blue (lowest) through green to red."""
+    colours = ["#1f3b99", "#2e86c1", "#1e8449", "#d68910", "#c0392b"]
+    return lambda x: colours[min(len(colours) - 1, round(x * (len(colours) - 1)))]
+
+
 def _curve(runs: Sequence[dict], key: str = "entropy", norm: bool = False) -> tuple[list[int], list[float]]:
     """Mean over runs (seeds) of a per-step series (divided by each run's H0 when norm)."""
     if not runs:
@@ -133,7 +139,7 @@ def fig_targets(st: Study, path: Path) -> None:
     readings = st.readings()
     fig, axes = plt.subplots(1, len(readings), figsize=(6.2 * len(readings), 4.4), sharey=True, squeeze=False,
                              constrained_layout=True)
-    cmap = plt.get_cmap("viridis")
+    cmap = _target_colours(plt)
     targets = st.targets()
     for ax, reading in zip(axes[0], readings):
         for j, t in enumerate(targets):
@@ -155,7 +161,7 @@ def fig_targets(st: Study, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("policy entropy (nats/token)")
     axes[0][-1].legend(fontsize="small", loc="upper left")
-    fig.suptitle("Fig. 1 (reproduced): entropy held at targets 0.5-2 x H0 (dashed: target, band: +-10%; thin: seeds)")
+    fig.suptitle("Fig. 1 reproduced: entropy per target (dashed: target, band: +-10%)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -223,7 +229,7 @@ def _passk(evals: Sequence[dict], k: int) -> float:
 def fig_passk(st: Study, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
-    cmap = plt.get_cmap("viridis")
+    cmap = _target_colours(plt)
     targets = st.targets()
     for label, evals, kind in _passk_rows(st):
         if kind == "mix":
