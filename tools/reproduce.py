@@ -343,9 +343,11 @@ def _run(cmd: list[str], log_path: Path, env: Env, *, cpu: int | None = None, ch
     with open(log_path, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        # its own session: stop_children() signals the whole group (a trainer and its embedded server)
+        # its own process group, so stop_children() signals a trainer and its embedded server together;
+        # the same session (not start_new_session): a new session is a new scheduler autogroup, and
+        # every job would then compete with other users' whole sessions instead of sharing ours
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env.environ(),
-                                cwd=str(ROOT), preexec_fn=pre, start_new_session=True)
+                                cwd=str(ROOT), preexec_fn=pre, process_group=0)
         with _CHILDREN_LOCK:
             _CHILDREN.add(proc.pid)
         try:
