@@ -407,6 +407,8 @@ def claims(st: Study) -> list[tuple[str, str, str, str]]:
         if be:
             txt += f"; base pass@1 {_pct(be['avg_at_n'])}"
         ok = [st.sum[r["name"]]["held"] >= HELD_SHARE for r in runs]
+        if not ok:  # no AEPO run on this base has finished: nothing to judge
+            continue
         out.append(("robust", f"Robustness: the controller holds its targets on the {b} base model", txt, _verdict(all(ok), partly=any(ok))))
     return out
 
