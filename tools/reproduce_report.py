@@ -195,7 +195,7 @@ def fig_baselines(st: Study, path: Path) -> None:
     ax.axhline(EXPLOSION, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xlabel("step")
     ax.set_ylabel("entropy / H0 (mean over seeds)")
-    ax.set_title("Fig. 4 (reproduced): entropy of AEPO and the baselines (dotted: collapse 0.8, explosion 1.5 x H0)")
+    ax.set_title("Fig. 4 reproduced: entropy of AEPO and the baselines (dotted: 0.8 and 1.5 x H0)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.savefig(path, dpi=100)
