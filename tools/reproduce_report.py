@@ -348,9 +348,10 @@ def claims(st: Study) -> list[tuple[str, str, str, str]]:
         r = st.ratio(ea)
         out.append(("entropy_adv", "Entropy-Adv fails to sustain the entropy (Fig. 4)", f"end entropy / H0 = {_pm(r, lambda x: f'{x:.2f}')}",
                     _verdict(all(x <= COLLAPSE for x in r), partly=any(x < 1.0 for x in r))))
-    for m, what in (("ablation_eq2", "Ablation: REINFORCE on T = 1 samples (the paper's Eq. (3) of Table 3, this package's `ablation_eq2`): "
-                                     "entropy falls like GRPO's, no control"),
-                    ("ablation_eq3", "Ablation: temperature samples with GRPO advantages, negatives kept (`ablation_eq3`): fails to prevent collapse")):
+    for m, what in (("ablation_eq2", "Ablation (paper, Sec. 6.1): the REINFORCE samples drawn at T = 1 instead of the controller's T "
+                                     "(`ablation_eq2`): the entropy falls like GRPO's, no control"),
+                    ("ablation_eq3", "Ablation (paper, Sec. 6.2): temperature samples with their GRPO advantages, negatives kept "
+                                     "(`ablation_eq3`): fails to prevent collapse")):
         runs = st.select("baseline", method=m)
         if not runs:
             continue
@@ -672,7 +673,7 @@ def why_section(cl: Sequence[tuple[str, str, str, str]], st: Study) -> str:
         elif cid == "entropy_adv":
             why.append("Entropy-Adv " + _drift(st, st.select("baseline", method="entropy_adv"), COLLAPSE))
         elif cid == "ablation":
-            m = "ablation_eq2" if "T = 1" in claim else "ablation_eq3"
+            m = "ablation_eq2" if "ablation_eq2" in claim else "ablation_eq3"
             runs = st.select("baseline", method=m)
             why.append(f"`{m}` {_drift(st, runs, COLLAPSE)}; held {_pct(_mean(st.s(runs, 'held')))} of the second half "
                        f"({_misses(st, runs)})")
