@@ -682,7 +682,7 @@ def why_section(cl: Sequence[tuple[str, str, str, str]], st: Study) -> str:
             gr = next((ev for _, ev, kind in rows if kind == "grpo"), [])
             base = next((ev for _, ev, kind in rows if kind == "base"), [])
             aepo = [(lab.split(") ")[1], ev) for lab, ev, kind in rows if kind == "paper"]
-            se = 100 * _mean([_se(r["eval"]) for r in st.runs])
+            se = 100 * _mean([_se(e) for _, evs in aepo for e in evs])  # as in the claims table
             probs = st.runs[0]["eval"].get("problems") or len(st.runs[0]["eval"].get("per_problem_correct") or []) or 0
             if cid == "beats_grpo" and gr:
                 kmax = _ks(gr)[-1]
