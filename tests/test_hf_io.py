@@ -119,11 +119,11 @@ def test_load_into_mesh_places_each_tensor_in_its_sharding(source):
     from aepo_jax.models import load_pretrained
 
     model = load_pretrained(source[0], mesh="4x2")
-    qkv = model.layers[0].attn.qkv[...]  # [H=64, KV=2, G+2=4, D=16]
-    assert qkv.sharding.spec == P("data", "tensor", None, None)
-    assert len(qkv.addressable_shards) == 8 and qkv.addressable_shards[0].data.shape == (16, 1, 4, 16)
+    qkv = model.layers.attn.qkv[...]  # [layers=2, H=64, KV=2, G+2=4, D=16]: layers never sharded
+    assert qkv.sharding.spec == P(None, "data", "tensor", None, None)
+    assert len(qkv.addressable_shards) == 8 and qkv.addressable_shards[0].data.shape == (2, 16, 1, 4, 16)
     assert model.embed[...].sharding.spec == P(None, "data")  # vocab 97 is not divisible by 2
-    assert model.layers[0].mlp.down[...].sharding.spec == P("tensor", "data")
+    assert model.layers.mlp.down[...].sharding.spec == P(None, "tensor", "data")
     ref = _params(load_pretrained(source[0]))
     for k, v in _params(model).items():
         np.testing.assert_array_equal(v, ref[k])

@@ -195,7 +195,7 @@ def test_decode_chunk_of_several_tokens_applies_causality(checkpoints):
     got = np.concatenate([np.asarray(a), np.asarray(b)], 1)
     valid = mask.astype(bool)
     np.testing.assert_allclose(got[valid], full[valid], atol=1e-5)
-    assert len(cache) == 2 and cache[0]["k"].shape == (2, 2, 12, 16)  # per layer: [B, KV, T, D]
+    assert set(cache) == {"k", "v"} and cache["k"].shape == (2, 2, 2, 12, 16)  # [layers, B, KV, T, D]
 
 
 def test_jit_over_split_state_and_gradients(checkpoints):
@@ -221,11 +221,13 @@ def test_jit_over_split_state_and_gradients(checkpoints):
 
     f = jax.jit(jax.value_and_grad(loss), static_argnums=3)
     v0, g0 = f(state, ids, mask, False)
-    v1, g1 = f(state, ids, mask, True)
     assert np.isfinite(float(v0))
-    np.testing.assert_allclose(float(v0), float(v1), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # Every rematerialisation policy (and the legacy bool) changes memory, not the numbers.
+    for policy in (True, "full", "dots", "dots_except_mlp", "attn_context"):
+        v1, g1 = f(state, ids, mask, policy)
+        np.testing.assert_allclose(float(v0), float(v1), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     # Gradients of the custom-VJP linear layers agree with plain autodiff through jnp.dot.
     import aepo_jax.models.decoder as dec
 
@@ -252,7 +254,7 @@ def test_param_and_compute_dtypes(checkpoints):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(mixed.embed[...]))
     assert mixed.hidden_states(ids, attention_mask=mask).dtype == jnp.bfloat16
     bf16 = load_pretrained(path, dtype="bfloat16")
-    assert bf16.layers[0].attn.qkv[...].dtype == jnp.bfloat16
+    assert bf16.layers.attn.qkv[...].dtype == jnp.bfloat16
     valid = mask.astype(bool)
     for m in (mixed, bf16):
         out = np.asarray(m(ids, attention_mask=mask))
@@ -319,3 +321,42 @@ def test_bench_model_runs_and_reports_ratio(capsys):
                     "--vocab", "256", "--batch", "2", "--seq", "32", "--steps", "1"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["ratio"] == res["ratio"] > 0 and last["loss_ours"] == pytest.approx(last["loss_transformers"], abs=1e-3)
+
+
+def test_layers_are_one_scanned_block_whatever_the_depth():
+    """The layers' weights are stacked [layers, ...] and the forward and backward pass (and the KV-cache
+    decode) are one loop over them: the traced program is the same size at 2 and at 7 layers."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from aepo_jax.models import ModelConfig, init_model
+
+    def program(layers):
+        cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+        model = init_model(cfg, seed=0, remat="dots")
+        assert model.layers.attn.qkv[...].shape == (layers, 32, 2, 4, 8)
+        assert nnx.state(model.layers).attn.qkv.get_metadata()["logical_axes"][0] == "layers"
+        graphdef, state = nnx.split(model)
+        ids = jnp.zeros((2, 8), jnp.int32)
+
+        def loss(state):
+            return jnp.sum(nnx.merge(graphdef, state).hidden_states(ids))
+
+        def decode(state):
+            m = nnx.merge(graphdef, state)
+            return m.decode(ids, ids, m.init_cache(2, 8), 0, jnp.ones((2, 8), bool))
+
+        return [len(jax.jit(f).lower(state).as_text().splitlines()) for f in (jax.grad(loss), decode)]
+
+    assert program(2) == program(7)
+
+
+def test_remat_policy_names():
+    from aepo_jax.models.decoder import REMAT_POLICIES, remat_policy
+
+    assert remat_policy(True) == "full" and remat_policy(False) == "none" and remat_policy("FALSE") == "none"
+    assert all(remat_policy(n) == n for n in REMAT_POLICIES)
+    with pytest.raises(ValueError, match="remat: 'dot' is not a policy"):
+        remat_policy("dot")

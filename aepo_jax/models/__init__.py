@@ -8,22 +8,28 @@
 See docs/models.md.
 """
 
-from aepo_jax.models.config import ConfigError, ModelConfig
-from aepo_jax.models.decoder import Decoder, default_position_ids, init_model
-from aepo_jax.models.hf_io import (CheckpointError, from_hf_tensors, hf_device_tensors, hf_tensor_specs,
-                                   load_pretrained, read_config, save_pretrained)
+import importlib
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "Decoder",
-    "ModelConfig",
-    "default_position_ids",
-    "from_hf_tensors",
-    "hf_device_tensors",
-    "hf_tensor_specs",
-    "init_model",
-    "load_pretrained",
-    "read_config",
-    "save_pretrained",
-]
+# name -> submodule. Imported on first use (PEP 562), so that ``aepo_jax.models.config`` (plain Python:
+# ModelConfig, the remat policy names) can be read by config validation before jax starts.
+_EXPORTS = {
+    "CheckpointError": "hf_io",
+    "ConfigError": "config",
+    "Decoder": "decoder",
+    "ModelConfig": "config",
+    "default_position_ids": "decoder",
+    "from_hf_tensors": "hf_io",
+    "hf_device_tensors": "hf_layout",
+    "hf_tensor_specs": "hf_layout",
+    "init_model": "decoder",
+    "load_pretrained": "hf_io",
+    "read_config": "hf_io",
+    "save_pretrained": "hf_io",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'aepo_jax.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"aepo_jax.models.{_EXPORTS[name]}"), name)

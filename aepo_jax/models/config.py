@@ -33,6 +33,28 @@ _KNOWN_KEYS = {
 }
 
 
+# What each decoder layer keeps for its backward pass (``model.remat``): the named outputs of the
+# layer's matmuls (``checkpoint_name`` in decoder.py); everything else in the layer is recomputed.
+REMAT_POLICIES: dict[str, tuple[str, ...] | None] = {
+    "none": None,  # no rematerialisation: every intermediate the backward needs is kept
+    "full": (),  # keep only the layer's input; recompute the whole layer
+    "dots": ("qkv_proj", "context", "out_proj", "mlp_up", "mlp_down"),  # keep matmul outputs
+    "dots_except_mlp": ("qkv_proj", "context", "out_proj"),  # recompute the MLP (its [B, L, 2I] is the largest)
+    "attn_context": ("context",),  # keep only attention's output: recompute the projections, skip attention
+}
+
+
+def remat_policy(value: Any) -> str:
+    """Normalise a ``remat`` setting: a policy name, or a bool (True = "full", False = "none")."""
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return "full" if value else "none"
+    name = str(value).strip().lower()
+    name = {"true": "full", "false": "none", "": "none"}.get(name, name)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat: {value!r} is not a policy (use one of {', '.join(REMAT_POLICIES)}, or true/false)")
+    return name
+
+
 class ConfigError(ValueError):
     """A config.json that the decoder cannot represent; the message names the field."""
 

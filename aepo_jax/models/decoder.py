@@ -2,13 +2,19 @@
 
 Read top to bottom: dtypes and a linear layer with a hand-written backward, RMSNorm, RoPE,
 attention (a block-causal kernel for whole sequences and a KV-cache kernel for decoding),
-the SwiGLU MLP, a transformer block, the decoder, and init_model.
+the SwiGLU MLP, a transformer block, rematerialisation policies, the decoder, and init_model.
+
+The layers are one stacked block (as MaxText's ``scan_layers``): every Param of ``Decoder.layers``
+has a leading ``[num_hidden_layers]`` dimension (logical axis "layers", never sharded), and the
+forward pass and KV-cache decoding run one ``lax.scan`` over it. XLA then compiles one layer,
+whatever the depth: compile time and program size do not grow with the number of layers.
 
 Family differences are config flags: ``qkv_bias`` (Qwen2, or Llama/Qwen3 ``attention_bias``),
 ``o_bias``, ``qk_norm`` (Qwen3: RMSNorm over head_dim on q and k before RoPE), ``head_dim``,
 ``rope_scaling`` (llama3 / linear) and ``tie_word_embeddings``.
 
-Weight layouts (input dimension first; every Param carries ``logical_axes`` for sharding):
+Weight layouts (input dimension first; every Param carries ``logical_axes`` for sharding; the
+per-layer ones below are stored with a leading [num_hidden_layers] dimension):
   embed    [V, H]               ("vocab", "embed")
   qkv      [H, KV, G+2, D]      q heads of kv-group j are slots 0..G-1, then k, then v
   o        [KV, G, D, H]        HF head order is kv-major (head = kv * G + g), as repeat_kv assumes
@@ -30,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from aepo_jax.models.config import ModelConfig
+from aepo_jax.models.config import REMAT_POLICIES, ModelConfig, remat_policy
 
 F32 = jnp.float32
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -141,7 +148,11 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visib
 
 
 # --------------------------------------------------------------------------- modules
-def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal", std: float = 0.02) -> nnx.Param:
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal", std: float = 0.02,
+           stack: int = 0) -> nnx.Param:
+    """A Param with logical axes; stack > 0 prepends a [stack] "layers" dimension."""
+    if stack:
+        shape, axes = (stack, *shape), ("layers", *axes)
     if init == "normal":
         value = (std * jax.random.normal(rngs.params(), shape, F32)).astype(dtype)
     elif init == "ones":
@@ -152,16 +163,16 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal", std: float 
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, stack: int = 0):
         h, kv, g, d = cfg.hidden_size, cfg.num_key_value_heads, cfg.num_groups, cfg.head_dim
+        p = functools.partial(_param, rngs, dtype=param_dtype, stack=stack)
         self.cfg = cfg
-        self.qkv = _param(rngs, (h, kv, g + 2, d), ("embed", "kv_heads", "qkv", "head_dim"), param_dtype)
-        self.qkv_bias = (_param(rngs, (kv, g + 2, d), ("kv_heads", "qkv", "head_dim"), param_dtype, "zeros")
-                         if cfg.qkv_bias else None)
-        self.q_norm = _param(rngs, (d,), ("norm",), param_dtype, "ones") if cfg.qk_norm else None
-        self.k_norm = _param(rngs, (d,), ("norm",), param_dtype, "ones") if cfg.qk_norm else None
-        self.o = _param(rngs, (kv, g, d, h), ("kv_heads", "q_group", "head_dim", "embed"), param_dtype)
-        self.o_bias = _param(rngs, (h,), ("norm",), param_dtype, "zeros") if cfg.o_bias else None
+        self.qkv = p((h, kv, g + 2, d), ("embed", "kv_heads", "qkv", "head_dim"))
+        self.qkv_bias = p((kv, g + 2, d), ("kv_heads", "qkv", "head_dim"), init="zeros") if cfg.qkv_bias else None
+        self.q_norm = p((d,), ("norm",), init="ones") if cfg.qk_norm else None
+        self.k_norm = p((d,), ("norm",), init="ones") if cfg.qk_norm else None
+        self.o = p((kv, g, d, h), ("kv_heads", "q_group", "head_dim", "embed"))
+        self.o_bias = p((h,), ("norm",), init="zeros") if cfg.o_bias else None
 
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """x [B, L, H] -> q [B, L, KV, G, D] (RoPE'd, scaled by 1/sqrt(D)), k [B, L, KV, D] (RoPE'd), v."""
@@ -171,6 +182,7 @@ class Attention(nnx.Module):
         y = linear(x, w.reshape(w.shape[0], -1)).reshape(x.shape[:2] + (kv, g + 2, d))
         if self.qkv_bias is not None:
             y = y + self.qkv_bias[...].astype(x.dtype)
+        y = checkpoint_name(y, "qkv_proj")
         q, k, v = y[..., :g, :], y[..., g, :], y[..., g + 1, :]
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
@@ -181,11 +193,12 @@ class Attention(nnx.Module):
 
     def out(self, a: jax.Array) -> jax.Array:
         """a [B, L, KV, G, D] -> [B, L, H]."""
+        a = checkpoint_name(a, "context")
         w = self.o[...].astype(a.dtype)
         y = linear(a.reshape(a.shape[:2] + (-1,)), w.reshape(-1, w.shape[-1]))
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(a.dtype)
-        return y
+        return checkpoint_name(y, "out_proj")
 
     def __call__(self, x, cos, sin, key_valid):
         q, k, v = self.project(x, cos, sin)
@@ -193,42 +206,65 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, stack: int = 0):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_up = _param(rngs, (h, 2, i), ("embed", "gate_up", "mlp"), param_dtype)
-        self.down = _param(rngs, (i, h), ("mlp", "embed"), param_dtype)
+        self.gate_up = _param(rngs, (h, 2, i), ("embed", "gate_up", "mlp"), param_dtype, stack=stack)
+        self.down = _param(rngs, (i, h), ("mlp", "embed"), param_dtype, stack=stack)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.gate_up[...].astype(x.dtype)
         gu = linear(x, w.reshape(w.shape[0], -1)).reshape(x.shape[:-1] + (2, w.shape[-1]))
-        return linear(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], self.down[...].astype(x.dtype))
+        gu = checkpoint_name(gu, "mlp_up")
+        y = linear(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], self.down[...].astype(x.dtype))
+        return checkpoint_name(y, "mlp_down")
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+    """One transformer layer; built with stack=N, it holds N layers' weights stacked (the Decoder
+    scans over them, calling a Block whose Params are one layer's slices)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, stack: int = 0):
         self.cfg = cfg
-        self.attn_norm = _param(rngs, (cfg.hidden_size,), ("norm",), param_dtype, "ones")
-        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype)
-        self.mlp_norm = _param(rngs, (cfg.hidden_size,), ("norm",), param_dtype, "ones")
-        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.attn_norm = _param(rngs, (cfg.hidden_size,), ("norm",), param_dtype, "ones", stack=stack)
+        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, stack=stack)
+        self.mlp_norm = _param(rngs, (cfg.hidden_size,), ("norm",), param_dtype, "ones", stack=stack)
+        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype, stack=stack)
 
     def __call__(self, x, cos, sin, key_valid):
         eps = self.cfg.rms_norm_eps
         x = x + self.attn(rms_norm(x, self.attn_norm[...], eps), cos, sin, key_valid)
         return x + self.mlp(rms_norm(x, self.mlp_norm[...], eps))
 
-    def decode(self, x, cos, sin, cache, cache_index, visible):
-        """One layer on S new tokens: their K/V go into slots cache_index.. of this layer's cache
-        {"k", "v"} ([B, KV, T, D] each), then attention over the cache. Returns (x, new cache)."""
+    def decode(self, x, cos, sin, cache, layer, cache_index, visible):
+        """This layer on S new tokens. cache {"k", "v"} holds every layer's keys/values stacked
+        ([layers, B, KV, T, D] each); the new K/V go into slots cache_index.. of row ``layer`` (only
+        those slots are written), then the tokens attend over that layer's row. Returns (x, cache)."""
         eps = self.cfg.rms_norm_eps
         q, k, v = self.attn.project(rms_norm(x, self.attn_norm[...], eps), cos, sin)
         zero = jnp.zeros((), jnp.int32)
-        at = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-        kc = jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), at)
-        vc = jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), at)
+        at = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+        new = {}
+        for name, val in (("k", k), ("v", v)):
+            c = cache[name]
+            new[name] = jax.lax.dynamic_update_slice(c, val.transpose(0, 2, 1, 3)[None].astype(c.dtype), at)
+        kc, vc = (jax.lax.dynamic_index_in_dim(new[n], layer, 0, keepdims=False) for n in ("k", "v"))
         a = cached_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), visible)
         x = x + self.attn.out(a)
-        return x + self.mlp(rms_norm(x, self.mlp_norm[...], eps)), {"k": kc, "v": vc}
+        return x + self.mlp(rms_norm(x, self.mlp_norm[...], eps)), new
+
+
+# --------------------------------------------------------------------------- rematerialisation
+# The policies (``model.remat``) are named in models/config.py: REMAT_POLICIES.
+
+
+def _rematerialised(fn, policy: str):
+    names = REMAT_POLICIES[policy]
+    if names is None:
+        return fn
+    saveable = (jax.checkpoint_policies.nothing_saveable if not names
+                else jax.checkpoint_policies.save_only_these_names(*names))
+    # prevent_cse=False: inside a scan the loop already keeps XLA from merging the recomputation.
+    return jax.checkpoint(fn, policy=saveable, prevent_cse=False)
 
 
 def default_position_ids(attention_mask: jax.Array) -> jax.Array:
@@ -240,17 +276,18 @@ class Decoder(nnx.Module):
     """Decoder-only LM. ``model(ids, attention_mask=m)`` -> float32 logits [B, L, V]."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype: Any = "float32",
-                 compute_dtype: Any = None, remat: bool = False, mesh: Any = None):
+                 compute_dtype: Any = None, remat: Any = "none", mesh: Any = None):
         self.cfg = cfg
         # With a mesh, activations are pinned batch-over-"data" (else FSDP-sharded weights could
         # drag activations onto their "embed" sharding); None = leave it to the compiler.
         self.mesh = mesh
         self.param_dtype = as_dtype(param_dtype).name
         self.compute_dtype = as_dtype(compute_dtype if compute_dtype is not None else param_dtype).name
-        self.remat = bool(remat)
+        self.remat = remat_policy(remat)  # a REMAT_POLICIES name
         pdt = as_dtype(param_dtype)
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
-        self.layers = nnx.List([Block(cfg, rngs=rngs, param_dtype=pdt) for _ in range(cfg.num_hidden_layers)])
+        # Every layer's weights in one stacked Block ([num_hidden_layers, ...] each), scanned over.
+        self.layers = Block(cfg, rngs=rngs, param_dtype=pdt, stack=cfg.num_hidden_layers)
         self.norm = _param(rngs, (cfg.hidden_size,), ("norm",), pdt, "ones")
         self.lm_head = (None if cfg.tie_word_embeddings else
                         _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt))
@@ -263,6 +300,16 @@ class Decoder(nnx.Module):
 
         spec = logical_to_spec(("batch", "length", "act_embed"), tuple(x.shape), self.mesh)
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+    def _scan_layers(self, step, carry, xs=None):
+        """lax.scan of ``step(weights, carry, x) -> (carry, y)`` over the stacked layers:
+        ``weights`` is one layer's slice of the layers' state (``self._layer(weights)`` makes it a
+        Block) and x the matching slice of xs."""
+        _, stacked = nnx.split(self.layers)
+        return jax.lax.scan(lambda c, per_layer: step(per_layer[0], c, per_layer[1]), carry, (stacked, xs))
+
+    def _layer(self, weights) -> Block:
+        return nnx.merge(nnx.graphdef(self.layers), weights)
 
     def _embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], input_ids, axis=0).astype(as_dtype(self.compute_dtype))
@@ -291,12 +338,12 @@ class Decoder(nnx.Module):
             position_ids = default_position_ids(attention_mask)
         cos, sin = rope_cos_sin(jnp.asarray(position_ids), self.cfg.inv_freq())
         x = self._constrain(self._embed(input_ids))
-        for layer in self.layers:
-            if self.remat:
-                x = nnx.remat(lambda blk, *a: blk(*a))(layer, x, cos, sin, attention_mask)
-            else:
-                x = layer(x, cos, sin, attention_mask)
-            x = self._constrain(x)
+
+        def layer_fn(weights, x):  # arrays in, arrays out: what jax.checkpoint needs
+            return self._constrain(self._layer(weights)(x, cos, sin, attention_mask))
+
+        layer_fn = _rematerialised(layer_fn, remat_policy(self.remat))
+        x, _ = self._scan_layers(lambda weights, x, _: (layer_fn(weights, x), None), x)
         return rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -308,20 +355,18 @@ class Decoder(nnx.Module):
         return self.logits_from_hidden(self._hidden_states(input_ids, attention_mask, position_ids))
 
     # ---------------------------------------------------------------- KV-cache decoding
-    def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> list[dict[str, jax.Array]]:
-        """Zeroed KV cache: one {"k", "v"} per layer, [B, KV heads, max_len, head_dim] each
-        (compute dtype).
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> dict[str, jax.Array]:
+        """Zeroed KV cache {"k", "v"}: [layers, B, KV heads, max_len, head_dim] each (compute dtype).
 
-        One array per layer, not one [layers, ...] array: under jit the attention then reads each
-        layer's cache in place, where slicing a layer out of an updated stacked array makes XLA
-        copy it every decode step (docs/models.md). Treat the cache as an opaque pytree."""
+        Stacked like the weights, so decoding is one scan over layers; each step writes only the
+        new tokens' slots. Treat it as an opaque pytree (pass it back to :meth:`decode`)."""
         cfg = self.cfg
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         dt = as_dtype(dtype if dtype is not None else self.compute_dtype)
-        return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_hidden_layers)]
+        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
-    def decode(self, input_ids: jax.Array, position_ids: jax.Array, cache: list[dict[str, jax.Array]],
-               cache_index: Any, cache_mask: jax.Array) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+    def decode(self, input_ids: jax.Array, position_ids: jax.Array, cache: dict[str, jax.Array],
+               cache_index: Any, cache_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Run S new tokens against the cache; returns (float32 logits [B, S, V], new cache).
 
         input_ids, position_ids [B, S]; their K/V go to slots cache_index .. cache_index+S-1
@@ -335,19 +380,22 @@ class Decoder(nnx.Module):
     def _decode(self, input_ids, position_ids, cache, cache_index, cache_mask):
         input_ids = jnp.asarray(input_ids)
         s = input_ids.shape[1]
-        t = cache[0]["k"].shape[2]
+        t = cache["k"].shape[3]
         cache_mask = jnp.asarray(cache_mask).astype(jnp.bool_)
         causal = jnp.arange(t)[None, :] <= (jnp.asarray(cache_index, jnp.int32) + jnp.arange(s))[:, None]
         visible = cache_mask[:, None, :] & causal[None]  # [B, S, T]
         cos, sin = rope_cos_sin(jnp.asarray(position_ids), self.cfg.inv_freq())
         x = self._constrain(self._embed(input_ids))
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer.decode(x, cos, sin, layer_cache, cache_index, visible)
-            new_cache.append(layer_cache)
-            x = self._constrain(x)
+
+        def step(weights, carry, index):
+            x, cache = self._layer(weights).decode(carry[0], cos, sin, carry[1], index, cache_index, visible)
+            return (self._constrain(x), cache), None
+
+        # The cache rides in the carry (updated in place, only the new slots written), not in xs/ys,
+        # which would copy every layer's whole cache into a fresh output on every step.
+        (x, cache), _ = self._scan_layers(step, (x, cache), jnp.arange(self.cfg.num_hidden_layers))
         h = rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)
-        return self.logits_from_hidden(h), new_cache
+        return self.logits_from_hidden(h), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "method"))
@@ -377,7 +425,7 @@ def resolve_mesh(mesh: Any):
 
 
 def abstract_model(cfg: ModelConfig, dtype: Any = "float32", compute_dtype: Any = None,
-                   remat: bool = False, mesh: Any = None) -> Decoder:
+                   remat: Any = "none", mesh: Any = None) -> Decoder:
     """A Decoder whose Params are ShapeDtypeStructs (no memory), for loading into."""
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=dtype,
                                           compute_dtype=compute_dtype, remat=remat, mesh=mesh))
@@ -416,7 +464,7 @@ def materialize(model: Decoder, mesh: Any, read_block: Any) -> Decoder:
 
 
 def init_model(cfg: ModelConfig, seed: int = 0, dtype: Any = "float32", mesh: Any = None, *,
-               compute_dtype: Any = None, remat: bool = False) -> Decoder:
+               compute_dtype: Any = None, remat: Any = "none") -> Decoder:
     """Random weights (normal(0.02), norms 1, biases 0), created directly in their sharding.
 
     dtype is the parameter dtype; compute_dtype defaults to it (e.g. dtype="float32",
@@ -426,18 +474,37 @@ def init_model(cfg: ModelConfig, seed: int = 0, dtype: Any = "float32", mesh: An
     """
     mesh = resolve_mesh(mesh)
     model = abstract_model(cfg, dtype=dtype, compute_dtype=compute_dtype, remat=remat, mesh=mesh)
-    order = {path: j for j, (path, _) in enumerate(param_paths(model))}
+    stream = _init_streams(model)
     full: dict[tuple, np.ndarray] = {}
+
+    def draw(path, layer, shape, init):
+        if init != "normal":
+            return (np.ones if init == "ones" else np.zeros)(shape, np.float32)
+        rng = np.random.default_rng([seed, stream[path if layer is None else (path[0], layer, *path[1:])]])
+        return 0.02 * rng.standard_normal(shape, dtype=np.float32)
 
     def read_block(path, var, index):
         if path not in full:
             full.clear()
             shape, init = tuple(var.get_value().shape), var.get_metadata().get("init", "normal")
-            if init == "normal":
-                rng = np.random.default_rng([seed, order[path]])
-                full[path] = (0.02 * rng.standard_normal(shape, dtype=np.float32))
+            if path[0] == "layers":  # stacked: layer n drawn from its own stream, as when unstacked
+                full[path] = np.stack([draw(path, n, shape[1:], init) for n in range(shape[0])])
             else:
-                full[path] = (np.ones if init == "ones" else np.zeros)(shape, np.float32)
+                full[path] = draw(path, None, shape, init)
         return full[path][index]
 
     return materialize(model, mesh, read_block)
+
+
+def _init_streams(model: Decoder) -> dict[tuple, int]:
+    """Random stream of each parameter (and of each layer of a stacked one): its index in the order
+    of per-layer paths ("layers", n, ...), so init_model's values did not change when the layers
+    became one stacked block (the toy base model is built from them)."""
+    paths: list[tuple] = []
+    stacked = [p[1:] for p, _ in param_paths(model) if p[0] == "layers"]
+    for p, _ in param_paths(model):
+        if p[0] != "layers":
+            paths.append(p)
+        elif p[1:] == stacked[0]:
+            paths += [("layers", n, *rest) for n in range(model.cfg.num_hidden_layers) for rest in stacked]
+    return {p: j for j, p in enumerate(paths)}

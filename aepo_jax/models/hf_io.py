@@ -10,14 +10,13 @@ asynchronous device->host copy of the next tensor while the current one is writt
 safetensors files whose headers are planned from shapes up front so that each tensor is written
 the moment it arrives. The same function is the per-step weight sync to SGLang.
 
-One table (:func:`tensor_map`) names every parameter's HF tensors and the layout change both
-ways; import, export and the tests all use it.
+One table (``hf_layout.tensor_map``) names every parameter's HF tensors and the layout change
+both ways; import, export, the weight syncs and the tests all use it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ import numpy as np
 
 from aepo_jax.models.config import ModelConfig
 from aepo_jax.models.decoder import Decoder, abstract_model, as_dtype, materialize, param_paths, resolve_mesh
+from aepo_jax.models.hf_layout import TensorMap, hf_device_tensors, hf_tensor_specs, read_param_block, tensor_map
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -42,127 +42,6 @@ _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the config: a missing tensor or a shape mismatch."""
-
-
-# --------------------------------------------------------------------------- the name/layout table
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-    """One parameter of ours <-> one or more HF tensors.
-
-    kind: "same" (identical layout), "t" (2-D transpose), "qkv", "qkv_bias", "o", "gate_up".
-    """
-
-    path: tuple  # attribute path in the Decoder, e.g. ("layers", 0, "attn", "qkv")
-    kind: str
-    hf_names: tuple[str, ...]
-    hf_shapes: tuple[tuple[int, ...], ...]
-
-
-def tensor_map(cfg: ModelConfig) -> list[TensorMap]:
-    """Every parameter of a Decoder with this config, in HF state-dict order."""
-    h, v, i = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
-    nq, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    out = [TensorMap(("embed",), "same", ("model.embed_tokens.weight",), ((v, h),))]
-    for n in range(cfg.num_hidden_layers):
-        p = f"model.layers.{n}."
-        a = p + "self_attn."
-        out.append(TensorMap(("layers", n, "attn_norm"), "same", (p + "input_layernorm.weight",), ((h,),)))
-        out.append(TensorMap(("layers", n, "attn", "qkv"), "qkv",
-                             (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                             ((nq * d, h), (kv * d, h), (kv * d, h))))
-        if cfg.qkv_bias:
-            out.append(TensorMap(("layers", n, "attn", "qkv_bias"), "qkv_bias",
-                                 (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
-                                 ((nq * d,), (kv * d,), (kv * d,))))
-        if cfg.qk_norm:
-            out.append(TensorMap(("layers", n, "attn", "q_norm"), "same", (a + "q_norm.weight",), ((d,),)))
-            out.append(TensorMap(("layers", n, "attn", "k_norm"), "same", (a + "k_norm.weight",), ((d,),)))
-        out.append(TensorMap(("layers", n, "attn", "o"), "o", (a + "o_proj.weight",), ((h, nq * d),)))
-        if cfg.o_bias:
-            out.append(TensorMap(("layers", n, "attn", "o_bias"), "same", (a + "o_proj.bias",), ((h,),)))
-        out.append(TensorMap(("layers", n, "mlp_norm"), "same", (p + "post_attention_layernorm.weight",), ((h,),)))
-        out.append(TensorMap(("layers", n, "mlp", "gate_up"), "gate_up",
-                             (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), ((i, h), (i, h))))
-        out.append(TensorMap(("layers", n, "mlp", "down"), "t", (p + "mlp.down_proj.weight",), ((h, i),)))
-    out.append(TensorMap(("norm",), "same", ("model.norm.weight",), ((h,),)))
-    if not cfg.tie_word_embeddings:
-        out.append(TensorMap(("lm_head",), "t", ("lm_head.weight",), ((v, h),)))
-    return out
-
-
-def _read_block(m: TensorMap, cfg: ModelConfig, get: Callable[[str], Any], index: tuple[slice, ...]) -> np.ndarray:
-    """Our-layout block `index` of parameter m, read from HF tensors (only the rows needed)."""
-    g, d = cfg.num_groups, cfg.head_dim
-    if m.kind == "same":
-        return get(m.hf_names[0])[index]
-    if m.kind == "t":
-        a, b = index
-        return np.asarray(get(m.hf_names[0])[b, a]).T
-    if m.kind == "qkv":  # ours [H, KV, G+2, D] <- q [KV*G*D, H], k/v [KV*D, H]
-        sh, skv, sg, sd = index
-        k0, k1 = skv.start, skv.stop
-        nkv, nh = k1 - k0, sh.stop - sh.start
-        q = np.asarray(get(m.hf_names[0])[k0 * g * d:k1 * g * d, sh]).T.reshape(nh, nkv, g, d)
-        k = np.asarray(get(m.hf_names[1])[k0 * d:k1 * d, sh]).T.reshape(nh, nkv, 1, d)
-        v = np.asarray(get(m.hf_names[2])[k0 * d:k1 * d, sh]).T.reshape(nh, nkv, 1, d)
-        return np.concatenate([q, k, v], axis=2)[:, :, sg, sd]
-    if m.kind == "qkv_bias":  # ours [KV, G+2, D]
-        skv, sg, sd = index
-        k0, k1 = skv.start, skv.stop
-        q = np.asarray(get(m.hf_names[0])[k0 * g * d:k1 * g * d]).reshape(k1 - k0, g, d)
-        k = np.asarray(get(m.hf_names[1])[k0 * d:k1 * d]).reshape(k1 - k0, 1, d)
-        v = np.asarray(get(m.hf_names[2])[k0 * d:k1 * d]).reshape(k1 - k0, 1, d)
-        return np.concatenate([q, k, v], axis=1)[:, sg, sd]
-    if m.kind == "o":  # ours [KV, G, D, H] <- o_proj [H, KV*G*D]
-        skv, sg, sd, sh = index
-        k0, k1 = skv.start, skv.stop
-        w = np.asarray(get(m.hf_names[0])[sh, k0 * g * d:k1 * g * d]).T
-        return w.reshape(k1 - k0, g, d, sh.stop - sh.start)[:, sg, sd, :]
-    if m.kind == "gate_up":  # ours [H, 2, I] <- gate/up [I, H]
-        sh, s2, si = index
-        parts = [np.asarray(get(m.hf_names[j])[si, sh]).T for j in range(2)[s2]]
-        return np.stack(parts, axis=1)
-    raise AssertionError(m.kind)
-
-
-def _to_hf(kind: str, cfg: ModelConfig, dtype: jnp.dtype) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
-    """Jitted our-layout -> HF-layout transform (runs on the devices, before the host copy)."""
-    g, d = cfg.num_groups, cfg.head_dim
-
-    def f(w):
-        w = w.astype(dtype)
-        if kind == "same":
-            return (w,)
-        if kind == "t":
-            return (w.T,)
-        if kind == "qkv":
-            h = w.shape[0]
-            return (w[:, :, :g].reshape(h, -1).T, w[:, :, g].reshape(h, -1).T, w[:, :, g + 1].reshape(h, -1).T)
-        if kind == "qkv_bias":
-            return (w[:, :g].reshape(-1), w[:, g].reshape(-1), w[:, g + 1].reshape(-1))
-        if kind == "o":
-            return (w.reshape(-1, w.shape[-1]).T,)
-        if kind == "gate_up":
-            return (w[:, 0].T, w[:, 1].T)
-        raise AssertionError(kind)
-
-    return jax.jit(f)
-
-
-_TO_HF_CACHE: dict[tuple, Callable] = {}
-
-
-def _to_hf_cached(kind: str, cfg: ModelConfig, dtype: jnp.dtype) -> Callable:
-    key = (kind, cfg.num_groups, cfg.head_dim, jnp.dtype(dtype).name)
-    if key not in _TO_HF_CACHE:
-        _TO_HF_CACHE[key] = _to_hf(kind, cfg, dtype)
-    return _TO_HF_CACHE[key]
-
-
-def _get_path(obj: Any, path: tuple) -> Any:
-    for p in path:
-        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
-    return obj
 
 
 # --------------------------------------------------------------------------- import
@@ -266,10 +145,12 @@ def _build_model(cfg: ModelConfig, get: Callable[[str], Any], dtype: Any, mesh: 
     import path, for checkpoints on disk and for tensors received in memory."""
     mesh = resolve_mesh(mesh)
     model = abstract_model(cfg, dtype=as_dtype(dtype), compute_dtype=compute_dtype, remat=remat, mesh=mesh)
-    maps = {m.path: m for m in tensor_map(cfg)}
+    maps: dict[tuple, list[TensorMap]] = {}  # path -> its entries (one per layer of a stacked parameter)
+    for m in tensor_map(cfg):
+        maps.setdefault(m.path, []).append(m)
     missing = [p for p, _ in param_paths(model) if p not in maps]
     assert not missing, f"no HF mapping for {missing}"  # the table covers every Param
-    materialize(model, mesh, lambda p, var, idx: _read_block(maps[p], cfg, get, idx))
+    materialize(model, mesh, lambda p, var, idx: read_param_block(maps[p], cfg, get, idx))
     return model
 
 
@@ -303,23 +184,6 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any =
 
 
 # --------------------------------------------------------------------------- export
-def hf_tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(HF name, HF shape) of every tensor of a checkpoint of this config, in export order."""
-    return [(n, s) for m in tensor_map(cfg) for n, s in zip(m.hf_names, m.hf_shapes)]
-
-
-def hf_device_tensors(model: Decoder, dtype: Any) -> Iterator[tuple[str, jax.Array]]:
-    """(HF name, device array in HF layout and ``dtype``) for every tensor, in
-    :func:`hf_tensor_specs` order. The layout transforms run on the devices (each output keeps
-    the sharding XLA gives it); nothing is copied to the host. Export and both weight syncs
-    read the model through this."""
-    dt = as_dtype(dtype)
-    cfg = model.cfg
-    for m in tensor_map(cfg):
-        outs = _to_hf_cached(m.kind, cfg, dt)(_get_path(model, m.path)[...])
-        yield from zip(m.hf_names, outs)
-
-
 def plan_shard_files(specs: list[tuple[str, tuple[int, ...]]], itemsize: int,
                      max_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[tuple[str, list[int]]]:
     """(file name, indices into ``specs``) of each safetensors file of an export: consecutive

@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("gate_up", None),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the leading dimension of the stacked (scanned) layers: every device holds all layers
     # activations and data batches
     ("batch", "data"),
     ("length", None),

@@ -199,8 +199,11 @@ def _check_finite(state, path: str) -> None:
     device-to-host transfer for all of them: it runs on every weight sync)."""
     keyed = jax.tree_util.tree_leaves_with_path(state)
     flags = np.asarray(_finite_flags([x for _, x in keyed]))
-    for (key, _), ok in zip(keyed, flags):
+    for (key, x), ok in zip(keyed, flags):
         if not ok:
+            if getattr(key[0], "key", None) == "layers":  # stacked [layers, ...]: name the layer too
+                bad = ~np.asarray(jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1))
+                key = (key[0], jax.tree_util.SequenceKey(int(np.argmax(bad))), *key[1:])
             raise ValueError(f"{path}: parameter {jax.tree_util.keystr(key)} has non-finite values (NaN or inf)")
 
 

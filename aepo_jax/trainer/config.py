@@ -31,7 +31,9 @@ class ModelSection:
     path: str = field(default="", metadata=_help("HF model dir; empty = the built-in toy base model (built once, cached)"))
     dtype: str = field(default="float32", metadata=_help("parameter dtype: float32 | bfloat16"))
     compute_dtype: str = field(default="", metadata=_help("activation dtype; empty = same as dtype"))
-    remat: bool = field(default=False, metadata=_help("rematerialise each decoder layer in the backward pass"))
+    remat: bool | str = field(default=False, metadata=_help(
+        "what each decoder layer recomputes in the backward pass: none | full | dots | dots_except_mlp | "
+        "attn_context (false = none, true = full; docs/scale.md)"))
     logprob_chunk: int = field(default=256, metadata=_help("sequence chunk of the log-prob/entropy head"))
 
 

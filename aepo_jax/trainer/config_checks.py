@@ -18,6 +18,7 @@ from aepo_jax.config import ConfigError
 from aepo_jax.entropy_control import BAND_MODES, BUDGET_MODES, ESTIMATORS, SIGNALS, TargetSchedule
 from aepo_jax.losses import AGG_MODES, REG_NORMS
 from aepo_jax.methods import METHODS, READINGS, method_spec
+from aepo_jax.models.config import remat_policy
 from aepo_jax.platform import parse_mesh_spec
 
 
@@ -127,6 +128,10 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
                           f"(pi decides the direction itself), got {c.dead_band}")
     _one_of("algorithm.reg_norm", a.reg_norm, REG_NORMS)
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
+    try:
+        remat_policy(cfg.model.remat)
+    except ValueError as e:
+        raise ConfigError(f"config key 'model.remat': {str(e).removeprefix('remat: ')}") from None
     _one_of("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
     _one_of("data.template", cfg.data.template, ("auto", "chat", "plain"))
     positive = {
