@@ -60,7 +60,9 @@ def test_sharded_model_matches_one_device(ckpt, spec):
     from flax import nnx
 
     from aepo_jax.models import load_pretrained
-    from aepo_jax.models.sharding import make_mesh, model_shardings, shard_batch
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from aepo_jax.models.sharding import make_mesh, model_shardings
 
     ids, mask = left_padded_batch(seed=8, batch=8, length=9)
     ref_model = load_pretrained(ckpt)
@@ -76,7 +78,7 @@ def test_sharded_model_matches_one_device(ckpt, spec):
     def logits(state, ids, mask):
         return nnx.merge(graphdef, state)(ids, attention_mask=mask)
 
-    ids_s, mask_s = shard_batch((ids, mask), mesh)
+    ids_s, mask_s = jax.device_put((ids, mask), NamedSharding(mesh, P("data")))  # rows over "data"
     out = logits(state, ids_s, mask_s)
     valid = mask.astype(bool)
     assert np.abs(np.asarray(out) - ref)[valid].max() <= 1e-5
@@ -109,17 +111,6 @@ def test_init_model_values_do_not_depend_on_mesh():
     for p, v in param_paths(m):
         np.testing.assert_array_equal(np.asarray(v.get_value()), a[p])
     assert m.lm_head[...].sharding.spec == P("data", "tensor")
-
-
-def test_batch_shardings():
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
-
-    from aepo_jax.models.sharding import batch_shardings, make_mesh
-
-    mesh = make_mesh("4x2")
-    bs = batch_shardings({"ids": jnp.zeros((8, 5)), "odd": jnp.zeros((3, 5)), "n": jnp.zeros(())}, mesh)
-    assert bs["ids"].spec == P("data", None) and bs["odd"].spec == P() and bs["n"].spec == P()
 
 
 def test_entry_point_simulates_host_devices_before_jax_starts():

@@ -108,25 +108,3 @@ def model_shardings(model: Any, mesh: Mesh) -> Any:
     from flax import nnx
 
     return state_shardings(nnx.state(model), mesh)
-
-
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a data batch ``[B, ...]``: batch over "data", the rest replicated."""
-    return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
-
-
-def batch_shardings(batch: Any, mesh: Mesh) -> Any:
-    """Shardings for a pytree of arrays whose leading dim is the batch (scalars replicated)."""
-    def one(x):
-        nd = np.ndim(x)
-        if nd == 0 or np.shape(x)[0] % mesh.shape["data"]:
-            return NamedSharding(mesh, P())
-        return batch_sharding(mesh, nd)
-
-    return jax.tree.map(one, batch)
-
-
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Put a host batch on the mesh, batch dim over "data"."""
-    return jax.device_put(batch, batch_shardings(batch, mesh))
-
