@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
 import pytest
 
 from test_models import VOCAB, left_padded_batch, make_hf_checkpoint, torch_logits
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _write_tokenizer(d):
@@ -196,3 +199,30 @@ def test_load_checkpoint_sharded_by_transformers(tmp_path):
     ids, mask = left_padded_batch(seed=13)
     ours = np.asarray(load_pretrained(d, mesh="8x1")(ids, attention_mask=mask))
     assert np.abs(ours - torch_logits(hf, ids, mask))[mask.astype(bool)].max() <= 1e-4
+
+
+def test_params_saved_per_layer_before_stacking_still_export(source):
+    """Checkpoints written before the layers became one stacked block hold ("layers", "<n>", ...)
+    parameters; tools/export_hf.py stacks them into today's layout, value for value."""
+    import importlib.util
+
+    from aepo_jax.models import load_pretrained, read_config
+    from aepo_jax.models.decoder import stack_legacy_layers
+
+    model = load_pretrained(source[0])
+    legacy: dict = {}
+    for path, x in _params(model).items():  # the old tree: one subtree per layer, string keys as orbax restores
+        for n, layer in enumerate(x if path[0] == "layers" else [x]):
+            key = ("layers", str(n), *path[1:]) if path[0] == "layers" else path
+            node = legacy
+            for k in key[:-1]:
+                node = node.setdefault(k, {})
+            node[key[-1]] = {"value": layer}
+    spec = importlib.util.spec_from_file_location("export_hf", ROOT / "tools" / "export_hf.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    again = tool.fill_model(read_config(source[0]), legacy)
+    for k, v in _params(model).items():
+        np.testing.assert_array_equal(_params(again)[k], v, err_msg=str(k))
+    with pytest.raises(ValueError, match="layers/mlp/down: layers \\[0, 2\\] saved"):
+        stack_legacy_layers({("layers", "0", "mlp", "down"): np.zeros(2), ("layers", "2", "mlp", "down"): np.zeros(2)})

@@ -81,7 +81,10 @@ def fill_model(cfg: Any, params: Any) -> Any:
 
     from aepo_jax.models.decoder import abstract_model  # noqa: PLC0415
 
-    saved = {_norm_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    from aepo_jax.models.decoder import stack_legacy_layers  # noqa: PLC0415
+
+    # Checkpoints from before the layers were stacked name each layer apart: stacked here.
+    saved = stack_legacy_layers({_norm_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]})
     dtypes = {np.asarray(x).dtype.name for x in saved.values()}
     dtype = "float32" if "float32" in dtypes or not dtypes else sorted(dtypes)[0]
     model = abstract_model(cfg, dtype=dtype)

@@ -436,6 +436,24 @@ def param_paths(model: Decoder) -> list[tuple[tuple, nnx.Param]]:
     return [(tuple(p), v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
 
 
+def stack_legacy_layers(flat: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
+    """Parameters saved before the layers became one stacked block are named per layer,
+    ("layers", "<n>", *rest); stack them into ("layers", *rest) ([layers, ...] arrays), the
+    layout of today's Decoder. Other keys pass through; a tree without such keys is returned as is."""
+    out: dict[tuple[str, ...], Any] = {}
+    per_layer: dict[tuple[str, ...], dict[int, Any]] = {}
+    for key, x in flat.items():
+        if len(key) > 2 and key[0] == "layers" and str(key[1]).isdigit():
+            per_layer.setdefault(("layers", *key[2:]), {})[int(key[1])] = x
+        else:
+            out[key] = x
+    for key, layers in per_layer.items():
+        if sorted(layers) != list(range(len(layers))):
+            raise ValueError(f"{'/'.join(key)}: layers {sorted(layers)} saved, not 0..{len(layers) - 1}")
+        out[key] = np.stack([np.asarray(layers[n]) for n in range(len(layers))])
+    return out
+
+
 def materialize(model: Decoder, mesh: Any, read_block: Any) -> Decoder:
     """Fill an abstract model in place: each device shard of each Param comes from
     read_block(path, var, index) -> numpy block of the global array, so the host only ever holds
