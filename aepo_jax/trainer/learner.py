@@ -124,7 +124,14 @@ class Learner:
         opt_shardings = optax.tree_utils.tree_map_params(
             self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, self.params), param_shardings,
             transform_non_params=lambda _: replicated)
-        self.opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(self.params)
+        init = jax.jit(self.tx.init, out_shardings=opt_shardings)
+        if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params)):
+            # An abstract model (no weights, e.g. tools/plan.py): the optimiser state is abstract too,
+            # so the functions can be lowered and compiled without allocating anything.
+            self.opt_state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                          jax.eval_shape(init, self.params), opt_shardings)
+        else:
+            self.opt_state = init(self.params)
         self.data_size = int(mesh.shape["data"])
         self._logprob_fn = jax.jit(self._logprobs_impl)
         self._update_fn = jax.jit(self._update_impl, donate_argnums=(0, 1),
