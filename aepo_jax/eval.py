@@ -110,7 +110,7 @@ def _load_benchmark(spec: str, tokenizer, cfg: EvalConfig):
     from aepo_jax.data.prompts import DEFAULT_INSTRUCTION  # noqa: PLC0415
 
     if spec in ("toy", "toy:test"):
-        name, problems, skipped = "toy", toy_problems("test", seed=cfg.seed), 0
+        name, problems, skipped = "toy", toy_problems("test"), 0
     else:
         problems, stats = load_problems(
             spec, DatasetConfig(prompt_key=cfg.prompt_key, answer_key=cfg.answer_key, skip_bad_rows=not cfg.strict)
