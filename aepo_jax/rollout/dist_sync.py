@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from aepo_jax.models import hf_device_tensors, hf_tensor_specs
 from aepo_jax.rollout.dist_group import BucketLayout, join_group, leave_group, plan_buckets, require_torch
-from aepo_jax.rollout.weight_sync import WeightSyncError
+from aepo_jax.rollout.weight_sync import WeightSyncError, verify_weight_version
 
 
 @dataclasses.dataclass
@@ -219,14 +219,8 @@ class DistributedWeightSync:
                 total += layout.total_bytes
                 nb += 1
             t2 = time.perf_counter()
-            servers: list[str] = []
-            if verify:
-                versions = await self.client.weight_versions()
-                wrong = {u: v for u, v in versions.items() if v != version}
-                if wrong:
-                    raise WeightSyncError(f"after update_weights_from_distributed these servers report another "
-                                          f"weight_version than {version!r}: {wrong}")
-                servers = sorted(versions)
+            servers = (await verify_weight_version(self.client, version, "update_weights_from_distributed")
+                       if verify else [])
             t3 = time.perf_counter()
         finally:
             await self.client.continue_generation()

@@ -209,6 +209,16 @@ def write_weights_per_process(model, weight_version: str | int, sync_dir: str, *
     return ShardedWrite(path, written, sum(int(np.prod(s)) * dt.itemsize for _, s in specs))
 
 
+async def verify_weight_version(client, version: str, after: str) -> list[str]:
+    """Step 3 of either sync: every server's ``/model_info`` reports ``version``. Returns the servers
+    (sorted URLs); raises ``WeightSyncError`` naming each server that reports another version."""
+    versions = await client.weight_versions()
+    wrong = {u: v for u, v in versions.items() if v != version}
+    if wrong:
+        raise WeightSyncError(f"after {after} these servers report another weight_version than {version!r}: {wrong}")
+    return sorted(versions)
+
+
 async def publish_weights(client, path: str, weight_version: str | int, *, verify: bool = True, keep: int = 1,
                           timeout_s: float | None = None) -> tuple[float, float, list[str]]:
     """Steps 2-3: every server loads ``path`` as ``weight_version`` (and, with ``verify``, reports it
@@ -219,14 +229,7 @@ async def publish_weights(client, path: str, weight_version: str | int, *, verif
     t1 = time.perf_counter()
     await client.update_weights_from_disk(path, version, flush_cache=True, timeout_s=timeout_s)
     t2 = time.perf_counter()
-    servers: list[str] = []
-    if verify:
-        versions = await client.weight_versions()
-        wrong = {u: v for u, v in versions.items() if v != version}
-        if wrong:
-            raise WeightSyncError(f"after update_weights_from_disk({path!r}) these servers report another "
-                                  f"weight_version than {version!r}: {wrong}")
-        servers = sorted(versions)
+    servers = await verify_weight_version(client, version, f"update_weights_from_disk({path!r})") if verify else []
     t3 = time.perf_counter()
     _prune(os.path.dirname(path), {path}, max(1, keep))
     return t2 - t1, t3 - t2, servers
