@@ -48,7 +48,8 @@ from aepo_jax.data.toy_tokenizer import build_tokenizer, encode_responses, respo
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 6  # bump when the recipe changes: cached models of another version are rebuilt
+BUILD_VERSION = 7  # bump when the built bytes change: cached models of another version are rebuilt
+# (7: the decoder's layers became one scanned block; the same recipe trains to other float32 bytes)
 # The one process environment the build runs in (see the module doc): one CPU device, XLA's Eigen
 # single-threaded, and (set by the child itself) CPU affinity to one core.
 BUILD_XLA_FLAGS = "--xla_force_host_platform_device_count=1 --xla_cpu_multi_thread_eigen=false"
