@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -11,7 +10,9 @@ import textwrap
 
 import pytest
 
+from _procs import collect_results
 from aepo_jax.trainer import distributed
+
 
 _CHILD = textwrap.dedent(
     """
@@ -124,17 +125,7 @@ def test_two_processes_broadcast_gather_global_rows_and_checkpoint(tmp_path):
         )
         for pid in (0, 1)
     ]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
-            assert p.returncode == 0 and lines, f"rc={p.returncode}\n{err[-4000:]}"
-            results.append(json.loads(lines[-1][len("RESULT "):]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    results = collect_results(procs, timeout=120)
     r0, r1 = results
     assert r0["info"] == {"process_index": 0, "process_count": 2, "local_device_count": 2,
                           "global_device_count": 4, "initialized": True}

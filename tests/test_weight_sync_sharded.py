@@ -4,7 +4,6 @@ shards it holds into the checkpoint process 0 laid out; the checkpoint is byte f
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -14,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from _procs import collect_results
 from aepo_jax.rollout.testing import make_tiny_model_dir
+
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,18 +85,7 @@ def test_two_processes_each_write_their_shards(model_dir, tmp_path, mesh):
     sync_dir = str(tmp_path / "sync")
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(pid), str(port), model_dir, sync_dir, mesh],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for pid in (0, 1)]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=240)
-            lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
-            assert p.returncode == 0 and lines, f"rc={p.returncode}\n{err[-4000:]}"
-            results.append(json.loads(lines[-1][len("RESULT "):]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    r0, r1 = results
+    r0, r1 = collect_results(procs, timeout=240)
     assert r0["shared"] and r1["shared"] and r0["path"] == r1["path"]
     # every tensor byte written exactly once, and neither process wrote (or held) the whole model
     assert r0["written"] + r1["written"] == r0["total"]
