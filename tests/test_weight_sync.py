@@ -116,3 +116,29 @@ print(d)
     assert out.returncode == 0, out.stderr
     d = out.stdout.strip().splitlines()[-1]
     assert "aepo_jax_sync_" in d and not os.path.exists(d)
+
+
+def test_stale_default_sync_dirs_of_dead_processes_are_removed(tmp_path):
+    """A killed learner never runs its exit hook: the next one removes its RAM-disk sync dir, and
+    only dirs of processes that no longer exist (live ones, other names untouched)."""
+    import subprocess
+    import sys
+
+    from aepo_jax.rollout.weight_sync import remove_stale_sync_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = [f"aepo_jax_sync_{dead.pid}", f"aepo_jax_sync_{live.pid}", f"aepo_jax_sync_{os.getpid()}",
+                 "aepo_jax_sync_notapid", "other_dir_1"]
+        for n in names:
+            os.makedirs(tmp_path / n / "weights_v3")
+        removed = remove_stale_sync_dirs(str(tmp_path))
+        assert removed == [str(tmp_path / names[0])]
+        assert sorted(os.listdir(tmp_path)) == sorted(names[1:])
+    finally:
+        live.kill()
+        live.wait()
+    # once the live one is gone, its dir is stale too
+    assert remove_stale_sync_dirs(str(tmp_path)) == [str(tmp_path / names[1])]

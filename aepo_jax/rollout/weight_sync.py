@@ -16,7 +16,9 @@ One code path for the embedded server and real SGLang:
 writes while it does other work (the trainer) and checks the version on its samples instead of 3.
 
 Older ``weights_v*`` directories of this sync dir are removed once every server has the new one
-(``keep`` most recent are kept); the default sync dir is removed when the process exits.
+(``keep`` most recent are kept); the default sync dir is removed when the process exits, and
+default sync dirs left by processes that no longer exist (killed learners) when another learner
+first resolves its own (:func:`remove_stale_sync_dirs`).
 """
 
 from __future__ import annotations
@@ -53,9 +55,51 @@ class SyncResult:
         return self.save_s + self.update_s + self.verify_s
 
 
+_DEFAULT_PREFIX = "aepo_jax_sync_"
+
+
+def _default_base() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
 def default_sync_dir() -> str:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-    return os.path.join(base, f"aepo_jax_sync_{os.getpid()}")
+    return os.path.join(_default_base(), f"{_DEFAULT_PREFIX}{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_sync_dirs(base: str | None = None) -> list[str]:
+    """Remove the default sync dirs (``aepo_jax_sync_<pid>`` in ``base``, default /dev/shm or the
+    temp dir) whose process no longer exists: a learner that was killed (SIGKILL, out of memory)
+    never ran its exit hook and left a whole checkpoint in RAM. Directories of live processes,
+    of other users and any other name are left alone. Returns the paths removed."""
+    base = base or _default_base()
+    removed = []
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return removed
+    for e in entries:
+        pid = e[len(_DEFAULT_PREFIX):]
+        if not e.startswith(_DEFAULT_PREFIX) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        path = os.path.join(base, e)
+        try:
+            if os.stat(path).st_uid != os.getuid() or _pid_alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 _CLEANUP_REGISTERED: set[str] = set()
@@ -74,6 +118,8 @@ def resolve_sync_dir(sync_dir: str | None) -> str:
     """``sync_dir``, or the default one (removed when this process exits) when it is None/empty."""
     if not sync_dir:
         sync_dir = default_sync_dir()
+        if sync_dir not in _CLEANUP_REGISTERED:  # once per process: what killed learners left behind
+            remove_stale_sync_dirs(os.path.dirname(sync_dir))
         _remove_at_exit(sync_dir)
     return os.path.abspath(sync_dir)
 
@@ -83,7 +129,7 @@ def shared_by_all_processes(sync_dir: str) -> bool:
     process 0 creates there is visible to all), so :func:`write_weights_per_process` can be used."""
     import jax
 
-    from aepo_jax.trainer import distributed
+    from aepo_jax import multihost as distributed
 
     probe = os.path.join(sync_dir, f".shared-probe-{os.getpid()}")
     probe = distributed.broadcast_object(probe)
@@ -153,7 +199,7 @@ def write_weights_per_process(model, weight_version: str | int, sync_dir: str, *
     from aepo_jax.models import hf_device_tensors, hf_tensor_specs
     from aepo_jax.models.decoder import as_dtype
     from aepo_jax.models.hf_io import DEFAULT_MAX_SHARD_BYTES, plan_shard_files, safetensors_header, write_hf_metadata
-    from aepo_jax.trainer import distributed
+    from aepo_jax import multihost as distributed
 
     version = str(weight_version)
     dt = as_dtype(dtype if dtype is not None else getattr(model, "param_dtype", "float32"))

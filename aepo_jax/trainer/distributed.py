@@ -1,4 +1,4 @@
-"""Multi-host set-up and small cross-process helpers for the trainer.
+"""Multi-host set-up for the trainer, and (re-exported from ``aepo_jax.multihost``) small cross-process helpers.
 
 API
 ---
@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
-from typing import Any
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
+
+# The cross-process helpers live in a neutral module (the rollout side's weight sync uses them too);
+# re-exported here, where the trainer has always found them.
+from aepo_jax.multihost import (  # noqa: F401
+    allgather_object, broadcast_object, is_main_process, process_count, process_index, sync)
 
 _ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 _ENV_NUM = "JAX_NUM_PROCESSES"
@@ -125,56 +126,3 @@ def shutdown_distributed() -> None:
     """Leave the multi-process runtime (no-op when it was never started)."""
     if _is_initialized():
         jax.distributed.shutdown()
-
-
-def process_index() -> int:
-    return jax.process_index()
-
-
-def process_count() -> int:
-    return jax.process_count()
-
-
-def is_main_process() -> bool:
-    """True on process 0: the one that talks to rollout servers and writes logs."""
-    return process_index() == 0
-
-
-def sync(name: str) -> None:
-    """Barrier: returns once every process has reached ``sync(name)``."""
-    if process_count() == 1:
-        return
-    multihost_utils.sync_global_devices(name)
-
-
-def _to_bytes_array(obj: Any) -> np.ndarray:
-    return np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Return process 0's ``obj`` on every process (other processes' ``obj`` is ignored).
-
-    Pickle carries numpy arrays, dicts and dataclasses as they are; it is only ever exchanged
-    between processes of the same run, never read from disk or the network.
-    """
-    if process_count() == 1:
-        return obj
-    main = is_main_process()
-    payload = _to_bytes_array(obj) if main else np.zeros(0, np.uint8)
-    # Two rounds: the length first, so every process can allocate a same-shaped receive buffer.
-    n = int(multihost_utils.broadcast_one_to_all(np.array(payload.size, np.int64)))
-    buf = payload if main else np.zeros(n, np.uint8)
-    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
-    return obj if main else pickle.loads(out.tobytes())
-
-
-def allgather_object(obj: Any) -> list[Any]:
-    """Every process's ``obj``, as a list indexed by process id (on every process)."""
-    if process_count() == 1:
-        return [obj]
-    payload = _to_bytes_array(obj)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int64))).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: payload.size] = payload
-    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
-    return [pickle.loads(rows[i, : int(s)].tobytes()) for i, s in enumerate(sizes)]
