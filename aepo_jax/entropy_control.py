@@ -43,9 +43,10 @@ SCHEDULE_KINDS = ("constant", "linear", "cosine", "piecewise")
 ESTIMATORS = ("full", "sampled")
 SIGNALS = ("entropy", "length")  # what the controller holds at its target (aepo_jax/trainer/targets.py)
 BAND_MODES = ("hold", "idle")
-BUDGET_MODES = ("fixed", "proportional", "pi")
-# proportional_width when none is given: the band of each mode, as measured (docs/training.md)
-DEFAULT_WIDTH = {"fixed": 0.1, "proportional": 0.1, "pi": 0.3}
+BUDGET_MODES = ("fixed", "proportional", "pi", "reach_pi")
+# proportional_width / integral_gain when none is given: each mode's, as measured (docs/training.md)
+DEFAULT_WIDTH = {"fixed": 0.1, "proportional": 0.1, "pi": 0.3, "reach_pi": 0.2}
+DEFAULT_GAIN = {"fixed": 0.03, "proportional": 0.03, "pi": 0.03, "reach_pi": 0.1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,13 +181,22 @@ class ControllerConfig:
       proportional budget alone settles where its push equals the drift, an offset of up to
       proportional_width from the target. The integral removes that offset (it learns the push
       the drift needs), the proportional part keeps steps near the target small.
-    integral_gain: weight of the integral in ``pi``. Both pi settings are small on purpose: one
+    integral_gain: weight of the integral in ``pi`` and ``reach_pi``; None = 0.03 for ``pi``, 0.1
+      for ``reach_pi`` (:attr:`gain`). Both pi settings are small on purpose: one
       decision moves the entropy over several later steps (Adam's momentum carries each update's
       direction into the next ones) and the per-step entropy estimate is noisy (about 5% of H on
       the toy task), so a high gain turns lag and noise into oscillation. Measured at 0.5 x H0
       (docs/training.md): width 0.1 with gain 0.1 held it worse than the fixed budget on base
       seeds 0 and 1; width 0.3 with gain 0.03 better on seed 1, worse on seed 0, where the integral
       winds up during the approach from H0. Not yet a replacement for ``fixed``.
+    budget_mode ``reach_pi`` (not the paper): reach the target with the paper's controller, then
+      hold it with ``pi``. Until the signal first crosses the target (from whichever side it
+      started) every decision is the paper's (full budget, T by the sign of the error) and the
+      integral stays 0; from the first crossing on, the ``pi`` rule decides, its integral summing
+      every step's error (clamped as in ``pi``). Why: ``pi``'s integral winds up while the entropy is
+      still approaching from H0 (inside the proportional band but not yet at the target) and then
+      carries it past the target; the paper's controller reaches a target fastest but holds it as a
+      limit cycle of full-strength steps. Defaults: width 0.2, gain 0.1 (docs/training.md).
     target_relative: False (the paper): the schedule's values are entropies in nats/token. True:
       they are multiples of H0, the first entropy the controller observes (the base model's), so
       ``target=0.5`` holds half the starting entropy whatever the model. H0 is part of the state
@@ -205,7 +215,7 @@ class ControllerConfig:
     target_relative: bool = False
     budget_mode: str = "fixed"
     proportional_width: float | None = None
-    integral_gain: float = 0.03
+    integral_gain: float | None = None
     signal: str = "entropy"
 
     def __post_init__(self):
@@ -231,16 +241,21 @@ class ControllerConfig:
             raise ValueError(f"ControllerConfig.proportional_width: expected > 0 or None, got {self.proportional_width}")
         if not self.dead_band >= 0:
             raise ValueError(f"ControllerConfig.dead_band: expected >= 0, got {self.dead_band}")
-        if not self.integral_gain >= 0:
-            raise ValueError(f"ControllerConfig.integral_gain: expected >= 0, got {self.integral_gain}")
-        if self.budget_mode == "pi" and self.dead_band > 0:
-            raise ValueError("ControllerConfig: budget_mode='pi' decides the direction from its own signal; "
-                             f"dead_band must be 0 with it, got {self.dead_band}")
+        if self.integral_gain is not None and not self.integral_gain >= 0:
+            raise ValueError(f"ControllerConfig.integral_gain: expected >= 0 or None, got {self.integral_gain}")
+        if self.budget_mode in ("pi", "reach_pi") and self.dead_band > 0:
+            raise ValueError(f"ControllerConfig: budget_mode={self.budget_mode!r} decides the direction from its own "
+                             f"signal; dead_band must be 0 with it, got {self.dead_band}")
 
     @property
     def width(self) -> float:
         """The proportional band in use (``proportional_width``, or the mode's default)."""
         return self.proportional_width if self.proportional_width is not None else DEFAULT_WIDTH[self.budget_mode]
+
+    @property
+    def gain(self) -> float:
+        """The integral gain in use (``integral_gain``, or the mode's default)."""
+        return self.integral_gain if self.integral_gain is not None else DEFAULT_GAIN[self.budget_mode]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -269,6 +284,10 @@ class ControllerState:
     initial_signal: float | None = None  # H0: the first observed value of the configured estimator (or length)
     length: float | None = None  # the last observed mean length of correct responses (signal "length")
     integral: float = 0.0  # budget_mode=pi: the sum of relative errors inside the proportional band
+    # budget_mode=reach_pi: the sign of the first relative error (+1 above the target, -1 below) and
+    # whether the signal has crossed to the other side since (the hold phase)
+    start_side: int | None = None
+    crossed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,15 +375,23 @@ class EntropyController:
         if cfg.budget_mode == "proportional" and h is not None and mode != "idle" and target > 0:
             share = min(1.0, abs(h - target) / (cfg.width * target))
             budget = max(1, int(round(budget * share))) if budget > 0 else 0
-        elif cfg.budget_mode == "pi" and h is not None and not math.isnan(target) and target > 0:
+        elif cfg.budget_mode in ("pi", "reach_pi") and h is not None and not math.isnan(target) and target > 0:
             e = (h - target) / target
-            if abs(e) < cfg.width and st.step != int(step):  # once per step, inside the band
-                limit = 1.0 / cfg.integral_gain if cfg.integral_gain > 0 else 0.0
-                st.integral = float(min(limit, max(-limit, st.integral + e)))
-            u = (e + cfg.integral_gain * st.integral) / cfg.width
-            mode = "lower" if u > 0 else "raise"
-            temperature, full = (cfg.t_low, cfg.budget_lower) if mode == "lower" else (cfg.t_high, cfg.budget_raise)
-            budget = max(1, int(round(full * min(1.0, abs(u))))) if full > 0 else 0
+            new_step = st.step != int(step)  # the integral moves once per step, however often decide() runs
+            if cfg.budget_mode == "reach_pi" and not st.crossed:
+                side = 1 if e > 0 else -1
+                if st.start_side is None:
+                    st.start_side = side
+                st.crossed = side != st.start_side
+            holding = cfg.budget_mode == "pi" or st.crossed
+            if holding:
+                if new_step and (cfg.budget_mode == "reach_pi" or abs(e) < cfg.width):
+                    limit = 1.0 / cfg.gain if cfg.gain > 0 else 0.0
+                    st.integral = float(min(limit, max(-limit, st.integral + e)))
+                u = (e + cfg.gain * st.integral) / cfg.width
+                mode = "lower" if u > 0 else "raise"
+                temperature, full = (cfg.t_low, cfg.budget_lower) if mode == "lower" else (cfg.t_high, cfg.budget_raise)
+                budget = max(1, int(round(full * min(1.0, abs(u))))) if full > 0 else 0
         st.mode, st.temperature, st.budget, st.target, st.step = mode, temperature, budget, target, int(step)
         return Decision(int(step), float(temperature), int(budget), float(target), h, mode)
 

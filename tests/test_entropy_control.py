@@ -283,3 +283,90 @@ def test_proportional_budget_shrinks_near_the_target():
         ControllerConfig(budget_mode="pid")
     with pytest.raises(ValueError, match="proportional_width"):
         ControllerConfig(proportional_width=0.0)
+
+
+def _sequence(cfg: ControllerConfig, hs) -> list[tuple[str, float, int]]:
+    ctl = EntropyController(cfg)
+    out = []
+    for step, h in enumerate(hs):
+        ctl.observe(entropy_full=h)
+        d = ctl.decide(step)
+        out.append((d.mode, d.temperature, d.budget))
+    return out
+
+
+@pytest.mark.parametrize("target,h0,direction", [(0.5, 0.4, -1), (2.0, 0.4, 1), (0.7, 0.9, -1)])
+def test_reach_pi_is_the_paper_until_the_first_crossing(target, h0, direction):
+    """budget_mode=reach_pi: while the entropy approaches the target from either side every decision
+    is the paper's (full budget, T by the sign of the error) and the integral stays 0; at the first
+    step on the other side of the target the pi rule takes over, its integral starting there."""
+    rel = TargetSchedule.parse(str(target))
+    t = target * h0
+    # approach in 8 steps, ending on the near side just before the target, then cross
+    approach = [h0 + (t - h0) * k / 8 * 0.99 for k in range(9)]
+    crossed = t * (1 + 0.05 * direction)  # 5% past the target
+    cfg = ControllerConfig(target=rel, target_relative=True, budget_mode="reach_pi")
+    paper = ControllerConfig(target=rel, target_relative=True)
+    assert _sequence(cfg, approach) == _sequence(paper, approach)
+    ctl = EntropyController(cfg)
+    for step, h in enumerate(approach):
+        ctl.observe(entropy_full=h)
+        ctl.decide(step)
+        assert ctl.state.integral == 0.0 and not ctl.state.crossed
+    ctl.observe(entropy_full=crossed)
+    d = ctl.decide(len(approach))
+    e = 0.05 * direction
+    # pi from here: e is in the integral once; u = (e + 0.1 e) / 0.2: a partial budget in the direction back
+    assert ctl.state.crossed and ctl.state.integral == pytest.approx(e)
+    full = 30 if direction > 0 else 60
+    assert d.mode == ("lower" if direction > 0 else "raise")
+    assert abs(d.budget - full * abs(e + 0.1 * e) / 0.2) <= 1 and d.budget < full
+    # the hold phase never returns to reaching: far from the target again, pi's full budget (its band
+    # saturates), and the integral keeps summing every step's error, also outside the band
+    ctl.observe(entropy_full=t * (1 + 0.5 * direction))
+    d = ctl.decide(len(approach) + 1)
+    assert ctl.state.crossed and ctl.state.integral == pytest.approx(e + 0.5 * direction)
+    assert d.budget == full
+
+
+def test_reach_pi_holds_against_a_drift_and_reaches_as_fast_as_the_paper():
+    """Against GRPO's drift (up, at a target below it), reach_pi crosses the target at the same step
+    as the paper's controller (both at full budget until then) and then settles on it (the integral
+    finds the push that cancels the drift), where the paper's controller keeps cycling with full-size
+    steps and pi (integral summed from the band's edge, on the way down) is slower to settle."""
+    target = TargetSchedule.parse("0.2")
+    drift = 0.006
+
+    def first_crossing(hs):
+        return next(i for i, h in enumerate(hs) if h < 0.2)
+
+    rp = _drifting_plant(ControllerConfig(target=target, budget_mode="reach_pi"), drift, steps=300)
+    fixed = _drifting_plant(ControllerConfig(target=target), drift, steps=300)
+    assert first_crossing(rp) == first_crossing(fixed)
+    assert max(abs(h - 0.2) for h in rp[-50:]) < 0.001
+    assert max(abs(h - 0.2) for h in fixed[-50:]) > 0.003
+    # the hold phase is the pi rule with reach_pi's own defaults: width 0.2, gain 0.1
+    assert ControllerConfig(budget_mode="reach_pi").width == 0.2 and ControllerConfig(budget_mode="reach_pi").gain == 0.1
+    assert ControllerConfig(budget_mode="pi").gain == 0.03 and ControllerConfig(budget_mode="pi", integral_gain=0.2).gain == 0.2
+
+
+def test_reach_pi_state_round_trip_and_checks():
+    cfg = ControllerConfig(target=TargetSchedule.parse("0.3"), budget_mode="reach_pi")
+    ctl = EntropyController(cfg)
+    for step, h in enumerate([0.5, 0.4, 0.29, 0.31]):
+        ctl.observe(entropy_full=h)
+        ctl.decide(step)
+    back = EntropyController.from_dict(json.loads(json.dumps(ctl.to_dict())))
+    assert back.state == ctl.state and back.state.crossed and back.state.start_side == 1
+    back.observe(entropy_full=0.33)
+    ctl.observe(entropy_full=0.33)
+    assert back.decide(4) == ctl.decide(4)
+    # a state saved before reach_pi existed (no start_side / crossed) still loads
+    old = ctl.to_dict()
+    for k in ("start_side", "crossed"):
+        del old["state"][k]
+    assert EntropyController.from_dict(old).state.crossed is False
+    with pytest.raises(ValueError, match="dead_band"):
+        ControllerConfig(budget_mode="reach_pi", dead_band=0.05)
+    with pytest.raises(ValueError, match="integral_gain"):
+        ControllerConfig(budget_mode="reach_pi", integral_gain=-1.0)

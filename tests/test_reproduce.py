@@ -78,11 +78,59 @@ def test_train_args_are_valid_trainer_options(rp):
 
 
 def test_plan_fits_the_time_budget(rp):
-    """Item 5: the estimate on 2 idle cores is within 90 min for the grid, 20 for --quick."""
+    """Item 5: the estimate on 2 idle cores is within 90 min for the paper's study, 20 for --quick
+    (which has no controller group); the controller group (beyond the paper) adds at most 20 min."""
     for quick, limit in ((True, 20), (False, 90)):
         g = rp.build_grid(quick)
-        est = rp.estimate(g, g.runs, g.bases, workers=2)
+        study = [r for r in g.runs if r.group != "controller"]
+        est = rp.estimate(g, study, g.bases, workers=2)
         assert est["wall_s"] <= limit * 60, (quick, est)
+        extra = rp.estimate(g, [r for r in g.runs if r.group == "controller"], (), workers=2)
+        assert extra["wall_s"] <= 20 * 60, (quick, extra)
+
+
+def test_controller_group_pairs_the_option_with_the_paper(rp):
+    """The controller group: budget_mode=reach_pi at 0.5 and 2 x H0 on every base of the full grid,
+    and for each of them a run of the paper's controller at the same base, seed and target somewhere
+    in the grid (the report compares the two); its rows come after every row of the study."""
+    g = rp.build_grid(False)
+    group = [r for r in g.runs if r.group == "controller"]
+    opt = [r for r in group if r.options]
+    assert {(r.base, r.target) for r in opt} == {(b.name, t) for b in g.bases for t in (0.5, 2.0)}
+    assert all(dict(r.options) == {"algorithm.controller.budget_mode": "reach_pi"} for r in opt)
+    assert all(g.base(r.base).seed == r.seed for r in opt)
+    for r in opt:
+        paper = [p for p in g.runs if p.method == "aepo" and p.reading == "paper" and not p.options
+                 and (p.base, p.target, p.seed) == (r.base, r.target, r.seed)]
+        assert len(paper) == 1, r.name
+    first = min(i for i, r in enumerate(g.runs) if r.group == "controller")
+    assert all(r.group == "controller" for r in g.runs[first:])
+    assert not [r for r in rp.build_grid(True).runs if r.group == "controller"]
+
+
+def test_heldout_file_written_once_by_concurrent_jobs(rp, tmp_path):
+    """Two base models evaluated at the same time ask for the held-out file together: one writes it,
+    both get it (each writing it would race on the same temporary file)."""
+    import threading
+
+    ev = rp.EvalSpec(problems=8)
+    barrier = threading.Barrier(6)
+    got, errors = [], []
+
+    def job():
+        barrier.wait()
+        try:
+            got.append(rp.heldout_file(tmp_path, ev))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=job) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(set(got)) == 1
+    assert len(got[0].read_text().splitlines()) == 8
 
 
 # --- resume ------------------------------------------------------------------------------------------------

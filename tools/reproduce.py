@@ -159,6 +159,11 @@ TARGETS = (0.5, 0.75, 1.0, 1.5, 2.0)  # multiples of H0
 ENTROPY_REG_COEFS = (0.015, 0.05)  # the package default (lambda = 0.015) and a stronger one
 ABLATION_TARGET = 1.5  # above H0: where GRPO's pull down has to be overcome
 ROBUST_TARGETS = (0.5, 1.5)
+# The controller group: budget_mode=reach_pi (docs/training.md, "Holding an entropy target") against
+# the paper's controller at the lowest and highest of TARGETS
+CONTROLLER_OPTION = "reach_pi"
+CONTROLLER_OPTIONS = (("algorithm.controller.budget_mode", CONTROLLER_OPTION),)
+CONTROLLER_TARGETS = (0.5, 2.0)
 
 
 def _num(x: float) -> str:
@@ -205,6 +210,25 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
         for t in TARGETS:
             runs.append(RunSpec(f"aepo-mix-t{_num(t)}-s{s}", "held", b, "aepo", f"AEPO (mix) {t:g} x H0",
                                 reading="mix", target=t, seed=s))
+    # The controller group, last (the study's own rows come first): the option that holds a target
+    # (budget_mode=reach_pi) at the lowest and highest target on every base, each compared with the
+    # paper's controller at the same target (the held and robust groups' rows, plus the paper at
+    # 2 x H0 on the weak and strong bases, which the robust group does not run). Full grid only
+    # (--quick keeps its time budget).
+    if not quick:
+        for s in seeds:
+            for t in CONTROLLER_TARGETS:
+                runs.append(RunSpec(f"{CONTROLLER_OPTION}-t{_num(t)}-s{s}", "controller", f"seed{s}", "aepo",
+                                    f"AEPO {CONTROLLER_OPTION} {t:g} x H0", target=t, seed=s, options=CONTROLLER_OPTIONS))
+        for base in (weak, strong):
+            for t in CONTROLLER_TARGETS:
+                runs.append(RunSpec(f"{base.name}-{CONTROLLER_OPTION}-t{_num(t)}", "controller", base.name, "aepo",
+                                    f"AEPO {CONTROLLER_OPTION} {t:g} x H0 ({base.name} base)", target=t,
+                                    options=CONTROLLER_OPTIONS))
+            for t in CONTROLLER_TARGETS:
+                if t not in ROBUST_TARGETS:
+                    runs.append(RunSpec(f"{base.name}-aepo-t{_num(t)}", "controller", base.name, "aepo",
+                                        f"AEPO {t:g} x H0 ({base.name} base)", target=t))
     return Grid(tuple(bases), tuple(runs), steps, ev)
 
 
@@ -364,17 +388,23 @@ def _run(cmd: list[str], log_path: Path, env: Env, *, cpu: int | None = None, ch
     return time.time() - t0, usage.ru_utime + usage.ru_stime
 
 
+_HELDOUT_LOCK = threading.Lock()
+
+
 def heldout_file(work: Path, ev: EvalSpec) -> Path:
     """The first ``ev.problems`` problems of the toy task's test split (disjoint from the training
     problems the trainer uses), in the JSONL layout ``python -m aepo_jax.eval`` reads."""
     from aepo_jax.data import toy_task  # noqa: PLC0415
 
     path = work / f"heldout-{ev.problems}.jsonl"
-    if not path.is_file():
-        _, test = toy_task.make_splits(0, 4096, 256)
-        if ev.problems > len(test):
-            raise ReproduceError(f"eval problems: {ev.problems} > the test split's {len(test)}")
-        toy_task.write_jsonl(toy_task.to_records(test[: ev.problems]), path)
+    # one writer: jobs evaluating at the same time (two base models) would otherwise both write the
+    # same temporary file and the second rename fails
+    with _HELDOUT_LOCK:
+        if not path.is_file():
+            _, test = toy_task.make_splits(0, 4096, 256)
+            if ev.problems > len(test):
+                raise ReproduceError(f"eval problems: {ev.problems} > the test split's {len(test)}")
+            toy_task.write_jsonl(toy_task.to_records(test[: ev.problems]), path)
     return path
 
 

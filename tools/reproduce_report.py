@@ -411,7 +411,65 @@ def claims(st: Study) -> list[tuple[str, str, str, str]]:
         if not ok:  # no AEPO run on this base has finished: nothing to judge
             continue
         out.append(("robust", f"Robustness: the controller holds its targets on the {b} base model", txt, _verdict(all(ok), partly=any(ok))))
+    c = controller_claim(st)
+    if c:
+        out.append(c)
     return out
+
+
+def controller_pairs(st: Study) -> list[tuple[dict, dict | None]]:
+    """Each run of the controller group with an option, with the paper's controller's run on the same
+    base at the same target and seed (from any group; None while it has not finished)."""
+    pairs = []
+    for r in st.select("controller"):
+        spec = r["run"]
+        if not spec["options"]:
+            continue
+        paper = [p for p in st.select(method="aepo", reading="paper", target=spec["target"], base=spec["base"], options=[])
+                 if p["run"]["seed"] == spec["seed"]]
+        pairs.append((r, paper[0] if paper else None))
+    return pairs
+
+
+def _option(r: dict) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["run"]["options"])
+
+
+def controller_claim(st: Study) -> tuple[str, str, str, str] | None:
+    pairs = controller_pairs(st)
+    if not pairs:
+        return None
+    held = [st.sum[r["name"]]["held"] for r, _ in pairs]
+    parts = []
+    for r, p in pairs:
+        spec = r["run"]
+        parts.append(f"{spec['base']} {spec['target']:g} x H0: {_pct(st.sum[r['name']]['held'])}"
+                     + (f" (paper {_pct(st.sum[p['name']]['held'])})" if p else ""))
+    ok = [h >= HELD_SHARE for h in held]
+    text = (f"{_option(pairs[0][0])}, share of the second half within +-10%: " + "; ".join(parts)
+            + f"; held on {sum(ok)} of {len(ok)} runs")
+    paper = [(st.sum[r["name"]]["held"], st.sum[p["name"]]["held"]) for r, p in pairs if p]
+    if paper:
+        text += (f"; mean {_pct(_mean([a for a, _ in paper]))} against the paper's controller's {_pct(_mean([b for _, b in paper]))}"
+                 " on the same runs")
+    return ("controller", "Beyond the paper: a controller option holds the lowest and highest target on every base model",
+            text, _verdict(all(ok), partly=any(ok)))
+
+
+def controller_table(st: Study) -> str:
+    rows = []
+    for r, p in controller_pairs(st):
+        s, q = st.sum[r["name"]], st.sum[p["name"]] if p else None
+        spec = r["run"]
+        rows.append([spec["base"], f"{spec['target']:g}", _option(r),
+                     _pct(q["held"]) if q else "not run", _pct(s["held"]),
+                     f"{_f(q['h_end'])} / {_f(s['h_end'])}" if q else _f(s["h_end"]),
+                     (f"{q['reward_start']:.2f} -> {q['reward_end']:.2f} / " if q else "") + f"{s['reward_start']:.2f} -> {s['reward_end']:.2f}",
+                     (f"{_pct(q['pass1'])} / " if q else "") + _pct(s["pass1"])])
+    if not rows:
+        return "(no runs of the controller group)"
+    return _table(["base", "target / H0", "option", "held, paper", "held, option", "entropy at the end (paper / option)",
+                   "reward start -> end (paper / option)", "pass@1 (paper / option)"], rows)
 
 
 def _se(ev: dict) -> float:
@@ -584,6 +642,12 @@ def write(data: dict, out: Path) -> Path:
         robust_table(st),
         "",
         *([f"![robustness]({FIGURES['robust']})", ""] if st.base_names("robust") else []),
+        *(["## Beyond the paper: a controller that holds the target", "",
+           "The paper's controller (full budget, T by the sign of the error) against the option "
+           "`algorithm.controller.budget_mode=reach_pi` (the paper's rule until the entropy first crosses the target, "
+           "then proportional-integral control of the budget; docs/training.md) at the lowest and highest target, "
+           "same base, seed and settings.", "",
+           controller_table(st), ""] if st.select("controller") else []),
         "## Appendix B, checked numerically with the project's code",
         "",
         theory_section(th),
@@ -703,6 +767,11 @@ def why_section(cl: Sequence[tuple[str, str, str, str]], st: Study) -> str:
             b = claim.split(" on the ")[1].split(" base")[0]
             for r in st.select("robust", base=b):
                 if r["run"]["target"] is not None and st.sum[r["name"]]["held"] < HELD_SHARE:
+                    why.append(f"{r['run']['label']}: {_misses(st, [r])}; reward {st.sum[r['name']]['reward_start']:.2f} -> "
+                               f"{st.sum[r['name']]['reward_end']:.2f}")
+        elif cid == "controller":
+            for r, _ in controller_pairs(st):
+                if st.sum[r["name"]]["held"] < HELD_SHARE:
                     why.append(f"{r['run']['label']}: {_misses(st, [r])}; reward {st.sum[r['name']]['reward_start']:.2f} -> "
                                f"{st.sum[r['name']]['reward_end']:.2f}")
         out.append(f"- *{claim}* ({verdict.strip('*')}): " + "; ".join(why) + ".")

@@ -99,10 +99,14 @@ class ControllerSection:
         "inside the dead band: hold (keep the previous T) | idle (no temperature samples)"))
     budget_mode: str = field(default="fixed", metadata=_help(
         "fixed (the paper: full budget every step) | proportional (budget x min(1, |H - target| / (proportional_width x target))) "
-        "| pi (proportional-integral: direction and budget from the relative error and its sum; docs/training.md)"))
+        "| pi (proportional-integral: direction and budget from the relative error and its sum; docs/training.md) "
+        "| reach_pi (the paper's rule until the entropy first crosses the target, then pi with the integral "
+        "started there)"))
     proportional_width: float | None = field(default=None, metadata=_help(
-        "relative error at which the proportional (and pi) budget is full; none = 0.1 (proportional), 0.3 (pi)"))
-    integral_gain: float = field(default=0.03, metadata=_help("budget_mode=pi: weight of the summed relative error"))
+        "relative error at which the proportional (pi, reach_pi) budget is full; none = 0.1 (proportional), "
+        "0.3 (pi), 0.2 (reach_pi)"))
+    integral_gain: float | None = field(default=None, metadata=_help(
+        "budget_mode=pi / reach_pi: weight of the summed relative error; none = 0.03 (pi), 0.1 (reach_pi)"))
     target_relative: bool = field(default=False, metadata=_help(
         "read the target's values as multiples of H0, the entropy measured at the first step (0.5 = half the base model's)"))
     signal: str = field(default="entropy", metadata=_help(

@@ -112,6 +112,18 @@ def policy_entropy(b: Batch) -> tuple[float, float]:
     return float(_mean(response_means(b.entropy, b.mask))), float(_mean(response_means(-b.old_logp, b.mask)))
 
 
+def entropy_stderr(b: Batch) -> float:
+    """Standard error of :func:`policy_entropy`'s full-distribution estimate, clustered by prompt
+    (the responses to one prompt are not independent): the standard deviation of the per-prompt
+    means over the square root of the number of prompts. NaN with fewer than two prompts."""
+    lens = b.mask.sum(axis=1)
+    keep = lens > 0
+    per_row = response_means(b.entropy, b.mask)
+    groups = b.group[keep]
+    means = np.array([per_row[groups == g].mean() for g in np.unique(groups)])
+    return float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else float("nan")
+
+
 def rollout(examples: list, n: int, temperature: float, seed: int, stage: str, m: dict, *,
             rollouts: Rollouts | None, reward_pool: RewardPool | None, tokenizer, geo: Geometry,
             max_new_tokens: int | None = None) -> Batch:
@@ -158,11 +170,12 @@ def control(main: Batch, step: int, m: dict, *, controller: EntropyController, l
         if main.old_logp is None:
             with Timer("entropy", m):
                 logp, entropy = learner.logprobs(main, rows_per_call=geo.logprob_rows)
-            h_full, h_nll = policy_entropy(replace(main, old_logp=logp, entropy=entropy))
-        else:
-            h_full, h_nll = policy_entropy(main)
+            main = replace(main, old_logp=logp, entropy=entropy)
+        h_full, h_nll = policy_entropy(main)
         controller.observe(entropy_full=h_full, entropy_sampled=h_nll)
         m["policy/entropy_full"], m["policy/entropy_nll"] = h_full, h_nll
+        # how noisy the controller's reading is, to compare with the +-10% band around the target
+        m["policy/entropy_full_stderr"] = entropy_stderr(main)
     if target.name != "entropy":
         value = target.measure(main)
         if value is not None:  # e.g. no correct response this step: keep the last value
@@ -176,8 +189,12 @@ def control(main: Batch, step: int, m: dict, *, controller: EntropyController, l
         m["entropy_target"] = decision.target
         if decision.entropy is not None:
             m["aepo/entropy_signal"] = decision.entropy
-    if controller.config.budget_mode == "pi":
+    if decision.entropy is not None and decision.target > 0:  # > 0 also rules out a NaN target
+        m["control/relative_error"] = (decision.entropy - decision.target) / decision.target
+    if controller.config.budget_mode in ("pi", "reach_pi"):
         m["aepo/integral"] = controller.state.integral
+    if controller.config.budget_mode == "reach_pi":  # 0 while reaching the target, 1 once it crossed it
+        m["aepo/holding"] = 1.0 if controller.state.crossed else 0.0
     return decision
 
 
