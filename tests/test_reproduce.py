@@ -346,3 +346,36 @@ def test_appendix_b_checks_pass(ab):
     res = ab.run_all(n_pol=1000, seed=5)
     judged = [c for c in res["checks"] if c["ok"] is not None]
     assert len(judged) >= 4 and all(c["ok"] for c in judged), [c for c in judged if not c["ok"]]
+
+
+def test_report_compares_the_controller_option_with_the_paper(rp, report, tmp_path):
+    """The controller group's table and claim: each option run beside the paper's run on the same
+    base, seed and target; the verdict follows the option's held shares."""
+    rng = np.random.default_rng(2)
+    full = rp.build_grid(False, steps=20)
+    data = _study(rp, tmp_path, rng)
+    h0, runs = 0.4, []
+    for r in full.runs:
+        if r.group == "controller" or (r.method == "aepo" and r.reading == "paper" and r.target in (0.5, 2.0)):
+            # the option on target; the paper's controller 30% above it
+            level = r.target * h0 * (1.0 if r.options else 1.3)
+            runs.append({"name": r.name, "complete": True, "run": rp.dataclasses.asdict(r), "steps": list(range(1, 21)),
+                         "series": _rows(h0, level, 20, r.target * h0, rng),
+                         "eval": {"avg_at_n": 0.5, "n": 256, "pass_at_k": {"1": 0.5}}, "resumed_from": "new",
+                         "wall_s": {"train": 1.0, "eval": 1.0}, "cpu_s": {"train": 1.0, "eval": 1.0}})
+    data["runs"] = [r for r in data["runs"] if r["name"] not in {x["name"] for x in runs}] + runs
+    st = report.Study(data)
+    pairs = report.controller_pairs(st)
+    assert len(pairs) == 10 and all(p is not None for _, p in pairs)
+    assert all((p["run"]["base"], p["run"]["target"], p["run"]["seed"]) == (r["run"]["base"], r["run"]["target"], r["run"]["seed"])
+               and not p["run"]["options"] for r, p in pairs)
+    claim = next(c for c in report.claims(st) if c[0] == "controller")
+    assert claim[3] == "**confirmed**" and "held on 10 of 10 runs" in claim[2]
+    text = report.write(data, tmp_path / "out").read_text()
+    assert "## Beyond the paper: a controller that holds the target" in text and "| weak | 2 | budget_mode=reach_pi |" in text
+    # the option off its target on one base: the verdict and the why-section say so
+    miss = next(r for r in data["runs"] if r["name"] == "strong-reach_pi-t2")
+    miss["series"]["entropy"] = [0.4] * 20
+    claim = next(c for c in report.claims(report.Study(data)) if c[0] == "controller")
+    assert claim[3] == "**partly**" and "held on 9 of 10 runs" in claim[2]
+    assert "AEPO reach_pi 2 x H0 (strong base)" in report.why_section(report.claims(report.Study(data)), report.Study(data))
