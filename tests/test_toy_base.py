@@ -105,6 +105,22 @@ def test_cache_reuses_and_rebuilds_on_recipe_change(tiny_base):
     other = ToyBaseConfig(steps=2, warmup_steps=1, n_train_problems=64)
     path = Path(ensure_toy_base(tiny_base.parent, other))
     assert json.loads((path / "toy_base.json").read_text())["recipe"]["steps"] == 2
+    # Another recipe gets its own directory: the first model is still there, untouched.
+    assert path != tiny_base
+    assert os.stat(tiny_base / "model.safetensors").st_mtime_ns == before
+    assert Path(ensure_toy_base(tiny_base.parent, TINY)) == tiny_base
+
+
+def test_cache_names_tell_recipes_apart():
+    from aepo_jax.toy.build import cache_name
+    from aepo_jax.toy.recipe import BUILD_VERSION
+
+    assert cache_name(ToyBaseConfig()) == f"toy_base-v{BUILD_VERSION}-seed0"  # the name older caches use
+    assert cache_name(ToyBaseConfig(seed=2)) == f"toy_base-v{BUILD_VERSION}-seed2"
+    names = {cache_name(c) for c in (ToyBaseConfig(), ToyBaseConfig(noise=0.5), ToyBaseConfig(noise=0.15),
+                                     ToyBaseConfig(steps=300), ToyBaseConfig(seed=1, noise=0.5))}
+    assert len(names) == 5
+    assert cache_name(ToyBaseConfig(noise=0.5)) == cache_name(ToyBaseConfig(noise=0.5))  # stable
 
 
 def test_bad_recipe():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -55,6 +56,17 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def cache_name(cfg: ToyBaseConfig) -> str:
+    """The cache directory's name for a recipe: ``toy_base-v<version>-seed<S>`` for the default recipe
+    at any seed, plus a short hash of the whole recipe otherwise, so that two recipes that differ in
+    anything but the seed (``--noise``, ``--steps``, ...) never replace each other's model."""
+    name = f"toy_base-v{BUILD_VERSION}-seed{cfg.seed}"
+    if cfg != dataclasses.replace(ToyBaseConfig(), seed=cfg.seed):
+        recipe = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+        name += "-" + hashlib.sha256(recipe.encode()).hexdigest()[:10]
+    return name
+
+
 def _is_complete(path: Path, cfg: ToyBaseConfig) -> bool:
     try:
         info = json.loads((path / "toy_base.json").read_text())
@@ -77,7 +89,7 @@ def ensure_toy_base(cache_dir: str | os.PathLike | None = None, cfg: ToyBaseConf
     """
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"toy_base-v{BUILD_VERSION}-seed{cfg.seed}"
+    target = root / cache_name(cfg)
     if _is_complete(target, cfg):
         return str(target)
     with open(root / ".toy_base.lock", "w") as lock:
