@@ -170,3 +170,22 @@ def test_bad_inputs():
         ToyProblem(start=1, links=((1, 2), (1, 3)))
     with pytest.raises(ValueError, match="min_hops"):
         ToyTaskConfig(min_hops=3, max_hops=2)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 7, 12345])
+def test_no_seed_trains_on_the_held_out_split(seed):
+    """Every evaluation scores seed 0's test split; a train split of any seed must not contain it,
+    even where seed S's own stream draws one of those problems (forced here with a small space)."""
+    small = ToyTaskConfig(min_hops=1, max_hops=2, distractors=0)  # 1530 problems: collisions are certain
+    held_out = toy_task._held_out(small)
+    train, test = toy_task.make_splits(seed, 2000, 16, small)
+    assert not set(train) & held_out
+    assert not set(train) & set(test)
+    _, test0 = toy_task.make_splits(0, 64, toy_task.HELD_OUT_SIZE, small)
+    assert set(test0) == held_out  # seed 0's test split is the held-out split
+
+
+def test_seed_zero_splits_are_unchanged_by_the_held_out_rule():
+    train, test = toy_task.make_splits(0, 4096, 256)
+    assert set(test) == toy_task._held_out(toy_task.ToyTaskConfig())
+    assert len(train) == 4096 and not set(train) & set(test)

@@ -27,6 +27,7 @@ Everything is generated from a seed; :func:`solve` recomputes an answer from the
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -276,25 +277,44 @@ def random_problem(rng: random.Random, cfg: ToyTaskConfig) -> ToyProblem:
     return ToyProblem(start=path[0], links=tuple(links))
 
 
+HELD_OUT_SIZE = 256  # the held-out split's size (eval, validation and the reproduction study score on it)
+
+
+@functools.lru_cache(maxsize=8)
+def _held_out(cfg: "ToyTaskConfig") -> frozenset:
+    """Seed 0's first :data:`HELD_OUT_SIZE` distinct test problems: the held-out split."""
+    rng = random.Random("toy-test-0")
+    out: set[ToyProblem] = set()
+    for _ in range(100 * HELD_OUT_SIZE + 100):
+        if len(out) == HELD_OUT_SIZE:
+            break
+        out.add(random_problem(rng, cfg))
+    return frozenset(out)
+
+
 def make_splits(
     seed: int = 0, n_train: int = 4096, n_test: int = 256, cfg: ToyTaskConfig = ToyTaskConfig()
 ) -> tuple[list[ToyProblem], list[ToyProblem]]:
     """Disjoint train and test problems, deterministic given ``seed``.
 
     The test split is drawn first from its own stream, so it does not change when ``n_train``
-    does; train problems that collide with a test problem are redrawn.
+    does; train problems that collide with a test problem are redrawn. Whatever the seed, train
+    also never holds a problem of the held-out split every evaluation uses (seed 0's first
+    :data:`HELD_OUT_SIZE` test problems), so a model trained under any seed is scored on unseen problems.
     """
     test_rng = random.Random(f"toy-test-{seed}")
     train_rng = random.Random(f"toy-train-{seed}")
     test: list[ToyProblem] = []
-    seen: set[ToyProblem] = set()
+    seen: set[ToyProblem] = set(_held_out(cfg))
+    drawn: set[ToyProblem] = set()
     for _ in range(100 * n_test + 100):
         if len(test) == n_test:
             break
         p = random_problem(test_rng, cfg)
-        if p not in seen:
-            seen.add(p)
+        if p not in drawn:
+            drawn.add(p)
             test.append(p)
+    seen |= drawn
     train: list[ToyProblem] = []
     for _ in range(100 * n_train + 100):
         if len(train) == n_train:
