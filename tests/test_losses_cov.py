@@ -246,3 +246,18 @@ def test_config_keys_reach_the_loss_and_are_checked():
                      ("--algorithm.kl_cov.coef=-1", "algorithm.kl_cov.coef")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(build_config(RunConfig, [bad], aliases=ALIASES))
+
+
+def test_clip_fractions_are_zero_for_kl_cov_and_counted_for_clip_cov():
+    """KL-Cov never clips, so its clip fractions are 0 although the batch's ratios lie on both sides
+    of the clip range; Clip-Cov (the clipped surrogate) reports them, as GRPO does."""
+    b = make_batch(3)
+    cfg = LossConfig()
+    _, _, m_kl = jax_value_and_grad("kl_cov", b, cfg)
+    _, _, m_cc = jax_value_and_grad("clip_cov", b, cfg, rng=jax.random.key(0))
+    _, _, m_grpo = jax_value_and_grad("grpo", b, cfg)
+    for side in ("upper", "lower", "dual"):
+        assert float(m_kl[f"actor/pg_clipfrac_{side}"]) == 0.0
+    for side in ("upper", "lower"):
+        assert float(m_cc[f"actor/pg_clipfrac_{side}"]) > 0.0
+        assert float(m_cc[f"actor/pg_clipfrac_{side}"]) == float(m_grpo[f"actor/pg_clipfrac_{side}"])

@@ -31,12 +31,18 @@ def loss_metrics(b, cfg, agg, dens, terms, adv, g_logp):
         m[f"loss/{k}"] = sg(terms[k]) if k in terms else jnp.float32(0.0)
     if "kl" in terms:  # kl_cov's penalty
         m["loss/kl"] = sg(terms["kl"])
-    m["actor/pg_clipfrac_upper"] = tok_frac((adv > 0) & (ratio > 1.0 + cfg.clip_high))
-    m["actor/pg_clipfrac_lower"] = tok_frac((adv < 0) & (ratio < 1.0 - cfg.clip_low))
-    if cfg.clip_dual is not None:
-        m["actor/pg_clipfrac_dual"] = tok_frac((adv < 0) & (ratio > cfg.clip_dual))
+    if "kl" in terms:
+        # kl_cov's surrogate -A r is never clipped, so no token is: report 0 (as verl does) rather
+        # than the tokens that would lie beyond a clip range this loss does not have.
+        for side in ("upper", "lower", "dual"):
+            m[f"actor/pg_clipfrac_{side}"] = jnp.float32(0.0)
     else:
-        m["actor/pg_clipfrac_dual"] = jnp.float32(0.0)
+        m["actor/pg_clipfrac_upper"] = tok_frac((adv > 0) & (ratio > 1.0 + cfg.clip_high))
+        m["actor/pg_clipfrac_lower"] = tok_frac((adv < 0) & (ratio < 1.0 - cfg.clip_low))
+        if cfg.clip_dual is not None:
+            m["actor/pg_clipfrac_dual"] = tok_frac((adv < 0) & (ratio > cfg.clip_dual))
+        else:
+            m["actor/pg_clipfrac_dual"] = jnp.float32(0.0)
     m["actor/approx_kl"] = safe_div(jnp.sum(-log_r * mask), toks)
     m["actor/approx_kl_k3"] = safe_div(jnp.sum((ratio - 1.0 - log_r) * mask), toks)
     m["actor/ratio_mean"] = safe_div(jnp.sum(ratio * mask), toks)
