@@ -43,10 +43,10 @@ SCHEDULE_KINDS = ("constant", "linear", "cosine", "piecewise")
 ESTIMATORS = ("full", "sampled")
 SIGNALS = ("entropy", "length")  # what the controller holds at its target (aepo_jax/trainer/targets.py)
 BAND_MODES = ("hold", "idle")
-BUDGET_MODES = ("fixed", "proportional", "pi", "reach_pi")
+BUDGET_MODES = ("fixed", "proportional", "pi", "pid")
 # proportional_width / integral_gain when none is given: each mode's, as measured (docs/training.md)
-DEFAULT_WIDTH = {"fixed": 0.1, "proportional": 0.1, "pi": 0.3, "reach_pi": 0.2}
-DEFAULT_GAIN = {"fixed": 0.03, "proportional": 0.03, "pi": 0.03, "reach_pi": 0.1}
+DEFAULT_WIDTH = {"fixed": 0.1, "proportional": 0.1, "pi": 0.3, "pid": 0.3}
+DEFAULT_GAIN = {"fixed": 0.03, "proportional": 0.03, "pi": 0.03, "pid": 0.05}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,22 +181,32 @@ class ControllerConfig:
       proportional budget alone settles where its push equals the drift, an offset of up to
       proportional_width from the target. The integral removes that offset (it learns the push
       the drift needs), the proportional part keeps steps near the target small.
-    integral_gain: weight of the integral in ``pi`` and ``reach_pi``; None = 0.03 for ``pi``, 0.1
-      for ``reach_pi`` (:attr:`gain`). Both pi settings are small on purpose: one
+    integral_gain: weight of the integral in ``pi`` and ``pid``; None = 0.03 for ``pi``, 0.05 for
+      ``pid`` (:attr:`gain`). Both pi settings are small on purpose: one
       decision moves the entropy over several later steps (Adam's momentum carries each update's
       direction into the next ones) and the per-step entropy estimate is noisy (about 5% of H on
       the toy task), so a high gain turns lag and noise into oscillation. Measured at 0.5 x H0
       (docs/training.md): width 0.1 with gain 0.1 held it worse than the fixed budget on base
       seeds 0 and 1; width 0.3 with gain 0.03 better on seed 1, worse on seed 0, where the integral
       winds up during the approach from H0. Not yet a replacement for ``fixed``.
-    budget_mode ``reach_pi`` (not the paper): reach the target with the paper's controller, then
-      hold it with ``pi``. Until the signal first crosses the target (from whichever side it
-      started) every decision is the paper's (full budget, T by the sign of the error) and the
-      integral stays 0; from the first crossing on, the ``pi`` rule decides, its integral summing
-      every step's error (clamped as in ``pi``). Why: ``pi``'s integral winds up while the entropy is
-      still approaching from H0 (inside the proportional band but not yet at the target) and then
-      carries it past the target; the paper's controller reaches a target fastest but holds it as a
-      limit cycle of full-strength steps. Defaults: width 0.2, gain 0.1 (docs/training.md).
+    budget_mode ``pid`` (not the paper): ``pi`` with a derivative term. ``u = (e +
+      derivative_steps * slope + integral_gain * I) / proportional_width``, with ``slope`` the
+      least-squares slope of ``e`` per step over the last ``derivative_window`` decisions (0 until
+      there are 3) and ``I`` the sum of ``e`` over the steps on which the lever was not saturated
+      (``|u| < 1`` before adding that step's error; clamped to ``|integral_gain * I| <= 1``);
+      direction and budget from ``u`` as in ``pi``. Why: Adam's first moment (beta1 = 0.9) keeps applying each
+      step's REINFORCE gradient for about ten more steps, so the entropy behaves like an integrator
+      behind a lag: a controller that reads only the error (fixed, proportional, pi) is still
+      pushing when the entropy reaches the target and overshoots, in a cycle. The slope says where
+      the entropy is heading (``e + derivative_steps * slope`` is the error that many steps ahead),
+      so the push eases off before the target and leans against a drift before the error grows:
+      the derivative term of classical control, the standard remedy for such a lag. The integral
+      removes the offset that GRPO's own drift leaves; summing only while the lever is not
+      saturated (conditional integration, the usual anti-windup) it does not grow on the way from
+      H0 while the budget is full anyway.
+    derivative_steps: how many steps ahead ``pid`` extrapolates the error (its derivative gain).
+    derivative_window: decisions the ``pid`` slope is fitted over (>= 3): longer is less noisy and
+      later.
     target_relative: False (the paper): the schedule's values are entropies in nats/token. True:
       they are multiples of H0, the first entropy the controller observes (the base model's), so
       ``target=0.5`` holds half the starting entropy whatever the model. H0 is part of the state
@@ -216,6 +226,8 @@ class ControllerConfig:
     budget_mode: str = "fixed"
     proportional_width: float | None = None
     integral_gain: float | None = None
+    derivative_steps: float = 3.0
+    derivative_window: int = 5
     signal: str = "entropy"
 
     def __post_init__(self):
@@ -243,7 +255,11 @@ class ControllerConfig:
             raise ValueError(f"ControllerConfig.dead_band: expected >= 0, got {self.dead_band}")
         if self.integral_gain is not None and not self.integral_gain >= 0:
             raise ValueError(f"ControllerConfig.integral_gain: expected >= 0 or None, got {self.integral_gain}")
-        if self.budget_mode in ("pi", "reach_pi") and self.dead_band > 0:
+        if not self.derivative_steps >= 0:
+            raise ValueError(f"ControllerConfig.derivative_steps: expected >= 0, got {self.derivative_steps}")
+        if not self.derivative_window >= 3:
+            raise ValueError(f"ControllerConfig.derivative_window: expected >= 3, got {self.derivative_window}")
+        if self.budget_mode in ("pi", "pid") and self.dead_band > 0:
             raise ValueError(f"ControllerConfig: budget_mode={self.budget_mode!r} decides the direction from its own "
                              f"signal; dead_band must be 0 with it, got {self.dead_band}")
 
@@ -284,10 +300,7 @@ class ControllerState:
     initial_signal: float | None = None  # H0: the first observed value of the configured estimator (or length)
     length: float | None = None  # the last observed mean length of correct responses (signal "length")
     integral: float = 0.0  # budget_mode=pi: the sum of relative errors inside the proportional band
-    # budget_mode=reach_pi: the sign of the first relative error (+1 above the target, -1 below) and
-    # whether the signal has crossed to the other side since (the hold phase)
-    start_side: int | None = None
-    crossed: bool = False
+    errors: list = dataclasses.field(default_factory=list)  # budget_mode=pid: the last derivative_window relative errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,23 +388,25 @@ class EntropyController:
         if cfg.budget_mode == "proportional" and h is not None and mode != "idle" and target > 0:
             share = min(1.0, abs(h - target) / (cfg.width * target))
             budget = max(1, int(round(budget * share))) if budget > 0 else 0
-        elif cfg.budget_mode in ("pi", "reach_pi") and h is not None and not math.isnan(target) and target > 0:
+        elif cfg.budget_mode in ("pi", "pid") and h is not None and not math.isnan(target) and target > 0:
             e = (h - target) / target
-            new_step = st.step != int(step)  # the integral moves once per step, however often decide() runs
-            if cfg.budget_mode == "reach_pi" and not st.crossed:
-                side = 1 if e > 0 else -1
-                if st.start_side is None:
-                    st.start_side = side
-                st.crossed = side != st.start_side
-            holding = cfg.budget_mode == "pi" or st.crossed
-            if holding:
-                if new_step and (cfg.budget_mode == "reach_pi" or abs(e) < cfg.width):
-                    limit = 1.0 / cfg.gain if cfg.gain > 0 else 0.0
-                    st.integral = float(min(limit, max(-limit, st.integral + e)))
-                u = (e + cfg.gain * st.integral) / cfg.width
-                mode = "lower" if u > 0 else "raise"
-                temperature, full = (cfg.t_low, cfg.budget_lower) if mode == "lower" else (cfg.t_high, cfg.budget_raise)
-                budget = max(1, int(round(full * min(1.0, abs(u))))) if full > 0 else 0
+            limit = 1.0 / cfg.gain if cfg.gain > 0 else 0.0
+            if st.step != int(step):  # the integral and the history move once per step, however often decide() runs
+                if cfg.budget_mode == "pi":
+                    if abs(e) < cfg.width:  # inside the band only
+                        st.integral = float(min(limit, max(-limit, st.integral + e)))
+                else:
+                    st.errors = [*st.errors, float(e)][-cfg.derivative_window:]
+                    ahead = e + cfg.derivative_steps * least_squares_slope(st.errors)
+                    if abs(ahead + cfg.gain * st.integral) < cfg.width:  # the lever is not saturated
+                        st.integral = float(min(limit, max(-limit, st.integral + e)))
+            u = e + cfg.gain * st.integral
+            if cfg.budget_mode == "pid":
+                u += cfg.derivative_steps * least_squares_slope(st.errors)
+            u /= cfg.width
+            mode = "lower" if u > 0 else "raise"
+            temperature, full = (cfg.t_low, cfg.budget_lower) if mode == "lower" else (cfg.t_high, cfg.budget_raise)
+            budget = max(1, int(round(full * min(1.0, abs(u))))) if full > 0 else 0
         st.mode, st.temperature, st.budget, st.target, st.step = mode, temperature, budget, target, int(step)
         return Decision(int(step), float(temperature), int(budget), float(target), h, mode)
 
@@ -404,6 +419,16 @@ class EntropyController:
         if "config" not in d or "state" not in d:
             raise ValueError(f"EntropyController.from_dict: expected keys 'config' and 'state', got {sorted(d)}")
         return cls(ControllerConfig.from_dict(d["config"]), ControllerState(**d["state"]))
+
+
+def least_squares_slope(ys: Sequence[float]) -> float:
+    """Least-squares slope of ``ys`` against 0, 1, 2, ... (0 for fewer than 3 points)."""
+    n = len(ys)
+    if n < 3:
+        return 0.0
+    xm = (n - 1) / 2
+    ym = sum(ys) / n
+    return sum((i - xm) * (y - ym) for i, y in enumerate(ys)) / sum((i - xm) ** 2 for i in range(n))
 
 
 def select_positives(

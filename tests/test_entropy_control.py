@@ -280,93 +280,97 @@ def test_proportional_budget_shrinks_near_the_target():
     fixed.observe(entropy_full=0.49)
     assert fixed.decide(1).budget == 60
     with pytest.raises(ValueError, match="budget_mode"):
-        ControllerConfig(budget_mode="pid")
+        ControllerConfig(budget_mode="bang_bang")
     with pytest.raises(ValueError, match="proportional_width"):
         ControllerConfig(proportional_width=0.0)
 
 
-def _sequence(cfg: ControllerConfig, hs) -> list[tuple[str, float, int]]:
-    ctl = EntropyController(cfg)
-    out = []
-    for step, h in enumerate(hs):
+
+def _momentum_plant(cfg: ControllerConfig, drift: float, steps: int = 200, h0: float = 0.4,
+                    beta: float = 0.9) -> list[float]:
+    """Entropy under the controller when each step's push (up to +0.02 raising, -0.015 lowering at
+    full budget) reaches the entropy through Adam's first moment: the entropy moves by an
+    exponential average (beta) of the pushes, scaled to the same total effect, plus ``drift``."""
+    ctl, h, m, hs = EntropyController(cfg), h0, 0.0, []
+    for step in range(steps):
         ctl.observe(entropy_full=h)
         d = ctl.decide(step)
-        out.append((d.mode, d.temperature, d.budget))
-    return out
+        push = 0.02 * d.budget / cfg.budget_raise if d.mode == "raise" else -0.015 * d.budget / cfg.budget_lower
+        m = beta * m + (1 - beta) * push
+        h = h + drift + m
+        hs.append(h)
+    return hs
 
 
-@pytest.mark.parametrize("target,h0,direction", [(0.5, 0.4, -1), (2.0, 0.4, 1), (0.7, 0.9, -1)])
-def test_reach_pi_is_the_paper_until_the_first_crossing(target, h0, direction):
-    """budget_mode=reach_pi: while the entropy approaches the target from either side every decision
-    is the paper's (full budget, T by the sign of the error) and the integral stays 0; at the first
-    step on the other side of the target the pi rule takes over, its integral starting there."""
-    rel = TargetSchedule.parse(str(target))
-    t = target * h0
-    # approach in 8 steps, ending on the near side just before the target, then cross
-    approach = [h0 + (t - h0) * k / 8 * 0.99 for k in range(9)]
-    crossed = t * (1 + 0.05 * direction)  # 5% past the target
-    cfg = ControllerConfig(target=rel, target_relative=True, budget_mode="reach_pi")
-    paper = ControllerConfig(target=rel, target_relative=True)
-    assert _sequence(cfg, approach) == _sequence(paper, approach)
+def test_pid_settles_on_the_target_through_a_lag_and_a_drift():
+    """budget_mode=pid: with each decision reaching the entropy through a momentum (the lag Adam
+    puts between a decision and the entropy) and GRPO's drift pulling away from the target, pid
+    settles on the target from above and from below; without its integral (proportional) the drift
+    leaves an offset."""
+    for target, drift in (("0.2", 0.003), ("0.8", -0.004)):
+        sched = TargetSchedule.parse(target)
+        t = float(target)
+        pid = _momentum_plant(ControllerConfig(target=sched, budget_mode="pid"), drift, steps=300)
+        prop = _momentum_plant(ControllerConfig(target=sched, budget_mode="proportional", proportional_width=0.3),
+                               drift, steps=300)
+        assert max(abs(h - t) / t for h in pid[-50:]) < 0.01, target
+        assert min(abs(h - t) / t for h in prop[-50:]) > 0.02, target
+
+
+def test_pid_lever_slope_and_conditional_integral():
+    """The lever is (e + derivative_steps x slope + integral_gain x I) / width, the slope fitted over
+    the last derivative_window errors: approaching fast, pid eases off (here: turns round) before
+    the target, where the error alone would still push at full budget. The integral sums e only on
+    steps whose lever is not saturated, so it stays 0 on the way from H0 while the budget is full."""
+    cfg = ControllerConfig(target=TargetSchedule.parse("0.2"), budget_mode="pid", derivative_steps=2.0,
+                           derivative_window=3, integral_gain=0.1, proportional_width=0.3)
     ctl = EntropyController(cfg)
-    for step, h in enumerate(approach):
+    for step, h in enumerate([0.4, 0.36, 0.33]):  # e = 1.0, 0.8, 0.65: far above, falling fast
         ctl.observe(entropy_full=h)
-        ctl.decide(step)
-        assert ctl.state.integral == 0.0 and not ctl.state.crossed
-    ctl.observe(entropy_full=crossed)
-    d = ctl.decide(len(approach))
-    e = 0.05 * direction
-    # pi from here: e is in the integral once; u = (e + 0.1 e) / 0.2: a partial budget in the direction back
-    assert ctl.state.crossed and ctl.state.integral == pytest.approx(e)
-    full = 30 if direction > 0 else 60
-    assert d.mode == ("lower" if direction > 0 else "raise")
-    assert abs(d.budget - full * abs(e + 0.1 * e) / 0.2) <= 1 and d.budget < full
-    # the hold phase never returns to reaching: far from the target again, pi's full budget (its band
-    # saturates), and the integral keeps summing every step's error, also outside the band
-    ctl.observe(entropy_full=t * (1 + 0.5 * direction))
-    d = ctl.decide(len(approach) + 1)
-    assert ctl.state.crossed and ctl.state.integral == pytest.approx(e + 0.5 * direction)
-    assert d.budget == full
+        d = ctl.decide(step)
+        assert ctl.state.integral == 0.0
+    # slope over (1.0, 0.8, 0.65) = -0.175: u = (0.65 - 0.35) / 0.3 = 1 -> the full lowering budget
+    assert (d.mode, d.budget) == ("lower", 30)
+    for step, h in enumerate([0.28, 0.24], start=3):  # e = 0.4, 0.2: the slope says the target is 1-2 steps away
+        ctl.observe(entropy_full=h)
+        d = ctl.decide(step)
+    # at e = 0.4 the slope (-0.2) already put the lever inside its band (e ahead 0): I = 0.4; then
+    # slope over (0.65, 0.4, 0.2) = -0.225: e ahead = 0.2 - 0.45 = -0.25, not saturated: I = 0.6,
+    # u = (-0.25 + 0.06) / 0.3 < 0: raise before reaching the target
+    assert ctl.state.integral == pytest.approx(0.6)
+    assert d.mode == "raise" and d.budget == round(60 * 0.19 / 0.3)
+    assert ctl.decide(4) == d and ctl.state.errors == pytest.approx([0.65, 0.4, 0.2])  # once per step
+    ctl.observe(entropy_full=0.4)  # e = +1: saturated (u > 1), the integral does not move
+    ctl.decide(5)
+    assert ctl.state.integral == pytest.approx(0.6)
+    # derivative_steps = 0: the lever is pi's on the same error and integral
+    flat = EntropyController(ControllerConfig(target=TargetSchedule.parse("0.2"), budget_mode="pid",
+                                              derivative_steps=0.0, integral_gain=0.1, proportional_width=0.3))
+    flat.observe(entropy_full=0.212)
+    d = flat.decide(0)
+    assert d.mode == "lower" and d.budget == round(30 * (0.06 + 0.1 * 0.06) / 0.3)
+    with pytest.raises(ValueError, match="derivative_window"):
+        ControllerConfig(budget_mode="pid", derivative_window=2)
+    with pytest.raises(ValueError, match="derivative_steps"):
+        ControllerConfig(budget_mode="pid", derivative_steps=-1.0)
+    with pytest.raises(ValueError, match="dead_band"):
+        ControllerConfig(budget_mode="pid", dead_band=0.05)
+    assert (ControllerConfig(budget_mode="pid").width, ControllerConfig(budget_mode="pid").gain) == (0.3, 0.05)
+    assert ControllerConfig(budget_mode="pi").gain == 0.03
 
 
-def test_reach_pi_holds_against_a_drift_and_reaches_as_fast_as_the_paper():
-    """Against GRPO's drift (up, at a target below it), reach_pi crosses the target at the same step
-    as the paper's controller (both at full budget until then) and then settles on it (the integral
-    finds the push that cancels the drift), where the paper's controller keeps cycling with full-size
-    steps and pi (integral summed from the band's edge, on the way down) is slower to settle."""
-    target = TargetSchedule.parse("0.2")
-    drift = 0.006
-
-    def first_crossing(hs):
-        return next(i for i, h in enumerate(hs) if h < 0.2)
-
-    rp = _drifting_plant(ControllerConfig(target=target, budget_mode="reach_pi"), drift, steps=300)
-    fixed = _drifting_plant(ControllerConfig(target=target), drift, steps=300)
-    assert first_crossing(rp) == first_crossing(fixed)
-    assert max(abs(h - 0.2) for h in rp[-50:]) < 0.001
-    assert max(abs(h - 0.2) for h in fixed[-50:]) > 0.003
-    # the hold phase is the pi rule with reach_pi's own defaults: width 0.2, gain 0.1
-    assert ControllerConfig(budget_mode="reach_pi").width == 0.2 and ControllerConfig(budget_mode="reach_pi").gain == 0.1
-    assert ControllerConfig(budget_mode="pi").gain == 0.03 and ControllerConfig(budget_mode="pi", integral_gain=0.2).gain == 0.2
-
-
-def test_reach_pi_state_round_trip_and_checks():
-    cfg = ControllerConfig(target=TargetSchedule.parse("0.3"), budget_mode="reach_pi")
+def test_pid_state_round_trip():
+    cfg = ControllerConfig(target=TargetSchedule.parse("0.3"), budget_mode="pid")
     ctl = EntropyController(cfg)
     for step, h in enumerate([0.5, 0.4, 0.29, 0.31]):
         ctl.observe(entropy_full=h)
         ctl.decide(step)
     back = EntropyController.from_dict(json.loads(json.dumps(ctl.to_dict())))
-    assert back.state == ctl.state and back.state.crossed and back.state.start_side == 1
+    assert back.state == ctl.state and len(back.state.errors) == 4
     back.observe(entropy_full=0.33)
     ctl.observe(entropy_full=0.33)
     assert back.decide(4) == ctl.decide(4)
-    # a state saved before reach_pi existed (no start_side / crossed) still loads
+    # a state saved before pid existed (no errors) still loads
     old = ctl.to_dict()
-    for k in ("start_side", "crossed"):
-        del old["state"][k]
-    assert EntropyController.from_dict(old).state.crossed is False
-    with pytest.raises(ValueError, match="dead_band"):
-        ControllerConfig(budget_mode="reach_pi", dead_band=0.05)
-    with pytest.raises(ValueError, match="integral_gain"):
-        ControllerConfig(budget_mode="reach_pi", integral_gain=-1.0)
+    del old["state"]["errors"]
+    assert EntropyController.from_dict(old).state.errors == []

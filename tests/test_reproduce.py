@@ -90,14 +90,15 @@ def test_plan_fits_the_time_budget(rp):
 
 
 def test_controller_group_pairs_the_option_with_the_paper(rp):
-    """The controller group: budget_mode=reach_pi at 0.5 and 2 x H0 on every base of the full grid,
+    """The controller group: budget_mode=pid (budget_down=60) at 0.5 and 2 x H0 on every base of the full grid,
     and for each of them a run of the paper's controller at the same base, seed and target somewhere
     in the grid (the report compares the two); its rows come after every row of the study."""
     g = rp.build_grid(False)
     group = [r for r in g.runs if r.group == "controller"]
     opt = [r for r in group if r.options]
     assert {(r.base, r.target) for r in opt} == {(b.name, t) for b in g.bases for t in (0.5, 2.0)}
-    assert all(dict(r.options) == {"algorithm.controller.budget_mode": "reach_pi"} for r in opt)
+    assert all(dict(r.options) == {"algorithm.controller.budget_mode": "pid", "algorithm.controller.budget_down": "60"}
+               for r in opt)
     assert all(g.base(r.base).seed == r.seed for r in opt)
     for r in opt:
         paper = [p for p in g.runs if p.method == "aepo" and p.reading == "paper" and not p.options
@@ -372,10 +373,10 @@ def test_report_compares_the_controller_option_with_the_paper(rp, report, tmp_pa
     claim = next(c for c in report.claims(st) if c[0] == "controller")
     assert claim[3] == "**confirmed**" and "held on 10 of 10 runs" in claim[2]
     text = report.write(data, tmp_path / "out").read_text()
-    assert "## Beyond the paper: a controller that holds the target" in text and "| weak | 2 | budget_mode=reach_pi |" in text
+    assert "## Beyond the paper: a controller that holds the target" in text and "| weak | 2 | budget_mode=pid, budget_down=60 |" in text
     # the option off its target on one base: the verdict and the why-section say so
-    miss = next(r for r in data["runs"] if r["name"] == "strong-reach_pi-t2")
+    miss = next(r for r in data["runs"] if r["name"] == "strong-pid-t2")
     miss["series"]["entropy"] = [0.4] * 20
     claim = next(c for c in report.claims(report.Study(data)) if c[0] == "controller")
     assert claim[3] == "**partly**" and "held on 9 of 10 runs" in claim[2]
-    assert "AEPO reach_pi 2 x H0 (strong base)" in report.why_section(report.claims(report.Study(data)), report.Study(data))
+    assert "AEPO pid 2 x H0 (strong base)" in report.why_section(report.claims(report.Study(data)), report.Study(data))

@@ -75,7 +75,8 @@ def test_every_loss_and_controller_option_is_reachable(tmp_path):
         "algorithm.controller.signal": "length",
         "algorithm.clip_cov.ratio": "0.001", "algorithm.clip_cov.lb": "0.5", "algorithm.clip_cov.ub": "4.0",
         "algorithm.kl_cov.ratio": "0.002", "algorithm.kl_cov.coef": "0.5",
-        "algorithm.controller.integral_gain": "0.2",
+        "algorithm.controller.integral_gain": "0.2", "algorithm.controller.derivative_steps": "2.0",
+        "algorithm.controller.derivative_window": "4",
     }
     tree: dict = {}
     for k, v in overrides.items():
@@ -105,23 +106,27 @@ def test_every_loss_and_controller_option_is_reachable(tmp_path):
         validate(build_config(RunConfig, ["--algorithm.controller.band_mode=off"], aliases=ALIASES))
 
 
-def test_reach_pi_from_the_command_line_and_its_checks():
-    """budget_mode=reach_pi is reachable as a key, takes its own defaults (width 0.2, gain 0.1) unless
+def test_pid_from_the_command_line_and_its_checks():
+    """budget_mode=pid is reachable as a key, takes its own defaults (width 0.3, gain 0.05) unless
     given, and bad companions are refused at start-up naming the key."""
     from aepo_jax.trainer.config import controller_config
 
     def cfg(*argv):
         return validate(build_config(RunConfig, list(argv), aliases=ALIASES))
 
-    ctl = controller_config(cfg("--algorithm.controller.budget_mode=reach_pi"))
-    assert (ctl.budget_mode, ctl.width, ctl.gain) == ("reach_pi", 0.2, 0.1)
-    ctl = controller_config(cfg("--algorithm.controller.budget_mode=reach_pi", "--algorithm.controller.integral_gain=0.05",
-                                "--algorithm.controller.proportional_width=0.3"))
-    assert (ctl.width, ctl.gain) == (0.3, 0.05)
+    ctl = controller_config(cfg("--algorithm.controller.budget_mode=pid"))
+    assert (ctl.budget_mode, ctl.width, ctl.gain) == ("pid", 0.3, 0.05)
+    ctl = controller_config(cfg("--algorithm.controller.budget_mode=pid", "--algorithm.controller.integral_gain=0.2",
+                                "--algorithm.controller.proportional_width=0.4"))
+    assert (ctl.width, ctl.gain) == (0.4, 0.2) and (ctl.derivative_steps, ctl.derivative_window) == (3.0, 5)
     assert controller_config(RunConfig()).budget_mode == "fixed"  # the paper's stays the default
     with pytest.raises(ConfigError, match="algorithm.controller.dead_band"):
-        cfg("--algorithm.controller.budget_mode=reach_pi", "--algorithm.controller.dead_band=0.02")
+        cfg("--algorithm.controller.budget_mode=pid", "--algorithm.controller.dead_band=0.02")
     with pytest.raises(ConfigError, match="algorithm.controller.integral_gain"):
-        cfg("--algorithm.controller.budget_mode=reach_pi", "--algorithm.controller.integral_gain=-0.1")
+        cfg("--algorithm.controller.budget_mode=pid", "--algorithm.controller.integral_gain=-0.1")
+    with pytest.raises(ConfigError, match="algorithm.controller.derivative_window"):
+        cfg("--algorithm.controller.budget_mode=pid", "--algorithm.controller.derivative_window=2")
+    with pytest.raises(ConfigError, match="algorithm.controller.derivative_steps"):
+        cfg("--algorithm.controller.budget_mode=pid", "--algorithm.controller.derivative_steps=-1")
     with pytest.raises(ConfigError, match="algorithm.controller.budget_mode"):
         cfg("--algorithm.controller.budget_mode=reach")

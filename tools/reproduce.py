@@ -159,10 +159,10 @@ TARGETS = (0.5, 0.75, 1.0, 1.5, 2.0)  # multiples of H0
 ENTROPY_REG_COEFS = (0.015, 0.05)  # the package default (lambda = 0.015) and a stronger one
 ABLATION_TARGET = 1.5  # above H0: where GRPO's pull down has to be overcome
 ROBUST_TARGETS = (0.5, 1.5)
-# The controller group: budget_mode=reach_pi (docs/training.md, "Holding an entropy target") against
-# the paper's controller at the lowest and highest of TARGETS
-CONTROLLER_OPTION = "reach_pi"
-CONTROLLER_OPTIONS = (("algorithm.controller.budget_mode", CONTROLLER_OPTION),)
+# The controller group: budget_mode=pid with the raising budget for lowering too (docs/training.md,
+# "Holding an entropy target") against the paper's controller at the lowest and highest of TARGETS
+CONTROLLER_OPTION = "pid"
+CONTROLLER_OPTIONS = (("algorithm.controller.budget_mode", "pid"), ("algorithm.controller.budget_down", "60"))
 CONTROLLER_TARGETS = (0.5, 2.0)
 
 
@@ -211,7 +211,7 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
             runs.append(RunSpec(f"aepo-mix-t{_num(t)}-s{s}", "held", b, "aepo", f"AEPO (mix) {t:g} x H0",
                                 reading="mix", target=t, seed=s))
     # The controller group, last (the study's own rows come first): the option that holds a target
-    # (budget_mode=reach_pi) at the lowest and highest target on every base, each compared with the
+    # (budget_mode=pid, budget_down=60) at the lowest and highest target on every base, each compared with the
     # paper's controller at the same target (the held and robust groups' rows, plus the paper at
     # 2 x H0 on the weak and strong bases, which the robust group does not run). Full grid only
     # (--quick keeps its time budget).

@@ -644,9 +644,9 @@ def write(data: dict, out: Path) -> Path:
         *([f"![robustness]({FIGURES['robust']})", ""] if st.base_names("robust") else []),
         *(["## Beyond the paper: a controller that holds the target", "",
            "The paper's controller (full budget, T by the sign of the error) against the option "
-           "`algorithm.controller.budget_mode=reach_pi` (the paper's rule until the entropy first crosses the target, "
-           "then proportional-integral control of the budget; docs/training.md) at the lowest and highest target, "
-           "same base, seed and settings.", "",
+           "`--algorithm.controller.budget_mode=pid --algorithm.controller.budget_down=60` (the budget from the "
+           "relative error, its slope and its sum, up to 60 positives either way; docs/training.md, \"Holding an "
+           "entropy target\") at the lowest and highest target, same base, seed and settings.", "",
            controller_table(st), ""] if st.select("controller") else []),
         "## Appendix B, checked numerically with the project's code",
         "",

@@ -100,13 +100,16 @@ class ControllerSection:
     budget_mode: str = field(default="fixed", metadata=_help(
         "fixed (the paper: full budget every step) | proportional (budget x min(1, |H - target| / (proportional_width x target))) "
         "| pi (proportional-integral: direction and budget from the relative error and its sum; docs/training.md) "
-        "| reach_pi (the paper's rule until the entropy first crosses the target, then pi with the integral "
-        "started there)"))
+        "| pid (pi plus the error's slope: eases off before the target, as Adam's momentum keeps pushing; "
+        "the integral sums only while the budget is not full)"))
     proportional_width: float | None = field(default=None, metadata=_help(
-        "relative error at which the proportional (pi, reach_pi) budget is full; none = 0.1 (proportional), "
-        "0.3 (pi), 0.2 (reach_pi)"))
+        "relative error at which the proportional (pi, pid) budget is full; none = 0.1 (proportional), 0.3 (pi, pid)"))
     integral_gain: float | None = field(default=None, metadata=_help(
-        "budget_mode=pi / reach_pi: weight of the summed relative error; none = 0.03 (pi), 0.1 (reach_pi)"))
+        "budget_mode=pi / pid: weight of the summed relative error; none = 0.03 (pi), 0.05 (pid)"))
+    derivative_steps: float = field(default=3.0, metadata=_help(
+        "budget_mode=pid: steps ahead the error is extrapolated along its slope (the derivative gain)"))
+    derivative_window: int = field(default=5, metadata=_help(
+        "budget_mode=pid: decisions the error's slope is fitted over (>= 3)"))
     target_relative: bool = field(default=False, metadata=_help(
         "read the target's values as multiples of H0, the entropy measured at the first step (0.5 = half the base model's)"))
     signal: str = field(default="entropy", metadata=_help(
@@ -277,4 +280,5 @@ def controller_config(cfg: RunConfig):
                             dead_band=c.dead_band, band_mode=c.band_mode, initial_entropy=c.initial_entropy,
                             target_relative=c.target_relative, budget_mode=c.budget_mode,
                             proportional_width=c.proportional_width, integral_gain=c.integral_gain,
+                            derivative_steps=c.derivative_steps, derivative_window=c.derivative_window,
                             signal=c.signal)

@@ -123,7 +123,7 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
                               f"{a.method!r} (regulariser rows {spec.reg_rows!r} at {spec.reg_rollout!r}) cannot use it")
     _one_of("algorithm.controller.band_mode", c.band_mode, BAND_MODES)
     _one_of("algorithm.controller.budget_mode", c.budget_mode, BUDGET_MODES)
-    if c.budget_mode in ("pi", "reach_pi") and c.dead_band > 0:
+    if c.budget_mode in ("pi", "pid") and c.dead_band > 0:
         raise ConfigError(f"config key 'algorithm.controller.dead_band' must be 0 with budget_mode={c.budget_mode} "
                           f"(it decides the direction itself), got {c.dead_band}")
     _one_of("algorithm.reg_norm", a.reg_norm, REG_NORMS)
@@ -163,6 +163,8 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
         ("algorithm.controller.budget_up", c.budget_up, 0, None, False, False),
         ("algorithm.controller.budget_down", c.budget_down, 0, None, False, False),
         ("algorithm.controller.dead_band", c.dead_band, 0.0, None, False, False),
+        ("algorithm.controller.derivative_steps", c.derivative_steps, 0.0, None, False, False),
+        ("algorithm.controller.derivative_window", c.derivative_window, 3, None, False, False),
         ("algorithm.log_ratio_clamp", a.log_ratio_clamp, 0.0, None, True, False),
         ("algorithm.clip_cov.ratio", a.clip_cov.ratio, 0.0, 1.0, True, False),
         ("algorithm.clip_cov.ub", a.clip_cov.ub, a.clip_cov.lb, None, True, False),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from aepo_jax.entropy_control import Decision, EntropyController
+from aepo_jax.entropy_control import Decision, EntropyController, least_squares_slope
 from aepo_jax.methods import MethodSpec
 from aepo_jax.rewards import RewardPool
 from aepo_jax.trainer import distributed
@@ -191,10 +191,10 @@ def control(main: Batch, step: int, m: dict, *, controller: EntropyController, l
             m["aepo/entropy_signal"] = decision.entropy
     if decision.entropy is not None and decision.target > 0:  # > 0 also rules out a NaN target
         m["control/relative_error"] = (decision.entropy - decision.target) / decision.target
-    if controller.config.budget_mode in ("pi", "reach_pi"):
+    if controller.config.budget_mode in ("pi", "pid"):
         m["aepo/integral"] = controller.state.integral
-    if controller.config.budget_mode == "reach_pi":  # 0 while reaching the target, 1 once it crossed it
-        m["aepo/holding"] = 1.0 if controller.state.crossed else 0.0
+    if controller.config.budget_mode == "pid":  # the error's slope per step, the derivative term's input
+        m["control/error_slope"] = least_squares_slope(controller.state.errors)
     return decision
 
 
