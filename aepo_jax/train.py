@@ -48,7 +48,7 @@ from aepo_jax.platform import setup_host_devices
 from aepo_jax.rewards import RewardPool
 from aepo_jax.rollout.client import RolloutError
 from aepo_jax.rollout.weight_sync import WeightSyncError
-from aepo_jax.toy import ensure_toy_base
+from aepo_jax.toy import base_config_for, ensure_toy_base
 from aepo_jax.trainer import distributed, stages, startup, validation
 from aepo_jax.trainer.batch import Batch, assemble
 from aepo_jax.trainer.checkpoint import (CheckpointError, CheckpointManager, CheckpointSaveError, NonFiniteStateError,
@@ -86,7 +86,8 @@ class Trainer:
 
         # ---- model path, then the embedded server: it starts while the rest is imported and the
         # learner initialises (run() waits for it)
-        model_path = cfg.model.path or ensure_toy_base()
+        # no model.path: the built-in base of the toy task's variant (data.toy_variant), built once and cached
+        model_path = cfg.model.path or ensure_toy_base(cfg=base_config_for(cfg.data.toy_variant))
         self.startup.mark("model path" if cfg.model.path else "toy base")
         if not Path(model_path).is_dir():
             raise ConfigError(f"config key 'model.path': {model_path!r} is not a directory")

@@ -145,3 +145,32 @@ def test_default_base_is_partly_right_with_entropy(tmp_path):
     assert pass_k[-1] >= pass_k[0] + 0.2
     assert res["mean_token_nll"] > 0.1, res
     assert res["truncated_fraction"] < 0.05
+
+
+@pytest.mark.slow  # one more tiny build (about 20 s on an idle core)
+def test_length_variant_recipe_is_its_own_model(tiny_base):
+    """The length variant's base (data.toy_variant=length) is another recipe under another cache name;
+    the default recipe's toy_base.json carries no variant entry (its bytes are as before variants)."""
+    import dataclasses
+
+    from aepo_jax.toy import LengthToyBaseConfig, base_config_for
+    from aepo_jax.toy.recipe import recipe_from_dict
+
+    tiny_length = LengthToyBaseConfig(**dataclasses.asdict(TINY))
+    assert base_config_for("length", **dataclasses.asdict(TINY)) == tiny_length
+    assert base_config_for("default", **dataclasses.asdict(TINY)) == TINY
+    assert recipe_from_dict(dataclasses.asdict(tiny_length)) == tiny_length
+    with pytest.raises(ValueError, match="variant"):
+        base_config_for("short")
+    default_info = json.loads((tiny_base / "toy_base.json").read_text())
+    assert "variant" not in default_info["recipe"] and "grammar" not in default_info
+    path = Path(ensure_toy_base(tiny_base.parent, tiny_length))
+    assert path != tiny_base and path.name.startswith("toy_base_length-") and tiny_base.name.startswith("toy_base-")
+    info = json.loads((path / "toy_base.json").read_text())
+    assert info["recipe"]["variant"] == "length"
+    assert info["grammar"] == {"variant": "length", "max_fillers": toy_task.LENGTH_MAX_FILLERS,
+                               "filler_continue": toy_task.LENGTH_FILLER_CONTINUE}
+    # room for the variant's longest correct answer after the longest prompt
+    assert info["max_len"] >= toy_task.LENGTH_MIN_NEW_TOKENS
+    assert (path / "model.safetensors").read_bytes() != (tiny_base / "model.safetensors").read_bytes()
+    assert Path(ensure_toy_base(tiny_base.parent, tiny_length)) == path  # cached

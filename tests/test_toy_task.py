@@ -189,3 +189,98 @@ def test_seed_zero_splits_are_unchanged_by_the_held_out_rule():
     train, test = toy_task.make_splits(0, 4096, 256)
     assert set(test) == toy_task._held_out(toy_task.ToyTaskConfig())
     assert len(train) == 4096 and not set(train) & set(test)
+
+
+# --- the length variant (data.toy_variant=length) ---------------------------------------------------------
+
+
+def test_default_grammar_and_recipe_are_pinned():
+    """The default task, its warm-start data and its base recipe are what build version 7's bytes were
+    made from: a variant must not change any of them (the default run's results depend on it)."""
+    import dataclasses
+    import hashlib
+
+    from aepo_jax.toy.recipe import BUILD_VERSION, ToyBaseConfig
+
+    train, _ = toy_task.make_splits(0, 4096, 256)
+    rng = random.Random("toy-base-noise-0")  # the recipe's stream
+    text = "\n".join(toy_task.noisy_solution_text(train[i % len(train)], 0.3, rng) for i in range(2000))
+    assert hashlib.sha256(text.encode()).hexdigest() == "da0faa2de82d6861c22138cf82a48c22059b5a3a2c1b34040f45f0af0b982445"
+    assert BUILD_VERSION == 7
+    assert dataclasses.asdict(ToyBaseConfig()) == {
+        "seed": 0, "noise": 0.3, "n_train_problems": 4096, "steps": 700, "batch_size": 32, "lr": 0.01, "warmup_steps": 50,
+        "hidden_size": 64, "intermediate_size": 256, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+        "max_position_embeddings": 128}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from aepo_jax.data.toy_tokenizer import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_length_variant_every_count_is_correct(tokenizer):
+    """Every number of opening fillers in 0..LENGTH_MAX_FILLERS writes a right answer that both rewards
+    accept, with the token count response_length_range promises (so the range is the real one)."""
+    from aepo_jax.data.toy_tokenizer import encode_responses
+
+    rng = random.Random(7)
+    _, test = toy_task.make_splits(seed=0, n_train=10, n_test=40)
+    for p in test[:12]:
+        lo, hi = toy_task.response_length_range(p, "length")
+        assert hi - lo == toy_task.LENGTH_MAX_FILLERS + 1 and hi <= toy_task.LENGTH_MIN_NEW_TOKENS
+        texts = []
+        for k in range(toy_task.LENGTH_MAX_FILLERS + 1):
+            fillers = rng.choices(toy_task.FILLERS, k=k)
+            seps = rng.choices(toy_task.SEPARATORS, k=p.hops)
+            sol = toy_task.solution_text(p, separators=seps, fillers=fillers, variant="length")
+            assert _recompute_answer_of(sol, p) and sol.split()[k] == str(p.start)
+            assert exact_match_reward(sol, str(p.answer)) == 1.0 and math_reward(sol, str(p.answer)) == 1.0
+            texts.append(sol)
+        lengths = [len(ids) + 1 for ids in encode_responses(tokenizer, texts)]  # + EOS
+        # no filler: the start digit opens the response without the space before it (one token less)
+        assert lengths == [lo, *range(lo + 2, hi + 1)]
+    # the default grammar allows exactly three fillers; the variant none beyond its range
+    p = test[0]
+    with pytest.raises(ValueError, match="filler"):
+        toy_task.solution_text(p, fillers=["okay"] * 5)
+    with pytest.raises(ValueError, match="0 to 32"):
+        toy_task.solution_text(p, fillers=["okay"] * 33, variant="length")
+    with pytest.raises(ValueError, match="not filler words"):
+        toy_task.solution_text(p, fillers=["okay", "banana"], variant="length")
+    with pytest.raises(ValueError, match="variant"):
+        toy_task.solution_text(p, variant="short")
+    assert toy_task.response_length_range(p) == (toy_task.response_tokens(p),) * 2
+
+
+def _recompute_answer_of(solution: str, p: ToyProblem) -> bool:
+    """Independent reading: the last boxed digit is the end of the chain of links from the start."""
+    table = dict(p.links)
+    d = p.start
+    while d in table:
+        d = table[d]
+    return solution.endswith(f"\\boxed{{{d}}}")
+
+
+def test_length_variant_warm_start_draws_a_spread_of_lengths():
+    """The variant's warm-start data: the filler count follows length_filler_weights (geometric,
+    capped), so short and long answers are both common; hops are read as the default's."""
+    weights = toy_task.length_filler_weights()
+    assert len(weights) == toy_task.LENGTH_MAX_FILLERS + 1 and abs(sum(weights) - 1) < 1e-12
+    assert all(a > b for a, b in zip(weights, weights[1:]))  # memoryless: each extra word less likely
+    train, _ = toy_task.make_splits(seed=3, n_train=300, n_test=10)
+    rng = random.Random(0)
+    counts = Counter()
+    n = 6000
+    for i in range(n):
+        p = train[i % len(train)]
+        sol = toy_task.noisy_solution_text(p, 0.0, rng, "length")
+        k = sol.split().index(str(p.start))  # words before the start digit
+        counts[k] += 1
+        assert exact_match_reward(sol, str(p.answer)) == 1.0  # no noise: every one is right
+    mean = sum(k * c for k, c in counts.items()) / n
+    expected = sum(k * w for k, w in enumerate(weights))
+    assert abs(mean - expected) < 0.5 and 8 < expected < 14
+    assert counts[0] > 0.04 * n and sum(c for k, c in counts.items() if k >= 20) > 0.1 * n
+    assert max(counts) <= toy_task.LENGTH_MAX_FILLERS

@@ -3,6 +3,7 @@
     python tools/make_toy_base.py                      # build into the cache the trainer uses
     python tools/make_toy_base.py --out /tmp/toy_base  # build into a directory of your choice
     python tools/make_toy_base.py --eval               # then: pass@k at T=1 and token entropy
+    python tools/make_toy_base.py --variant length     # the length variant's base (its own cache name)
 
 The build is the same bytes for the same recipe on any process (it trains in a subprocess pinned
 to one CPU device and one core, see aepo_jax/toy/recipe.py) and takes a few minutes. The recipe and teacher-forced diagnostics are written to toy_base.json in
@@ -17,12 +18,13 @@ import json
 import logging
 import sys
 import time
-from dataclasses import replace
+import dataclasses
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aepo_jax.toy import ToyBaseConfig, build_toy_base, default_cache_dir, ensure_toy_base
+    from aepo_jax.data.toy_task import VARIANTS
+    from aepo_jax.toy import ToyBaseConfig, base_config_for, build_toy_base, default_cache_dir, ensure_toy_base
 
     defaults = ToyBaseConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,12 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--noise", type=float, default=defaults.noise)
+    p.add_argument("--variant", choices=VARIANTS, default="default",
+                   help="toy task variant whose grammar the base learns (length: a free number of opening fillers)")
     p.add_argument("--eval", action="store_true", help="measure pass@k at T=1 on the toy test split")
     p.add_argument("--n", type=int, default=16, help="samples per problem for --eval")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    cfg = replace(defaults, seed=args.seed, steps=args.steps, noise=args.noise)
+    cfg = base_config_for(args.variant, **{**dataclasses.asdict(defaults), "seed": args.seed, "steps": args.steps,
+                                           "noise": args.noise})
     t0 = time.time()
     path = str(build_toy_base(args.out, cfg)) if args.out else ensure_toy_base(default_cache_dir(), cfg)
     info = json.loads((Path(path) / "toy_base.json").read_text())
@@ -45,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         from aepo_jax.eval import EvalConfig, default_ks, run_eval
 
         report = run_eval(EvalConfig(model_path=path, data=["toy"], n=args.n, ks=default_ks(args.n), temperature=1.0,
-                                     top_p=1.0, max_new_tokens=64, seed=args.seed))
+                                     top_p=1.0, max_new_tokens=64 if args.variant == "default" else 80,
+                                     seed=args.seed))
         toy = report["benchmarks"]["toy"]
         print(report["table"])
         print(f"mean sampled-token entropy (NLL at T=1): {toy['mean_token_nll']:.3f} nats; "

@@ -144,16 +144,18 @@ PLAIN_FILLERS = FILLERS[:FILLER_SLOTS]
 
 
 def solution_text(p: ToyProblem, wrong_values: dict[int, int] | None = None,
-                  separators: Sequence[str] | None = None, fillers: Sequence[str] | None = None) -> str:
+                  separators: Sequence[str] | None = None, fillers: Sequence[str] | None = None,
+                  variant: str = "default") -> str:
     """The worked solution. ``wrong_values[i] = d`` writes ``d`` after hop ``i`` instead of the
     digit the link leads to (a misread) and goes on from ``d``: a self-consistent wrong chain,
     like a model's. It opens with ``fillers`` (default ``okay so now``) and writes hop ``i`` with
-    ``separators[i]`` (default ``=``)."""
+    ``separators[i]`` (default ``=``). ``variant``: the task's response grammar (:data:`VARIANTS`);
+    ``default`` opens with exactly :data:`FILLER_SLOTS` fillers, ``length`` with any number from 0
+    to :data:`LENGTH_MAX_FILLERS`."""
     wrong_values = wrong_values or {}
     separators = list(separators or [])
     fillers = list(fillers) if fillers is not None else list(PLAIN_FILLERS)
-    if len(fillers) != FILLER_SLOTS:
-        raise ValueError(f"toy task: expected {FILLER_SLOTS} filler words, got {fillers}")
+    check_fillers(fillers, variant)
     table = dict(p.links)
     value = p.start
     words = [*fillers, str(value)]
@@ -171,11 +173,78 @@ def solution_text(p: ToyProblem, wrong_values: dict[int, int] | None = None,
     return " ".join(words)
 
 
+# --- the length variant -------------------------------------------------------------------------
+# The default grammar fixes the length of a correct answer: three fillers, three tokens a hop, so
+# answers to one question differ by a token or two (the separators) and a length target has nothing
+# to move. The ``length`` variant is the same task (the same problems, answers and reward) whose
+# responses open with a FREE NUMBER of filler words, 0 to LENGTH_MAX_FILLERS, every count equally
+# correct: ``okay 3 threeseven=7 ...`` and ``okay hmm okay okay okay 3 threeseven=7 ...`` both answer
+# right. Its base model (``aepo_jax.toy``, recipe variant ``length``) learns a spread of counts, so the
+# mean correct length can move well below and well above the base's while every answer stays right.
+#
+# Why the extra words open the response (and not between hops): each hop stays the two-step lookup
+# the 2-layer model learns quickly (the link right after the digit it starts from), so the variant's
+# base reads hops as well as the default's. Why a geometric count: whether to write one more word is
+# then the same choice at every position (a constant stop probability, which a tiny model learns
+# exactly, with no counting), and the base draws short and long answers alike.
+VARIANTS = ("default", "length")
+LENGTH_MAX_FILLERS = 32  # the warm-start data never writes more (the reward accepts any count)
+LENGTH_FILLER_CONTINUE = 0.94  # warm-start data: P(one more filler word); the count is geometric, capped
+
+
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"toy task: variant {variant!r} is not one of {list(VARIANTS)}")
+    return variant
+
+
+def check_fillers(fillers: Sequence[str], variant: str = "default") -> None:
+    """The opening filler words the grammar of ``variant`` allows (ValueError naming them otherwise)."""
+    if check_variant(variant) == "default":
+        if len(fillers) != FILLER_SLOTS:
+            raise ValueError(f"toy task: expected {FILLER_SLOTS} filler words, got {list(fillers)}")
+    elif not 0 <= len(fillers) <= LENGTH_MAX_FILLERS:
+        raise ValueError(f"toy task (length variant): expected 0 to {LENGTH_MAX_FILLERS} filler words, got {len(fillers)}")
+    bad = [w for w in fillers if w not in FILLERS]
+    if bad:
+        raise ValueError(f"toy task: {bad} are not filler words (see FILLERS)")
+
+
+def length_filler_weights() -> tuple[float, ...]:
+    """The length variant's warm-start distribution over the number of filler words, 0 to
+    :data:`LENGTH_MAX_FILLERS`: geometric (one more word with probability LENGTH_FILLER_CONTINUE),
+    renormalised over the allowed counts."""
+    w = [(1.0 - LENGTH_FILLER_CONTINUE) * LENGTH_FILLER_CONTINUE ** k for k in range(LENGTH_MAX_FILLERS + 1)]
+    total = sum(w)
+    return tuple(x / total for x in w)
+
+
+def length_variant_wording(n_hops: int, rng: random.Random) -> tuple[list[str], list[str]]:
+    """Filler words (a free count, each word drawn as the default's first slot) and ``n_hops``
+    separators, as the length variant's warm-start data draws them."""
+    count = rng.choices(range(LENGTH_MAX_FILLERS + 1), weights=length_filler_weights())[0]
+    fillers = rng.choices(FILLERS, weights=free_choice_weights(len(FILLERS)), k=count)
+    seps = rng.choices(SEPARATORS, weights=free_choice_weights(len(SEPARATORS)), k=n_hops)
+    return fillers, seps
+
+
+def response_length_range(p: ToyProblem, variant: str = "default") -> tuple[int, int]:
+    """Shortest and longest correct response to ``p`` (tokens, EOS included) under ``variant``'s grammar."""
+    if check_variant(variant) == "default":
+        return response_tokens(p), response_tokens(p)
+    # with no filler the start digit opens the response, and the space before it goes too
+    base = response_tokens(p) - FILLER_SLOTS
+    return base - 1, base + LENGTH_MAX_FILLERS
+
+
 # Tokens of a worked solution (every task word is one token, see toy_tokenizer): the fillers, a space
 # and the start digit (Qwen2's pre-tokenizer never joins a space to a digit), three per hop (link,
 # separator, digit), five for `` \\boxed{d}``, and EOS.
 TOKENS_PER_HOP = 3
 FIXED_RESPONSE_TOKENS = FILLER_SLOTS + 2 + 5 + 1
+# The length variant's longest correct answer on the built-in problems (the most hops, every filler):
+# a rollout budget below it cuts correct answers off (the trainer's config check refuses it).
+LENGTH_MIN_NEW_TOKENS = FIXED_RESPONSE_TOKENS - FILLER_SLOTS + TOKENS_PER_HOP * ToyTaskConfig().max_hops + LENGTH_MAX_FILLERS
 
 
 def response_tokens(p: ToyProblem) -> int:
@@ -217,7 +286,7 @@ def link_noise(a: int, b: int, noise: float) -> float:
     return min(0.95, noise * LINK_DIFFICULTY[(3 * a + 7 * b) % len(LINK_DIFFICULTY)])
 
 
-def noisy_solution_text(p: ToyProblem, noise: float, rng: random.Random) -> str:
+def noisy_solution_text(p: ToyProblem, noise: float, rng: random.Random, variant: str = "default") -> str:
     """A worked solution in which the hop over link (a, b) is misread with probability
     ``link_noise(a, b, noise)``. A misread writes a digit off the path (so it never reaches the
     answer by luck) and the walk goes on from there: into a distractor's dead end, or it stops."""
@@ -234,8 +303,11 @@ def noisy_solution_text(p: ToyProblem, noise: float, rng: random.Random) -> str:
             nxt = rng.choice(off_path)
             wrong[i] = nxt
         value = nxt
-    fillers, separators = random_wording(2 * len(p.links) + 1, rng)
-    return solution_text(p, wrong, separators, fillers)
+    if check_variant(variant) == "default":
+        fillers, separators = random_wording(2 * len(p.links) + 1, rng)
+    else:
+        fillers, separators = length_variant_wording(2 * len(p.links) + 1, rng)
+    return solution_text(p, wrong, separators, fillers, variant)
 
 
 _NAME_RE = "|".join(NUMBER_NAMES)

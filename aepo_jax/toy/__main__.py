@@ -9,8 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from aepo_jax.toy.recipe import ToyBaseConfig, build_in_this_process, pin_build_process
+from aepo_jax.toy.recipe import build_in_this_process, pin_build_process, recipe_from_dict
 
 pin_build_process()
 logging.basicConfig(level=logging.INFO, format="%(asctime)s toy base build: %(message)s", force=True)
-build_in_this_process(Path(sys.argv[1]), ToyBaseConfig(**json.loads(sys.argv[2])))
+build_in_this_process(Path(sys.argv[1]), recipe_from_dict(json.loads(sys.argv[2])))

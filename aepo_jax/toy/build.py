@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from aepo_jax.toy.recipe import BUILD_ENV, BUILD_VERSION, ToyBaseConfig
+from aepo_jax.toy.recipe import BUILD_ENV, BUILD_VERSION, ToyBaseConfig, grammar_info, recipe_variant
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,10 @@ def cache_name(cfg: ToyBaseConfig) -> str:
     """The cache directory's name for a recipe: ``toy_base-v<version>-seed<S>`` for the default recipe
     at any seed, plus a short hash of the whole recipe otherwise, so that two recipes that differ in
     anything but the seed (``--noise``, ``--steps``, ...) never replace each other's model."""
-    name = f"toy_base-v{BUILD_VERSION}-seed{cfg.seed}"
-    if cfg != dataclasses.replace(ToyBaseConfig(), seed=cfg.seed):
+    # each task variant has its own name (the default's unchanged: ``toy_base_length-...`` for the length variant)
+    variant = recipe_variant(cfg)
+    name = f"{'toy_base' if variant == 'default' else f'toy_base_{variant}'}-v{BUILD_VERSION}-seed{cfg.seed}"
+    if cfg != dataclasses.replace(type(cfg)(), seed=cfg.seed):
         recipe = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
         name += "-" + hashlib.sha256(recipe.encode()).hexdigest()[:10]
     return name
@@ -75,6 +77,7 @@ def _is_complete(path: Path, cfg: ToyBaseConfig) -> bool:
     return (
         info.get("build_version") == BUILD_VERSION
         and info.get("recipe") == dataclasses.asdict(cfg)
+        and info.get("grammar") == grammar_info(cfg)
         and (path / "model.safetensors").exists()
         and (path / "tokenizer.json").exists()
     )

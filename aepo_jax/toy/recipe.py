@@ -94,6 +94,52 @@ class ToyBaseConfig:
 
 
 
+@dataclass(frozen=True)
+class LengthToyBaseConfig(ToyBaseConfig):
+    """Recipe of the length variant's base model: the default recipe, trained on the length
+    variant's grammar (``toy_task.VARIANTS``: a free number of opening filler words, see
+    ``toy_task.length_filler_weights``), so its correct answers to one question draw a spread of
+    lengths. A subclass rather than a field of :class:`ToyBaseConfig`: the default recipe, its
+    ``toy_base.json`` and so its bytes stay exactly as they were."""
+
+    variant: str = "length"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant != "length":
+            raise ValueError(f"LengthToyBaseConfig.variant must be 'length', got {self.variant!r}")
+
+
+def recipe_variant(cfg: ToyBaseConfig) -> str:
+    """The toy task variant a recipe trains on (``default`` for :class:`ToyBaseConfig`)."""
+    return getattr(cfg, "variant", "default")
+
+
+def recipe_from_dict(d: dict) -> ToyBaseConfig:
+    """Inverse of ``dataclasses.asdict`` for either recipe (the build subprocess's argument)."""
+    d = dict(d)
+    variant = d.pop("variant", "default")
+    if variant == "default":
+        return ToyBaseConfig(**d)
+    if variant == "length":
+        return LengthToyBaseConfig(**d)
+    raise ValueError(f"toy base recipe: variant {variant!r} is not one of {list(toy_task.VARIANTS)}")
+
+
+def grammar_info(cfg: ToyBaseConfig) -> dict | None:
+    """The variant's grammar settings (in ``toy_base.json``; the cache rebuilds when they change);
+    None for the default, whose ``toy_base.json`` has no such entry."""
+    if recipe_variant(cfg) == "default":
+        return None
+    return {"variant": recipe_variant(cfg), "max_fillers": toy_task.LENGTH_MAX_FILLERS,
+            "filler_continue": toy_task.LENGTH_FILLER_CONTINUE}
+
+
+def base_config_for(variant: str, **overrides) -> ToyBaseConfig:
+    """The built-in base recipe of a toy task variant (``data.toy_variant``)."""
+    return recipe_from_dict({**overrides, "variant": toy_task.check_variant(variant)})
+
+
 # --- training data -------------------------------------------------------------------------------
 
 
@@ -104,11 +150,12 @@ class _Corpus:
     max_len: int
 
 
-def _make_batch(corpus: _Corpus, idx: np.ndarray, noise: float, rng: random.Random, tokenizer, eos: int):
+def _make_batch(corpus: _Corpus, idx: np.ndarray, noise: float, rng: random.Random, tokenizer, eos: int,
+                variant: str = "default"):
     """Right-padded [B, L] ids, attention mask and loss mask (response tokens + EOS), with L the
     batch's longest sequence rounded up to a multiple of 16 (a few compiled shapes, little padding)."""
     b = len(idx)
-    texts = [toy_task.noisy_solution_text(corpus.problems[i], noise, rng) for i in idx]
+    texts = [toy_task.noisy_solution_text(corpus.problems[i], noise, rng, variant) for i in idx]
     responses = [r + [eos] for r in encode_responses(tokenizer, texts)]
     longest = max(len(corpus.prompt_ids[i]) + len(r) for i, r in zip(idx, responses))
     length = min(corpus.max_len, -(-longest // 16) * 16)
@@ -177,7 +224,7 @@ def _train(model, corpus: _Corpus, cfg: ToyBaseConfig, tokenizer, eos: int):
     losses = []
     for s in range(cfg.steps):
         idx = order.integers(0, len(corpus.problems), cfg.batch_size)
-        ids, attn, mask = _make_batch(corpus, idx, cfg.noise, rng, tokenizer, eos)
+        ids, attn, mask = _make_batch(corpus, idx, cfg.noise, rng, tokenizer, eos, recipe_variant(cfg))
         loss = step(model, optimizer, jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(mask))
         if s % 100 == 0 or s == cfg.steps - 1:
             losses.append((s, float(loss)))
@@ -185,7 +232,7 @@ def _train(model, corpus: _Corpus, cfg: ToyBaseConfig, tokenizer, eos: int):
     return losses
 
 
-def teacher_forced_diagnostics(model, tokenizer, problems: list[toy_task.ToyProblem]) -> dict:
+def teacher_forced_diagnostics(model, tokenizer, problems: list[toy_task.ToyProblem], variant: str = "default") -> dict:
     """Cheap checks on the *correct* solutions of held-out problems (no sampling):
 
     * ``p_correct_chain``: mean probability of writing the whole correct solution at T=1, a lower
@@ -202,7 +249,10 @@ def teacher_forced_diagnostics(model, tokenizer, problems: list[toy_task.ToyProb
 
     examples, _ = tokenize_problems([Problem(r, "", "toy", str(i)) for i, r in enumerate(recs)], tokenizer, PromptConfig(max_prompt_length=10_000))
     seqs, spans, value_pos = [], [], []
-    responses = encode_responses(tokenizer, [toy_task.solution_text(p) for p in problems])
+    # the clean solution in the grammar's most likely wording with three fillers (so the value
+    # positions hold): the default's "okay so now", the length variant's "okay okay okay"
+    fillers = toy_task.PLAIN_FILLERS if variant == "default" else (toy_task.FILLERS[0],) * toy_task.FILLER_SLOTS
+    responses = encode_responses(tokenizer, [toy_task.solution_text(p, fillers=fillers, variant=variant) for p in problems])
     for ex, p, resp in zip(examples, problems, responses):
         resp = resp + [eos]
         start = len(ex.prompt_ids)
@@ -273,7 +323,7 @@ def build_in_this_process(out_dir: Path, cfg: ToyBaseConfig) -> Path:
     if lens != [response_token_count(p) for p in probe]:
         raise RuntimeError("toy base: the tokenizer splits task words into several tokens")
     # A misread leaves the path for at most one more hop (a distractor into its dead end).
-    max_resp = max(toy_task.response_tokens(p) + toy_task.TOKENS_PER_HOP for p in train)
+    max_resp = max(toy_task.response_length_range(p, recipe_variant(cfg))[1] + toy_task.TOKENS_PER_HOP for p in train)
     max_len = -(-(max(len(e.prompt_ids) for e in examples) + max_resp) // 16) * 16
     corpus = _Corpus(prompt_ids=[e.prompt_ids for e in examples], problems=train, max_len=max_len)
 
@@ -281,7 +331,7 @@ def build_in_this_process(out_dir: Path, cfg: ToyBaseConfig) -> Path:
     hf_cfg = model_hf_config(cfg, vocab_size, eos, pad)
     model = init_model(ModelConfig.from_hf_dict(hf_cfg), seed=cfg.seed, dtype="float32", mesh=None)
     losses = _train(model, corpus, cfg, tokenizer, eos)
-    diag = teacher_forced_diagnostics(model, tokenizer, test)
+    diag = teacher_forced_diagnostics(model, tokenizer, test, recipe_variant(cfg))
 
     save_pretrained(model, out_dir, dtype="float32", copy_tokenizer=False)
     gen = {"eos_token_id": eos, "pad_token_id": pad, "do_sample": True, "temperature": 1.0, "top_p": 1.0}
@@ -290,6 +340,7 @@ def build_in_this_process(out_dir: Path, cfg: ToyBaseConfig) -> Path:
         "build_version": BUILD_VERSION,
         "recipe": dataclasses.asdict(cfg),
         "task": dataclasses.asdict(toy_task.ToyTaskConfig()),
+        **({"grammar": grammar_info(cfg)} if grammar_info(cfg) else {}),
         "max_len": max_len,
         "loss_curve": losses,
         "teacher_forced_test": diag,

@@ -42,6 +42,9 @@ class DataSection:
     """Training prompts (JSONL or Parquet; verl / EasyR1 layouts)."""
 
     train_files: list[str] = field(default_factory=list, metadata=_help("files; empty = the built-in toy task"))
+    toy_variant: str = field(default="default", metadata=_help(
+        "the built-in task's variant (no train_files): default | length (a free number of opening filler words, "
+        "so correct answers can be shorter or longer; its own base model; configs/toy_length.yaml)"))
     prompt_key: str = field(default="auto", metadata=_help("dotted field path; auto = prompt/problem/question/..."))
     answer_key: str = field(default="auto", metadata=_help("dotted field path; auto = reward_model.ground_truth/answer/..."))
     template: str = field(default="auto", metadata=_help("auto | chat | plain"))

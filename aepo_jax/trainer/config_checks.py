@@ -33,6 +33,24 @@ def _one_of(key: str, value: str, allowed) -> None:
         raise ConfigError(f"config key '{key}': {value!r} is not one of {list(allowed)}")
 
 
+def _check_toy_variant(cfg: RunConfig) -> None:
+    """``data.toy_variant`` names a built-in task, so it needs no data files; the length variant's
+    responses need a token budget that fits its longest correct answer."""
+    from aepo_jax.data import toy_task  # noqa: PLC0415
+
+    variant = cfg.data.toy_variant
+    _one_of("data.toy_variant", variant, toy_task.VARIANTS)
+    if variant == "default":
+        return
+    if cfg.data.train_files:
+        raise ConfigError(f"config key 'data.toy_variant': {variant!r} selects a variant of the built-in task, "
+                          "which data.train_files replaces; leave one of them unset")
+    if cfg.rollout.max_new_tokens < toy_task.LENGTH_MIN_NEW_TOKENS:
+        raise ConfigError(f"config key 'rollout.max_new_tokens': {cfg.rollout.max_new_tokens} is below the length "
+                          f"variant's longest correct answer; use >= {toy_task.LENGTH_MIN_NEW_TOKENS} "
+                          "(configs/toy_length.yaml sets 64)")
+
+
 def _finite_numbers(node, prefix: str = "") -> None:
     """Every float in the tree is finite: a NaN learning rate or temperature is refused here, by
     key, instead of running a step and syncing NaN weights to the servers."""
@@ -134,6 +152,7 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
         raise ConfigError(f"config key 'model.remat': {str(e).removeprefix('remat: ')}") from None
     _one_of("optim.schedule", cfg.optim.schedule, ("constant", "cosine", "linear"))
     _one_of("data.template", cfg.data.template, ("auto", "chat", "plain"))
+    _check_toy_variant(cfg)
     positive = {
         "train.steps": cfg.train.steps,
         "rollout.n": cfg.rollout.n,
