@@ -276,7 +276,7 @@ def test_report_from_stored_rows(rp, report, tmp_path):
     path = report.write(data, tmp_path / "out")
     text = path.read_text()
     for name in report.FIGURES.values():
-        if name != report.FIGURES["theory"]:
+        if name not in (report.FIGURES["theory"], report.FIGURES["length"]):  # no theory, no length group here
             assert (tmp_path / "out" / name).stat().st_size > 10_000, name
     claims = {c: v for _, c, _, v in report.claims(report.Study(data))}
     # synthetic rows built to confirm: AEPO on target, GRPO at 0.7 x H0, Entropy-Reg 0.6 / 2.0 x H0
@@ -380,3 +380,70 @@ def test_report_compares_the_controller_option_with_the_paper(rp, report, tmp_pa
     claim = next(c for c in report.claims(report.Study(data)) if c[0] == "controller")
     assert claim[3] == "**partly**" and "held on 9 of 10 runs" in claim[2]
     assert "AEPO pid 2 x H0 (strong base)" in report.why_section(report.claims(report.Study(data)), report.Study(data))
+
+
+# --- the length group (issue 13) ---------------------------------------------------------------------------------
+
+
+def test_length_group_is_new_rows_only(rp):
+    """The length group adds a base and runs to the full grid; every row that was there before keeps
+    its spec (a changed spec makes a running grid redo it) and --quick is unchanged."""
+    full, quick = rp.build_grid(False), rp.build_grid(True)
+    length = [r for r in full.runs if r.group == "length"]
+    assert {(r.method, r.target) for r in length} == {("aepo", 0.7), ("aepo", 1.3), ("grpo", None)}
+    assert all(full.base(r.base).variant == "length" for r in length)
+    assert all(dict(r.options)["data.toy_variant"] == "length" for r in length)
+    assert all(dict(r.options).get("algorithm.controller.signal") == "length" for r in length if r.method == "aepo")
+    assert not [r for r in quick.runs if r.group == "length"] and all(b.variant == "default" for b in quick.bases)
+    # the older bases and runs read exactly as before variants existed
+    old_base = full.base("seed0")
+    assert full.base_spec_dict(old_base) == rp._plain({"base": {"seed": 0, "noise": 0.3, "steps": 700},
+                                                        "eval": rp.dataclasses.asdict(full.eval)})
+    grpo = next(r for r in full.runs if r.name == "grpo-s0")
+    assert full.run_spec_dict(grpo)["eval"]["max_new_tokens"] == 48
+    assert "variant" not in full.run_spec_dict(grpo)["base"]
+    # the variant's evaluation leaves room for its longest correct answer; its base recipe names the variant
+    lbase = full.base(length[0].base)
+    assert full.base_spec_dict(lbase)["eval"]["max_new_tokens"] >= 52 and lbase.recipe()["variant"] == "length"
+    for r in length:
+        assert full.run_spec_dict(r)["eval"]["max_new_tokens"] >= 52
+
+
+def _length_run(rp, run, n, length_end, target_ratio, l0=27.0, rng=None):
+    """A stored length-group run: the mean correct length moving from l0 to length_end (1% noise)."""
+    rng = rng or np.random.default_rng(0)
+    length = [l0 + (length_end - l0) * min(1.0, 4 * i / n) for i in range(n)]
+    length = [x * (1 + 0.01 * rng.standard_normal()) for x in length]
+    length[0] = l0
+    series = {"entropy": [0.6] * n, "entropy_target": [None] * n, "reward_mean": list(np.linspace(0.2, 0.5, n)),
+              "temperature": [1.0] * n, "rollout/correct_length_mean": length,
+              "control/signal": length if target_ratio else [0.6] * n,
+              "control/target": [target_ratio * l0] * n if target_ratio else [0.6] * n}
+    return {"name": run.name, "complete": True, "run": rp.dataclasses.asdict(run), "steps": list(range(1, n + 1)),
+            "series": series, "eval": {"avg_at_n": 0.3, "n": 256, "pass_at_k": {"1": 0.3, "256": 0.9}},
+            "resumed_from": "new", "wall_s": {"train": 100.0, "eval": 20.0}, "cpu_s": {"train": 60.0, "eval": 15.0}}
+
+
+@pytest.mark.parametrize("aepo_on_target", [True, False])
+def test_length_group_report(rp, report, tmp_path, aepo_on_target):
+    """Table, figure and claim row of the length group, with the verdict following the numbers: AEPO at
+    its targets (GRPO drifting) confirms; AEPO staying at L0 does not, and the report says why."""
+    grid = rp.build_grid(False, steps=20)
+    runs = []
+    for r in (x for x in grid.runs if x.group == "length"):
+        ratio = r.target
+        end = (ratio if aepo_on_target else 1.0) * 27.0 if ratio else 29.0
+        runs.append(_length_run(rp, r, 20, end, ratio))
+    s = rp.summarize_length(runs[0])
+    assert s["l0"] == 27.0 and s["target"] == pytest.approx(0.7 * 27.0)
+    assert s["held"] == (1.0 if aepo_on_target else 0.0)
+    assert rp.summarize_length(runs[-1])["held"] is None and rp.summarize_length(runs[-1])["target"] is None
+    data = _study(rp, tmp_path, np.random.default_rng(3))  # the study's other rows beside them
+    data["runs"] += runs
+    text = report.write(data, tmp_path / "out").read_text()
+    assert (tmp_path / "out" / report.FIGURES["length"]).stat().st_size > 10_000
+    assert "## Beyond the paper: a response-length target" in text and "| AEPO length 0.7 x L0 | 27.0 | 18.9 |" in text
+    claims = {cid: v for cid, _, _, v in report.claims(report.Study(data))}
+    assert claims["length"] == ("**confirmed**" if aepo_on_target else "**not confirmed**")
+    if not aepo_on_target:
+        assert "AEPO length 1.3 x L0: held 0.0%" in text  # the why section names the miss

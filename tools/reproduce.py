@@ -57,7 +57,8 @@ RESULT_FILE = "result.json"
 RUNS_FILE = "runs.json"
 HELDOUT_FILE = "heldout.jsonl"
 # Per-step metrics kept in runs.json (all the report draws from).
-SERIES_KEYS = ("entropy", "entropy_target", "reward_mean", "temperature")
+SERIES_KEYS = ("entropy", "entropy_target", "reward_mean", "temperature",
+               "control/signal", "control/target", "rollout/correct_length_mean")
 BAND = 0.10  # "held": within +-10% of the target
 
 
@@ -70,15 +71,18 @@ class ReproduceError(RuntimeError):
 
 @dataclass(frozen=True)
 class BaseSpec:
-    """A toy base model (``tools/make_toy_base.py --seed --noise``)."""
+    """A toy base model (``tools/make_toy_base.py --seed --noise [--variant]``)."""
 
     name: str
     seed: int = 0
     noise: float = 0.3
     steps: int = 700
+    variant: str = "default"  # the toy task variant it learns (length: a free number of opening fillers)
 
     def recipe(self) -> dict:
-        return {"seed": self.seed, "noise": self.noise, "steps": self.steps}
+        # the default variant is left out, so the specs of the bases that predate variants read as before
+        extra = {} if self.variant == "default" else {"variant": self.variant}
+        return {"seed": self.seed, "noise": self.noise, "steps": self.steps, **extra}
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ class RunSpec:
     """
 
     name: str
-    group: str  # held | baseline | robust
+    group: str  # held | baseline | robust | controller | length
     base: str
     method: str
     label: str
@@ -141,13 +145,21 @@ class Grid:
                 return b
         raise ReproduceError(f"grid: run names base {name!r}, which is not one of {[b.name for b in self.bases]}")
 
+    def eval_for(self, base: BaseSpec) -> EvalSpec:
+        """The held-out evaluation of a base and its runs: the grid's, with a token budget that fits
+        the length variant's longest correct answer on that variant (so no correct answer is cut off)."""
+        if base.variant == "length":
+            return dataclasses.replace(self.eval, max_new_tokens=max(self.eval.max_new_tokens, LENGTH_MAX_NEW_TOKENS))
+        return self.eval
+
     def run_spec_dict(self, run: RunSpec) -> dict:
         """Everything that decides a run's outputs: a stored result with another spec is stale."""
-        return _plain({"run": dataclasses.asdict(run), "base": self.base(run.base).recipe(), "steps": self.steps,
-                       "eval": dataclasses.asdict(self.eval), "common": self.common})
+        base = self.base(run.base)
+        return _plain({"run": dataclasses.asdict(run), "base": base.recipe(), "steps": self.steps,
+                       "eval": dataclasses.asdict(self.eval_for(base)), "common": self.common})
 
     def base_spec_dict(self, base: BaseSpec) -> dict:
-        return _plain({"base": base.recipe(), "eval": dataclasses.asdict(self.eval)})
+        return _plain({"base": base.recipe(), "eval": dataclasses.asdict(self.eval_for(base))})
 
 
 def _plain(obj):
@@ -164,6 +176,11 @@ ROBUST_TARGETS = (0.5, 1.5)
 CONTROLLER_OPTION = "pid"
 CONTROLLER_OPTIONS = (("algorithm.controller.budget_mode", "pid"), ("algorithm.controller.budget_down", "60"))
 CONTROLLER_TARGETS = (0.5, 2.0)
+# The length group (docs/targets.md): AEPO's length target distribution on the toy task's length
+# variant, at 0.7 and 1.3 x the base's mean correct length, and GRPO's drift beside it.
+LENGTH_TARGETS = (0.7, 1.3)
+LENGTH_MAX_NEW_TOKENS = 64  # configs/toy_length.yaml: the variant's longest correct answer is 52 tokens
+LENGTH_OPTIONS = (("data.toy_variant", "length"), ("rollout.max_new_tokens", str(LENGTH_MAX_NEW_TOKENS)))
 
 
 def _num(x: float) -> str:
@@ -178,7 +195,8 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
     ev = EvalSpec(problems=eval_problems or (24 if quick else 64), n=eval_n)
     bases = [BaseSpec(f"seed{s}", seed=s) for s in seeds]
     weak, strong = BaseSpec("weak", seed=0, noise=0.5), BaseSpec("strong", seed=0, noise=0.15)
-    bases += [weak, strong]
+    length = BaseSpec("length", seed=seeds[0], variant="length")
+    bases += [weak, strong] + ([] if quick else [length])
     # Order = priority: a grid stopped part-way (a deadline, a crash) has already covered every
     # section with one seed: the paper reading's targets, GRPO, the baselines, the robustness runs,
     # then the authors' reading; then the other seeds.
@@ -229,6 +247,14 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
                 if t not in ROBUST_TARGETS:
                     runs.append(RunSpec(f"{base.name}-aepo-t{_num(t)}", "controller", base.name, "aepo",
                                         f"AEPO {t:g} x H0 ({base.name} base)", target=t))
+    # The length group, after it (beyond the paper, Section 7): AEPO's length target on the toy task's
+    # length variant and GRPO's length drift beside it, one seed. Full grid only (--quick keeps its
+    # time budget).
+    if not quick:
+        for t in LENGTH_TARGETS:
+            runs.append(RunSpec(f"length-aepo-l{_num(t)}", "length", length.name, "aepo", f"AEPO length {t:g} x L0",
+                                target=t, options=(*LENGTH_OPTIONS, ("algorithm.controller.signal", "length"))))
+        runs.append(RunSpec("length-grpo", "length", length.name, "grpo", "GRPO (length variant)", options=LENGTH_OPTIONS))
     return Grid(tuple(bases), tuple(runs), steps, ev)
 
 
@@ -437,10 +463,11 @@ def build_base(grid: Grid, base: BaseSpec, env: Env, cpu: int | None) -> dict:
         env.log(f"[base {base.name}] building (seed {base.seed}, noise {base.noise})")
         if (d / "model").exists():
             shutil.rmtree(d / "model")
+        variant = [] if base.variant == "default" else ["--variant", base.variant]
         build = _run([env.python, str(ROOT / "tools" / "make_toy_base.py"), "--seed", str(base.seed), "--noise",
-                      str(base.noise), "--steps", str(base.steps), "--out", str(d / "model")], log_path, env, cpu=cpu)
+                      str(base.noise), "--steps", str(base.steps), *variant, "--out", str(d / "model")], log_path, env, cpu=cpu)
     env.log(f"[base {base.name}] evaluating")
-    ev, evs = evaluate(d / "model", d / "eval.json", grid.eval, env, log_path)
+    ev, evs = evaluate(d / "model", d / "eval.json", grid.eval_for(base), env, log_path)
     info = read_json(d / "model" / "toy_base.json") or {}
     res = {"spec": spec, "complete": True, "name": base.name, "recipe": base.recipe(), "eval": ev,
            "teacher_forced": info.get("teacher_forced_test"),
@@ -472,7 +499,7 @@ def train_and_eval(grid: Grid, run: RunSpec, env: Env) -> dict:
     if weights is None:
         raise ReproduceError(f"[{run.name}] training ended without the final weights {d / 'weights'}/weights_v{grid.steps}")
     env.log(f"[{run.name}] evaluating")
-    ev, evs = evaluate(weights, d / "eval.json", grid.eval, env, log_path)
+    ev, evs = evaluate(weights, d / "eval.json", grid.eval_for(grid.base(run.base)), env, log_path)
     rows = read_metrics(d)
     if len(rows) < grid.steps:
         raise ReproduceError(f"[{run.name}] metrics.jsonl has {len(rows)} steps, expected {grid.steps}")
@@ -629,6 +656,36 @@ def summarize_run(res: dict) -> dict:
         "pass1": res["eval"]["avg_at_n"], "passk": {int(k): v for k, v in res["eval"]["pass_at_k"].items()},
         "eval_entropy": res["eval"].get("entropy_nll"),
     }
+
+
+LENGTH_HELD_SHARE = 0.8  # issue 13's bar for the length target: >= 80% of the second half within +-10%
+
+
+def summarize_length(res: dict) -> dict:
+    """A length-group run's numbers: L0 (the mean correct length at step 1), the mean correct length
+    at the start (steps 1-5) and at the end (the last 10% of steps), the length target (mean over the
+    second half; None without a length controller), the share of the second half within +-10% of it
+    (``control/signal`` against ``control/target``, the controller's own reading), reward and pass@1."""
+    s = res["series"]
+    length = s.get("rollout/correct_length_mean") or []
+    signal, target = s.get("control/signal") or [], s.get("control/target") or []
+    rew = s["reward_mean"]
+    n = len(rew)
+    tail, half = max(1, n // 10), n // 2
+    controlled = res["run"].get("target") is not None and dict(map(tuple, res["run"].get("options", ()))).get(
+        "algorithm.controller.signal") == "length"
+    held = None
+    if controlled:
+        pairs = [(x, t) for x, t in zip(signal[half:], target[half:])
+                 if isinstance(x, (int, float)) and isinstance(t, (int, float)) and t > 0]
+        held = sum(abs(x - t) <= BAND * t for x, t in pairs) / len(pairs) if pairs else 0.0
+    l0 = next((float(x) for x in length if isinstance(x, (int, float))), float("nan"))
+    return {"name": res["name"], "l0": l0, "target": _mean(target[half:]) if controlled else None,
+            "len_start": _mean(length[: max(1, min(5, n))]), "len_end": _mean(length[-tail:]),
+            "len_min": min(_finite(length[half:]), default=float("nan")),
+            "len_max": max(_finite(length[half:]), default=float("nan")), "held": held,
+            "reward_start": _mean(rew[: max(1, min(5, n))]), "reward_end": _mean(rew[-tail:]),
+            "pass1": res["eval"]["avg_at_n"], "response_tokens": res["eval"].get("response_tokens")}
 
 
 # --- report ----------------------------------------------------------------------------------------------

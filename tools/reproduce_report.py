@@ -18,7 +18,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from reproduce import BAND, summarize_run
+from reproduce import BAND, LENGTH_HELD_SHARE, summarize_length, summarize_run
 
 HELD_SHARE = 0.9
 COLLAPSE = 0.8
@@ -29,6 +29,7 @@ FIGURES = {
     "passk": "fig_passk.png",
     "perf": "fig_entropy_vs_performance.png",
     "robust": "fig_robustness.png",
+    "length": "fig_length_target.png",
     "theory": "fig_appendix_b.png",
 }
 
@@ -301,6 +302,56 @@ def fig_robust(st: Study, path: Path) -> None:
     plt.close(fig)
 
 
+def fig_length(st: Study, path: Path) -> None:
+    """The length group: mean correct-response length per step, each run's target dashed."""
+    runs = st.select("length")
+    if not runs:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    for r in runs:
+        (line,) = ax.plot(r["steps"], r["series"].get("rollout/correct_length_mean") or [None] * len(r["steps"]),
+                          label=r["run"]["label"], linewidth=2 if r["run"]["method"] == "aepo" else 1.5)
+        if summarize_length(r)["target"] is not None:
+            ax.plot(r["steps"], r["series"]["control/target"], "--", color=line.get_color(), linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean correct-response length (tokens)")
+    ax.set_title("AEPO's length target on the toy task's length variant (dashed: targets)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def length_table(st: Study) -> str:
+    rows = []
+    for r in st.select("length"):
+        s = summarize_length(r)
+        rows.append([r["run"]["label"], _f(s["l0"], 1), _f(s["target"], 1) if s["target"] is not None else "-",
+                     _pct(s["held"]) if s["held"] is not None else "-",
+                     f"{s['len_start']:.1f} -> {s['len_end']:.1f}", f"{s['len_min']:.1f} .. {s['len_max']:.1f}",
+                     f"{s['reward_start']:.2f} -> {s['reward_end']:.2f}", _pct(s["pass1"])])
+    return _table(["run", "L0 (step 1)", "target (tokens)", "held", "correct length, start -> end",
+                   "second half min .. max", "reward start -> end", "pass@1 (held-out)"], rows)
+
+
+def length_claim(st: Study) -> tuple[str, str, str, str] | None:
+    """Beyond the paper (its Section 7): the general regulariser holds the mean correct length."""
+    aepo = [r for r in st.select("length") if summarize_length(r)["target"] is not None]
+    if not aepo:
+        return None
+    sums = [summarize_length(r) for r in aepo]
+    txt = "; ".join(f"{r['run']['target']:g} x L0 ({s['target']:.1f} tokens): held {_pct(s['held'])}, reward "
+                    f"{s['reward_start']:.2f} -> {s['reward_end']:.2f}" for r, s in zip(aepo, sums))
+    for g in st.select("length", method="grpo"):
+        gs = summarize_length(g)
+        txt += f"; GRPO's correct length {gs['len_start']:.1f} -> {gs['len_end']:.1f} (end / L0 {gs['len_end'] / gs['l0']:.2f})"
+    ok = [s["held"] >= LENGTH_HELD_SHARE and s["reward_end"] >= s["reward_start"] for s in sums]
+    return ("length", "Section 7: another target distribution (response length) is held too: the mean correct length "
+            f"within +-10% of 0.7 x and 1.3 x L0 on >= {LENGTH_HELD_SHARE:.0%} of the second half, reward not lost "
+            "(toy task's length variant)", txt, _verdict(all(ok), partly=any(ok)))
+
+
 # --- text --------------------------------------------------------------------------------------------
 
 
@@ -414,6 +465,9 @@ def claims(st: Study) -> list[tuple[str, str, str, str]]:
     c = controller_claim(st)
     if c:
         out.append(c)
+    length = length_claim(st)
+    if length:
+        out.append(length)
     return out
 
 
@@ -588,6 +642,7 @@ def write(data: dict, out: Path) -> Path:
     fig_passk(st, out / FIGURES["passk"])
     fig_entropy_perf(st, out / FIGURES["perf"])
     fig_robust(st, out / FIGURES["robust"])
+    fig_length(st, out / FIGURES["length"])
     th = data.get("theory")
     if th and th.get("figure"):
         _theory_figure(th["figure"], out / FIGURES["theory"])
@@ -648,6 +703,14 @@ def write(data: dict, out: Path) -> Path:
            "relative error, its slope and its sum, up to 60 positives either way; docs/training.md, \"Holding an "
            "entropy target\") at the lowest and highest target, same base, seed and settings.", "",
            controller_table(st), ""] if st.select("controller") else []),
+        *(["## Beyond the paper: a response-length target (Section 7)", "",
+           "AEPO's regulariser with the length target distribution (`--algorithm.controller.signal=length`, "
+           "docs/targets.md) on the toy task's length variant (`--data.toy_variant=length`: a free number of opening "
+           "filler words, so correct answers can be shorter or longer; its own base model). L0 is the run's mean "
+           "correct-response length at step 1; targets are 0.7 and 1.3 x L0 (`target_relative=true`). **Held** here: "
+           f"`control/signal` within +-{BAND:.0%} of `control/target` on at least {LENGTH_HELD_SHARE:.0%} of the second "
+           "half of the steps (issue 13's bar).", "", length_table(st), "",
+           f"![length target]({FIGURES['length']})", ""] if st.select("length") else []),
         "## Appendix B, checked numerically with the project's code",
         "",
         theory_section(th),
@@ -763,6 +826,13 @@ def why_section(cl: Sequence[tuple[str, str, str, str]], st: Study) -> str:
                 vals = [100 * _passk(ev, 1) for _, ev in aepo]
                 why.append(f"pass@1 spans {max(vals) - min(vals):.1f} points over the targets, against a standard error of about "
                            f"{se:.1f} points for one run")
+        elif cid == "length":
+            for r in st.select("length"):
+                s = summarize_length(r)
+                if s["target"] is not None and (s["held"] < LENGTH_HELD_SHARE or s["reward_end"] < s["reward_start"]):
+                    why.append(f"{r['run']['label']}: held {_pct(s['held'])}, correct length {s['len_start']:.1f} -> "
+                               f"{s['len_end']:.1f} for a target of {s['target']:.1f} (second half {s['len_min']:.1f} .. "
+                               f"{s['len_max']:.1f}); reward {s['reward_start']:.2f} -> {s['reward_end']:.2f}")
         elif cid == "robust":
             b = claim.split(" on the ")[1].split(" base")[0]
             for r in st.select("robust", base=b):
