@@ -79,14 +79,18 @@ def test_train_args_are_valid_trainer_options(rp):
 
 def test_plan_fits_the_time_budget(rp):
     """Item 5: the estimate on 2 idle cores is within 90 min for the paper's study, 20 for --quick
-    (which has no controller group); the controller group (beyond the paper) adds at most 20 min."""
+    (which has no controller group); the controller group (beyond the paper) adds at most 20 min, the
+    length group (its base and three runs) at most 10."""
     for quick, limit in ((True, 20), (False, 90)):
         g = rp.build_grid(quick)
-        study = [r for r in g.runs if r.group != "controller"]
-        est = rp.estimate(g, study, g.bases, workers=2)
+        study = [r for r in g.runs if r.group not in ("controller", "length")]
+        est = rp.estimate(g, study, [b for b in g.bases if b.variant == "default"], workers=2)
         assert est["wall_s"] <= limit * 60, (quick, est)
         extra = rp.estimate(g, [r for r in g.runs if r.group == "controller"], (), workers=2)
         assert extra["wall_s"] <= 20 * 60, (quick, extra)
+        length = rp.estimate(g, [r for r in g.runs if r.group == "length"],
+                             [b for b in g.bases if b.variant == "length"], workers=2)
+        assert length["wall_s"] <= 10 * 60, (quick, length)
 
 
 def test_controller_group_pairs_the_option_with_the_paper(rp):
@@ -96,7 +100,8 @@ def test_controller_group_pairs_the_option_with_the_paper(rp):
     g = rp.build_grid(False)
     group = [r for r in g.runs if r.group == "controller"]
     opt = [r for r in group if r.options]
-    assert {(r.base, r.target) for r in opt} == {(b.name, t) for b in g.bases for t in (0.5, 2.0)}
+    entropy_bases = [b for b in g.bases if b.variant == "default"]  # not the length group's base
+    assert {(r.base, r.target) for r in opt} == {(b.name, t) for b in entropy_bases for t in (0.5, 2.0)}
     assert all(dict(r.options) == {"algorithm.controller.budget_mode": "pid", "algorithm.controller.budget_down": "60"}
                for r in opt)
     assert all(g.base(r.base).seed == r.seed for r in opt)
@@ -105,7 +110,7 @@ def test_controller_group_pairs_the_option_with_the_paper(rp):
                  and (p.base, p.target, p.seed) == (r.base, r.target, r.seed)]
         assert len(paper) == 1, r.name
     first = min(i for i, r in enumerate(g.runs) if r.group == "controller")
-    assert all(r.group == "controller" for r in g.runs[first:])
+    assert all(r.group in ("controller", "length") for r in g.runs[first:])  # the length group after it
     assert not [r for r in rp.build_grid(True).runs if r.group == "controller"]
 
 

@@ -130,3 +130,20 @@ def test_pid_from_the_command_line_and_its_checks():
         cfg("--algorithm.controller.budget_mode=pid", "--algorithm.controller.derivative_steps=-1")
     with pytest.raises(ConfigError, match="algorithm.controller.budget_mode"):
         cfg("--algorithm.controller.budget_mode=reach")
+
+
+def test_toy_variant_key_and_its_checks():
+    """data.toy_variant selects the built-in task's variant; the length variant's file sets a token
+    budget that fits its longest correct answer, and the checks name the key that is wrong."""
+    from aepo_jax.data import toy_task
+
+    path = str(Path(__file__).parent.parent / "configs" / "toy_length.yaml")
+    cfg = validate(build_config(RunConfig, ["--config", path], aliases=ALIASES))
+    assert cfg.data.toy_variant == "length" and cfg.rollout.max_new_tokens >= toy_task.LENGTH_MIN_NEW_TOKENS
+    assert validate(build_config(RunConfig, [], aliases=ALIASES)).data.toy_variant == "default"
+    for argv, key in ((["--data.toy_variant=long"], "data.toy_variant"),
+                      (["--data.toy_variant=length"], "rollout.max_new_tokens"),  # 48 < the longest answer
+                      (["--data.toy_variant=length", "--rollout.max_new_tokens=64", "--data.train_files=[a.jsonl]"],
+                       "data.toy_variant")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate(build_config(RunConfig, argv, aliases=ALIASES))
