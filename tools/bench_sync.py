@@ -3,17 +3,26 @@ distributed path (torch.distributed broadcast of flattened buckets + /update_wei
 learner -> one embedded server on this machine, each beside its physical limit measured in the
 same run (memory-copy bandwidth for the disk path, a raw loopback TCP transfer for the gloo path).
 
-    flock /tmp/aepo_heavy.lock python tools/bench_sync.py [--shapes toy,4x1024] [--repeats 3] [--bucket-mb 512]
+    flock /tmp/aepo_heavy.lock nice -n 10 python tools/bench_sync.py [--shapes 0.5b,1.5b] [--repeats 3] \
+        [--bucket-mb 512] [--dtype bfloat16]
 
-Shapes: ``toy`` (the toy task's model: 2 layers, hidden 64), ``4x1024`` (4 layers, hidden 1024,
-vocab 32000: ~115M parameters), ``0.5b`` / ``1.5b`` (Qwen2.5's shapes; several GB of RAM).
-Each sync is the whole round trip the trainer waits for: disk = write + load + /model_info
-check; distributed = pause + every bucket + /model_info check + continue (joining the group is
-once per run, reported as ``connect_s``). After one untimed warm-up of each, both paths alternate ``--repeats`` times;
-the best time of each counts. GB/s = parameter bytes / sync time. The last line is JSON: per shape the times,
-``ratio`` = disk time / distributed time, and for the largest shape ``disk_gbps``,
-``memcpy_gbps``, ``distributed_gbps``, ``socket_gbps`` and ``broadcast_gbps`` (the bytes over the
-time spent inside the broadcasts alone: the transfer, to hold against ``socket_gbps``).
+Shapes: ``toy`` (2 layers, hidden 64), ``4x1024`` (4 layers, hidden 1024, vocab 32000), ``0.5b`` /
+``1.5b`` (Qwen2.5-0.5B / -1.5B: their config.json fields, built with the project's ModelConfig;
+random weights). Parameters in ``--dtype`` (bf16, as the paper's runs), on the learner and the
+server; the server starts from the learner's own weights (its start-up checkpoint is deleted once
+it serves, so the RAM disk holds one checkpoint at a time).
+Each sync is the whole round trip the trainer waits for, ending with the server serving the new
+``weight_version`` (checked with /model_info): disk = write + load + check; distributed = pause +
+every bucket + check + continue (joining the group is once per run, reported as ``connect_s``).
+After one untimed warm-up of each (compiles), both paths alternate ``--repeats`` times; the best
+time of each counts, with its phases: disk ``write_s`` (learner layout transform + file write) and
+``load_s`` (server: map the file, convert to its layout on its devices, finite check, swap);
+distributed ``wait_s`` (learner layout work not hidden behind the transfer), ``broadcast_s`` (inside
+the broadcasts), ``tail_s`` (after the last broadcast until the server has swapped), and the
+``pause_s``/``verify_s`` round trips. GB/s = parameter bytes / sync time. The last line is JSON: per
+shape all of it, and for the last shape ``disk_gbps``, ``memcpy_gbps``, ``distributed_gbps``,
+``socket_gbps`` (plus ``disk_vs_memcpy`` and ``distributed_vs_socket``), and ``peak_rss_gib`` of the
+bench and the server processes.
 """
 
 from __future__ import annotations
@@ -32,11 +41,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {  # layers, hidden, intermediate, heads, kv heads, vocab
-    "toy": (2, 64, 256, 4, 2, 64),
-    "4x1024": (4, 1024, 2816, 16, 4, 32000),
-    "0.5b": (24, 896, 4864, 14, 2, 151936),
-    "1.5b": (28, 1536, 8960, 12, 2, 151936),
+_QWEN2 = {"model_type": "qwen2", "vocab_size": 151936, "max_position_embeddings": 256, "rope_theta": 1000000.0,
+          "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "eos_token_id": 2}
+SHAPES = {  # config.json fields (Qwen2.5-0.5B / -1.5B as published on the hub; two small ones)
+    "toy": {**_QWEN2, "vocab_size": 64, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2},
+    "4x1024": {**_QWEN2, "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+               "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 4},
+    "0.5b": {**_QWEN2, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+             "num_attention_heads": 14, "num_key_value_heads": 2},
+    "1.5b": {**_QWEN2, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+             "num_attention_heads": 12, "num_key_value_heads": 2},
 }
 
 
@@ -102,20 +117,31 @@ def socket_gbps(nbytes: int, repeats: int = 3) -> float:
     return nbytes / best / 1e9
 
 
-def build(shape: str, out_dir: str):
+def peak_rss_gib(pid: int | str = "self") -> float:
+    """The process's peak resident memory (VmHWM)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 2**20, 2)
+    except OSError:
+        pass
+    return float("nan")
+
+
+def build(shape: str, out_dir: str, dtype: str):
+    """The learner (random weights) and the server's start-up checkpoint (the same weights)."""
     from aepo_jax.models import ModelConfig, init_model, save_pretrained
 
-    layers, hidden, inter, heads, kv, vocab = SHAPES[shape]
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
-                      max_position_embeddings=256, extra_json=json.dumps({"eos_token_id": 2}))
-    served = init_model(cfg, seed=0)
-    save_pretrained(served, out_dir, dtype="float32")
-    del served
-    return init_model(cfg, seed=1)  # the learner: other weights than the server starts with
+    cfg = ModelConfig.from_hf_dict(SHAPES[shape])
+    learner = init_model(cfg, seed=1, dtype=dtype)
+    save_pretrained(learner, out_dir, dtype=dtype)
+    return learner
 
 
-async def bench_shape(shape: str, repeats: int, bucket_mb: float, work: str) -> dict:
+async def bench_shape(shape: str, repeats: int, bucket_mb: float, work: str, dtype: str) -> dict:
+    import shutil
+
     import numpy as np
 
     from aepo_jax.models.decoder import param_paths
@@ -124,67 +150,94 @@ async def bench_shape(shape: str, repeats: int, bucket_mb: float, work: str) -> 
     from aepo_jax.rollout.launch import launch_server
     from aepo_jax.rollout.weight_sync import sync_weights_async
 
-    model_dir = os.path.join(work, shape)
-    learner = build(shape, model_dir)
-    nbytes = sum(int(np.prod(v.get_value().shape)) * 4 for _, v in param_paths(learner))
-    server = launch_server(model_dir, extra_args=["--max-batch", "1", "--batch-buckets", "1", "--prompt-buckets", "16",
-                                                  "--gen-buckets", "16"],
-                           wait_s=900, log_path=os.path.join(work, f"{shape}-server.log"))
+    model_dir, sync_dir = os.path.join(work, shape), os.path.join(work, "sync")
+    learner = build(shape, model_dir, dtype)
+    nbytes = sum(int(np.prod(v.get_value().shape)) * np.dtype(v.get_value().dtype).itemsize
+                 for _, v in param_paths(learner))
+    server = launch_server(model_dir, extra_args=["--dtype", dtype, "--max-batch", "1", "--batch-buckets", "1",
+                                                  "--prompt-buckets", "16", "--gen-buckets", "16"],
+                           wait_s=1800, log_path=os.path.join(work, f"{shape}-server.log"))
+    shutil.rmtree(model_dir)  # the server holds its weights; one checkpoint at a time on the RAM disk
     disk, dist = [], []
+
+    async def disk_sync(v):
+        shutil.rmtree(sync_dir, ignore_errors=True)  # (untimed) the previous checkpoint: RAM for one only
+        t = time.perf_counter()
+        r = await sync_weights_async(learner, client, v, sync_dir, dtype=dtype, timeout_s=1800)
+        return time.perf_counter() - t, r
+
     try:
-        async with RolloutClient(server.url, timeout_s=900) as client:
-            sync = DistributedWeightSync(client, bucket_mb=bucket_mb, timeout_s=900)
+        async with RolloutClient(server.url, timeout_s=1800) as client:
+            sync = DistributedWeightSync(client, bucket_mb=bucket_mb, timeout_s=1800)
             t = time.perf_counter()
             await sync.connect()
             connect_s = time.perf_counter() - t
             # untimed warm-up of both paths (their jitted transforms compile on first use)
-            await sync_weights_async(learner, client, "warm-d", os.path.join(work, "sync"), dtype="float32")
-            await sync.sync(learner, "warm-n", dtype="float32")
-            v = 0
-            for _ in range(repeats):
-                v += 1
+            await disk_sync("warm-d")
+            shutil.rmtree(sync_dir, ignore_errors=True)
+            await sync.sync(learner, "warm-n", dtype=dtype)
+            for i in range(repeats):
+                disk.append(await disk_sync(f"d{i}"))
+                shutil.rmtree(sync_dir, ignore_errors=True)
                 t = time.perf_counter()
-                r = await sync_weights_async(learner, client, f"d{v}", os.path.join(work, "sync"), dtype="float32")
-                disk.append((time.perf_counter() - t, r.save_s, r.update_s))
-                v += 1
-                t = time.perf_counter()
-                r2 = await sync.sync(learner, f"n{v}", dtype="float32")
-                dist.append((time.perf_counter() - t, r2.send_s, r2.buckets, r2.broadcast_s))
+                r = await sync.sync(learner, f"n{i}", dtype=dtype)
+                dist.append((time.perf_counter() - t, r))
+                versions = await client.weight_versions()
+                assert set(versions.values()) == {f"n{i}"}, versions
             await sync.close()
+        server_rss = peak_rss_gib(server.proc.pid)
     finally:
         server.stop()
-    d, n = min(disk), min(dist)
-    return {"params_bytes": nbytes, "disk_s": round(d[0], 4), "disk_write_s": round(d[1], 4),
-            "disk_load_s": round(d[2], 4), "distributed_s": round(n[0], 4), "distributed_send_s": round(n[1], 4),
-            "buckets": n[2], "broadcast_s": round(n[3], 4), "broadcast_gbps": round(nbytes / n[3] / 1e9, 3),
-            "connect_s": round(connect_s, 3), "disk_gbps": round(nbytes / d[0] / 1e9, 3),
-            "distributed_gbps": round(nbytes / n[0] / 1e9, 3), "ratio": round(d[0] / n[0], 3)}
+        shutil.rmtree(sync_dir, ignore_errors=True)
+    (d, dr), (n, nr) = min(disk, key=lambda x: x[0]), min(dist, key=lambda x: x[0])
+    r4 = lambda x: round(x, 4)  # noqa: E731
+    return {"params_bytes": nbytes, "dtype": dtype,
+            "disk_s": r4(d), "disk_write_s": r4(dr.save_s), "disk_load_s": r4(dr.update_s), "disk_verify_s": r4(dr.verify_s),
+            "distributed_s": r4(n), "distributed_pause_s": r4(nr.pause_s), "distributed_wait_s": r4(nr.wait_s),
+            "broadcast_s": r4(nr.broadcast_s), "distributed_tail_s": r4(nr.tail_s),
+            "distributed_verify_s": r4(nr.verify_s), "buckets": nr.buckets,
+            "broadcast_gbps": round(nbytes / nr.broadcast_s / 1e9, 3), "connect_s": round(connect_s, 3),
+            "disk_gbps": round(nbytes / d / 1e9, 3), "distributed_gbps": round(nbytes / n / 1e9, 3),
+            "ratio": round(d / n, 3), "all_disk_s": [r4(x[0]) for x in disk], "all_distributed_s": [r4(x[0]) for x in dist],
+            "peak_rss_gib": {"bench": peak_rss_gib(), "server": server_rss}}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default="toy,4x1024")
+    p.add_argument("--shapes", default="0.5b,1.5b")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bucket-mb", type=float, default=512.0)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = p.parse_args(argv)
     shapes = [s for s in a.shapes.split(",") if s]
     bad = [s for s in shapes if s not in SHAPES]
-    if bad:
-        p.error(f"--shapes: unknown {bad}; one of {list(SHAPES)}")
+    if bad or not shapes:
+        p.error(f"--shapes: unknown {bad}; one or more of {list(SHAPES)}")
+    if a.repeats < 1:
+        p.error("--repeats must be >= 1")
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    out = {"machine": machine(), "bucket_mb": a.bucket_mb, "shapes": {}}
+    out = {"machine": machine(), "bucket_mb": a.bucket_mb, "dtype": a.dtype, "shapes": {}}
     with tempfile.TemporaryDirectory(prefix="bench_sync_", dir=base) as work:
         for s in shapes:
-            r = asyncio.run(bench_shape(s, a.repeats, a.bucket_mb, work))
+            r = asyncio.run(bench_shape(s, a.repeats, a.bucket_mb, work, a.dtype))
+            # the limits with the same byte count, right after the shape's syncs
+            r["memcpy_gbps"] = round(memcpy_gbps(min(r["params_bytes"], 1 << 30)), 3)
+            r["socket_gbps"] = round(socket_gbps(r["params_bytes"]), 3)
+            r["disk_vs_memcpy"] = round(r["disk_gbps"] / r["memcpy_gbps"], 3)
+            r["distributed_vs_socket"] = round(r["distributed_gbps"] / r["socket_gbps"], 3)
             out["shapes"][s] = r
-            print(f"{s}: {r['params_bytes'] / 1e6:.1f} MB  disk {r['disk_s']:.3f} s ({r['disk_gbps']} GB/s)  "
-                  f"distributed {r['distributed_s']:.3f} s ({r['distributed_gbps']} GB/s, {r['buckets']} buckets)  "
-                  f"disk/distributed {r['ratio']}x", flush=True)
+            print(f"{s}: {r['params_bytes'] / 1e6:.1f} MB {a.dtype}  disk {r['disk_s']:.3f} s ({r['disk_gbps']} GB/s = "
+                  f"{r['disk_vs_memcpy']:.0%} of memcpy {r['memcpy_gbps']})  distributed {r['distributed_s']:.3f} s "
+                  f"({r['distributed_gbps']} GB/s = {r['distributed_vs_socket']:.0%} of socket {r['socket_gbps']}, "
+                  f"{r['buckets']} buckets)", flush=True)
     big = out["shapes"][shapes[-1]]
-    out.update(shape=shapes[-1], ratio=big["ratio"], disk_gbps=big["disk_gbps"],
-               distributed_gbps=big["distributed_gbps"], broadcast_gbps=big["broadcast_gbps"],
-               memcpy_gbps=round(memcpy_gbps(big["params_bytes"]), 3), socket_gbps=round(socket_gbps(big["params_bytes"]), 3))
-    print(f"limits: memcpy {out['memcpy_gbps']} GB/s, loopback socket {out['socket_gbps']} GB/s")
+    out["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    out.update(shape=shapes[-1], **{k: big[k] for k in ("ratio", "disk_gbps", "memcpy_gbps", "distributed_gbps",
+                                                          "socket_gbps", "broadcast_gbps", "disk_vs_memcpy",
+                                                          "distributed_vs_socket", "peak_rss_gib")})
+    for s in shapes[:-1]:
+        out.update({f"{k}_{s}": out["shapes"][s][k] for k in ("disk_gbps", "memcpy_gbps", "distributed_gbps",
+                                                              "socket_gbps")})
     print(json.dumps(out))
     return 0
 

@@ -30,7 +30,8 @@ import numpy as np
 
 from aepo_jax.models.config import ModelConfig
 from aepo_jax.models.decoder import Decoder, abstract_model, as_dtype, materialize, param_paths, resolve_mesh
-from aepo_jax.models.hf_layout import TensorMap, hf_device_tensors, hf_tensor_specs, read_param_block, tensor_map
+from aepo_jax.models.hf_layout import (HFAssembler, TensorMap, hf_device_tensors, hf_host_tensors, hf_tensor_specs,
+                                       host_path, read_param_block, tensor_map)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -157,15 +158,43 @@ def _build_model(cfg: ModelConfig, get: Callable[[str], Any], dtype: Any, mesh: 
 def from_hf_tensors(cfg: ModelConfig, tensors: Any, dtype: Any = "float32", mesh: Any = None, *,
                     compute_dtype: Any = None, remat: bool = False, what: str = "tensors") -> Decoder:
     """A Decoder from HF-named tensors held in memory (``tensors[name]``: a numpy array in HF
-    layout), each parameter straight into its sharding; the weight sync's receiving side.
-    A missing tensor or a wrong shape is a CheckpointError naming it (``what`` says where from)."""
+    layout), converted to our layout on the devices (:class:`HFAssembler`), each parameter in its
+    sharding. A missing tensor or a wrong shape is a CheckpointError naming it (``what`` says
+    where from). The weight sync's receiver feeds an :class:`HFAssembler` bucket by bucket instead."""
     for name, want in hf_tensor_specs(cfg):
         if name not in tensors:
             raise CheckpointError(f"{name}: tensor missing from the {what}")
         got = tuple(np.shape(tensors[name]))
         if got != want:
             raise CheckpointError(f"{name}: shape mismatch: the {what} have {list(got)}, the config implies {list(want)}")
-    return _build_model(cfg, tensors.__getitem__, dtype, mesh, compute_dtype, remat)
+    asm = HFAssembler(cfg, dtype, mesh, compute_dtype=compute_dtype, remat=remat)
+    for name, _ in hf_tensor_specs(cfg):
+        asm.add(name, tensors[name])
+    return asm.finish()
+
+
+_NP_ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(jnp.bfloat16)}
+
+
+def _mapped_tensors(fn: str) -> dict[str, np.ndarray]:
+    """name -> read-only numpy view of the tensor in a memory map of safetensors file ``fn`` (no
+    copy: on a RAM disk the pages themselves). Other dtypes than F32/F16/BF16 are a CheckpointError."""
+    mm = np.memmap(fn, dtype=np.uint8, mode="r")
+    try:
+        n = int(mm[:8].view("<u8")[0])
+        header = json.loads(bytes(mm[8:8 + n]))
+    except (ValueError, IndexError) as e:
+        raise CheckpointError(f"{fn}: not a readable safetensors file (truncated or damaged?): {e}") from None
+    base, out = 8 + n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dt = _NP_ST_DTYPES.get(info.get("dtype"))
+        if dt is None:
+            raise CheckpointError(f"{fn}: tensor {name} has dtype {info.get('dtype')!r}; readable: {sorted(_NP_ST_DTYPES)}")
+        a, b = info["data_offsets"]
+        out[name] = mm[base + a:base + b].view(dt).reshape(info["shape"])
+    return out
 
 
 def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any = None, *,
@@ -174,13 +203,24 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Any =
 
     dtype: parameter dtype ("float32" | "bfloat16"); compute_dtype defaults to it.
     mesh: None (one device) | jax Mesh | "DxT".
+
+    One process: every file is memory-mapped and each tensor converted to our layout on the
+    devices (:class:`HFAssembler`; the per-step disk weight sync's server side). Several processes:
+    each device shard is read from the file straight into its place (only its own rows).
     """
     cfg = read_config(path)
     files = checkpoint_files(path)
     with contextlib.ExitStack() as stack:
         get = _slice_reader(files, stack)
         _check_tensors(path, tensor_map(cfg), files, get)  # every tensor before reading any: fails fast, by name
-        return _build_model(cfg, get, dtype, mesh, compute_dtype, remat)
+        if jax.process_count() > 1:
+            return _build_model(cfg, get, dtype, mesh, compute_dtype, remat)
+    asm = HFAssembler(cfg, dtype, mesh, compute_dtype=compute_dtype, remat=remat)
+    for fn in sorted(set(files.values())):
+        for name, a in _mapped_tensors(fn).items():
+            if name in asm.shape_of:  # a checkpoint may hold more than the config needs
+                asm.add(name, a)
+    return asm.finish()
 
 
 # --------------------------------------------------------------------------- export
@@ -203,7 +243,7 @@ def plan_shard_files(specs: list[tuple[str, tuple[int, ...]]], itemsize: int,
 
 
 def safetensors_header(names: list[str], shapes: list[tuple[int, ...]], dtype: Any) -> tuple[bytes, list[int]]:
-    """(the file's first bytes: length + JSON header padded to 8, each tensor's byte offset in
+    """(the file's first bytes: length + JSON header padded to 64, each tensor's byte offset in
     the file) of a safetensors file holding these tensors in this order."""
     dt = as_dtype(dtype)
     if dt.name not in _ST_DTYPES:
@@ -216,14 +256,35 @@ def safetensors_header(names: list[str], shapes: list[tuple[int, ...]], dtype: A
         starts.append(off)
         off += n
     hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
+    # Spaces pad the header (the format allows it) so that the data starts 64-byte aligned: a
+    # reader's memory map then hands XLA:CPU aligned tensors, which it uses without a copy.
+    hb += b" " * (-(8 + len(hb)) % 64)
     head = struct.pack("<Q", len(hb)) + hb
     return head, [len(head) + o for o in starts]
 
 
 def _host_stream(model: Decoder, dtype: jnp.dtype) -> Iterator[np.ndarray]:
     """HF tensors in order as host numpy arrays; the next tensor's transform and device->host
-    copy are in flight while the caller writes the current one (one tensor of lookahead)."""
+    copy are in flight while the caller writes the current one (one tensor of lookahead). A model
+    on one CPU device is converted on the host instead (:func:`hf_host_tensors`), each tensor into
+    a scratch array reused for the next tensor of that shape (the caller writes it first), so no
+    fresh memory is touched per tensor."""
+    if host_path(model):
+        scratch: dict[tuple, np.ndarray] = {}
+        specs = dict(hf_tensor_specs(model.cfg))
+        slot = {n: j for m in tensor_map(model.cfg) for j, n in enumerate(m.hf_names)}  # gate and up: two buffers
+        same = {m.hf_names[0] for m in tensor_map(model.cfg) if m.kind == "same"}
+
+        def dest(name: str) -> np.ndarray | None:
+            if name in same:  # written straight from the parameter (a view of it when the dtype matches)
+                return None
+            key = (specs[name], slot[name])
+            if key not in scratch:
+                scratch[key] = np.empty(specs[name], dtype)
+            return scratch[key]
+
+        yield from (a for _, a in hf_host_tensors(model, dtype, dest))
+        return
     pending: jax.Array | None = None
     for _, a in hf_device_tensors(model, dtype):
         a.copy_to_host_async()

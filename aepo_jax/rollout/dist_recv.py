@@ -4,8 +4,9 @@
 way an SGLang engine rank does; this server is one rank, ``rank_offset``), and
 ``/update_weights_from_distributed`` receives one broadcast per request: a flattened uint8 bucket
 (``load_format: "flattened_bucket"``) or the tensors one by one (``load_format: null``). Received
-tensors are staged; when every HF tensor of the served model has arrived they become a new model
-(``hf_io.from_hf_tensors``) that the handler swaps in atomically. A sync is therefore one or more
+tensors are converted to the model's layout on the devices as they arrive (``hf_layout.HFAssembler``:
+each layer written into its stacked parameter in place); when every HF tensor of the served model
+has arrived they are a new model that the handler swaps in atomically. A sync is therefore one or more
 requests that together cover the model, and the ``weight_version`` of the request that completes
 it is the one served (SGLang instead loads each request's tensors into the live model at once,
 which is why its RL recipe pauses generation around a sync; our clients pause too).
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from aepo_jax.models.hf_layout import HFAssembler, aligned_empty, on_cpu
 from aepo_jax.rollout.contract import bad_request
 from aepo_jax.rollout.dist_group import DTYPES, BucketLayout, join_group, leave_group, np_dtype, require_torch
 
@@ -82,8 +84,9 @@ class WeightReceiver:
     def __init__(self):
         self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-receiver")
         self.groups: dict[str, Any] = {}
-        self.staged: dict[str, np.ndarray] = {}
+        self.staged = None  # HFAssembler of the sync in progress: the tensors received so far, converted
         self._lock = threading.Lock()
+        self._recv = np.empty(0, np.uint8)
 
     def close(self) -> None:
         for pg in self.groups.values():
@@ -137,6 +140,17 @@ class WeightReceiver:
         return UpdateRequest(layout, f["group_name"], f["load_format"], f["weight_version"], f["flush_cache"],
                              f["abort_all_requests"])
 
+    def _bucket_buffer(self, nbytes: int) -> np.ndarray:
+        """Where a flattened bucket is received: 64-byte aligned, so its tensors reach XLA:CPU
+        without another copy. On CPU the assembler has copied everything out of it when a request
+        returns, so one buffer is kept and reused (no fresh pages per sync); on accelerators the
+        host->device transfers may still read it, so each bucket gets its own."""
+        if not on_cpu():
+            return aligned_empty((nbytes,), np.uint8)
+        if self._recv.size < nbytes:
+            self._recv = aligned_empty((nbytes,), np.uint8)
+        return self._recv[:nbytes]
+
     # ------------------------------------------------------------------ on the receiver thread
     def join(self, req: InitGroupRequest) -> None:
         require_torch("/init_weights_update_group")
@@ -152,7 +166,7 @@ class WeightReceiver:
             return False, f"Group {name} not in {sorted(self.groups)}."
         leave_group(pg)
         with self._lock:
-            self.staged.clear()  # a sync cut short leaves nothing for the next group's
+            self.staged = None  # a sync cut short leaves nothing for the next group's
         return True, "Succeeded to destroy custom process group."
 
     def receive(self, req: UpdateRequest, sampler) -> Any:
@@ -169,9 +183,9 @@ class WeightReceiver:
         lay = req.layout
         t0 = time.perf_counter()
         if req.load_format == "flattened_bucket":
-            flat = torch.empty(lay.total_bytes, dtype=torch.uint8)
-            dist.broadcast(flat, src=0, group=pg)
-            got = lay.unflatten(flat.numpy())
+            flat = self._bucket_buffer(lay.total_bytes)
+            dist.broadcast(torch.from_numpy(flat), src=0, group=pg)
+            got = lay.unflatten(flat)
         else:  # one broadcast per tensor, in order
             got = {}
             for name, dt, shape in zip(lay.names, lay.dtypes, lay.shapes):
@@ -179,21 +193,22 @@ class WeightReceiver:
                 dist.broadcast(t, src=0, group=pg)
                 got[name] = t.reshape(-1).view(torch.uint8).numpy().view(np_dtype(dt)).reshape(shape)
         log.info("received %d tensors, %.1f MB, in %.3f s", len(lay.names), lay.total_bytes / 1e6, time.perf_counter() - t0)
-        from aepo_jax.models import from_hf_tensors, hf_tensor_specs
-
-        want = dict(hf_tensor_specs(sampler.cfg))
-        for name, a in got.items():
-            if name not in want:
-                raise ValueError(f"{name}: not a tensor of the served model")
-            if tuple(a.shape) != want[name]:
-                raise ValueError(f"{name}: shape {list(a.shape)}, the served model has {list(want[name])}")
         with self._lock:
-            self.staged.update(got)
-            if not set(want) <= set(self.staged):
+            asm = self.staged
+            if asm is None or asm.cfg != sampler.cfg:
+                asm = self.staged = HFAssembler(sampler.cfg, sampler.dtype, sampler.mesh)
+            for name, a in got.items():
+                if name not in asm.shape_of:
+                    raise ValueError(f"{name}: not a tensor of the served model")
+                if tuple(a.shape) != asm.shape_of[name]:
+                    raise ValueError(f"{name}: shape {list(a.shape)}, the served model has {list(asm.shape_of[name])}")
+            t1 = time.perf_counter()
+            for name, a in got.items():  # converted to our layout on the devices (dispatched, not awaited)
+                asm.add(name, a)
+            asm.detach()  # what waits for the next bucket must not stay a view of the reused buffer
+            if asm.missing():
                 return None
-            staged, self.staged = self.staged, {}
-        t1 = time.perf_counter()
-        model = from_hf_tensors(sampler.cfg, staged, dtype=sampler.dtype, mesh=sampler.mesh,
-                                what="update_weights_from_distributed tensors")
-        log.info("new weights placed on the devices in %.3f s", time.perf_counter() - t1)
+            self.staged = None
+        model = asm.finish()
+        log.info("new weights assembled on the devices in %.3f s", time.perf_counter() - t1)
         return model

@@ -34,8 +34,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aepo_jax.models import hf_device_tensors, hf_tensor_specs
+from aepo_jax.models.hf_layout import hf_host_tensors, host_path
 from aepo_jax.rollout.dist_group import BucketLayout, join_group, leave_group, plan_buckets, require_torch
 from aepo_jax.rollout.weight_sync import WeightSyncError, verify_weight_version
 
@@ -50,6 +52,8 @@ class DistSyncResult:
     verify_s: float
     servers: list[str]
     broadcast_s: float = 0.0  # of send_s: inside the broadcasts themselves (the transfer)
+    wait_s: float = 0.0  # of send_s: waiting for buckets to be ready on the devices (learner layout work not hidden)
+    tail_s: float = 0.0  # of send_s: from the end of the last broadcast to the last server's answer (its swap)
 
     @property
     def total_s(self) -> float:
@@ -82,9 +86,46 @@ def _free_port(address: str) -> int:
 
 @jax.jit
 def _flatten(*arrays):
-    """The arrays (one dtype) raveled and concatenated, in order: the bucket's bytes in that dtype
-    (torch views them as uint8 without a copy; a bitcast here would cost a relayout)."""
+    """The arrays (one dtype) raveled and concatenated, in order, on the device: the bucket's bytes
+    in that dtype (torch views them as uint8 without a copy; a bitcast here would cost a relayout)."""
     return jnp.concatenate([a.reshape(-1) for a in arrays])
+
+
+class _HostBuckets:
+    """The buckets of one sync of a model on one CPU device: every HF tensor is written by
+    :func:`hf_host_tensors` straight into its place in a bucket buffer. The two buffers alternate
+    (one in flight, the next being filled) and are kept for the next sync, so a sync touches no
+    fresh memory (first-touch page faults cost more than the copies here). A tensor of the next
+    bucket that is produced early (q/k/v and gate/up come together) waits in a temporary."""
+
+    def __init__(self, model, dt, bufs: list[np.ndarray]):
+        self.dt, self.bufs, self.n = dt, bufs, 0
+        self.views: dict[str, np.ndarray] = {}
+        self.early: dict[str, np.ndarray] = {}
+        self.tensors = hf_host_tensors(model, dt, lambda name: self.views.get(name))
+
+    def fill(self, layout: BucketLayout) -> np.ndarray:
+        k = self.n % 2
+        self.n += 1
+        if self.bufs[k].size < layout.total_bytes:
+            self.bufs[k] = np.empty(layout.total_bytes, np.uint8)
+        buf = self.bufs[k][:layout.total_bytes]
+        self.views = {n: a for n, a in layout.unflatten(buf).items()}
+        todo = set(layout.names)
+        for name in list(self.early):
+            if name in todo:
+                np.copyto(self.views[name], self.early.pop(name))
+                todo.discard(name)
+        while todo:
+            name, a = next(self.tensors)
+            if name in todo:
+                if a is not self.views[name]:
+                    np.copyto(self.views[name], a)
+                todo.discard(name)
+            else:
+                self.early[name] = a
+        self.views = {}
+        return buf
 
 
 class DistributedWeightSync:
@@ -107,6 +148,7 @@ class DistributedWeightSync:
         self.pause_mode = pause_mode
         self.group = None
         self.world_size = 0
+        self._host_bufs: list[np.ndarray] | None = None  # a CPU learner's two bucket buffers, reused every sync
 
     # ------------------------------------------------------------------ group
     async def connect(self) -> None:
@@ -159,30 +201,26 @@ class DistributedWeightSync:
             self.group = None
 
     # ------------------------------------------------------------------ one sync
-    def _buckets(self, model, dtype: Any):
-        """(layout, device uint8 array) per bucket, each dispatched one bucket ahead of its use."""
-        dt = jnp.dtype(dtype)
-        specs = hf_tensor_specs(model.cfg)
-        plan = plan_buckets(specs, dt.itemsize, self.bucket_bytes)
-        tensors = hf_device_tensors(model, dt)  # lazily: one parameter's transform at a time
-        for idxs in plan:
-            names, arrays = [], []
-            for _ in idxs:
-                name, a = next(tensors)
-                names.append(name)
-                arrays.append(jax.device_put(a, self.device))  # device to device; a no-op on one device
-            layout = BucketLayout.of(names, [dt.name] * len(names), [specs[i][1] for i in idxs])
-            yield layout, _flatten(*arrays)
-
-    def _broadcast(self, flat) -> float:
-        """Send one bucket; returns the seconds the broadcast took (after the bucket was ready)."""
+    def _prepare(self, stream, specs, idxs: list[int], dt) -> tuple[BucketLayout, Any]:
+        """The next bucket (the HF tensors ``idxs`` of ``stream``), ready to send: its layout and its
+        bytes as a torch tensor (on a GPU: device memory, no host copy)."""
         torch = self.torch
-        t = torch.from_dlpack(flat).view(torch.uint8)  # zero copy: the JAX buffer itself (on GPU: device memory)
+        layout = BucketLayout.of([specs[i][0] for i in idxs], [dt.name] * len(idxs), [specs[i][1] for i in idxs])
+        if isinstance(stream, _HostBuckets):
+            return layout, torch.from_numpy(stream.fill(layout))
+        arrays = [next(stream)[1] for _ in idxs]
+        flat = _flatten(*[jax.device_put(a, self.device) for a in arrays]).block_until_ready()
+        return layout, torch.from_dlpack(flat).view(torch.uint8)  # zero copy: the JAX buffer itself
+
+    def _broadcast(self, t) -> tuple[float, float]:
+        """Send one bucket; returns (the seconds the broadcast took, the perf_counter time it ended)."""
+        torch = self.torch
         t0 = time.perf_counter()
         torch.distributed.broadcast(t, src=0, group=self.group)
         if t.is_cuda:
             torch.cuda.synchronize(t.device)
-        return time.perf_counter() - t0
+        t1 = time.perf_counter()
+        return t1 - t0, t1
 
     async def sync(self, model, weight_version: str | int, *, dtype: Any = None, verify: bool = True) -> DistSyncResult:
         """Make every server serve ``model``'s weights as ``weight_version`` (see the module doc)."""
@@ -194,17 +232,30 @@ class DistributedWeightSync:
         await self.client.pause_generation(self.pause_mode)
         t1 = time.perf_counter()
         total = nb = 0
-        bcast_s = 0.0
+        bcast_s = wait_s = 0.0
+        sent_at = t1
+        dt = jnp.dtype(dtype)
+        specs = hf_tensor_specs(model.cfg)
+        plan = plan_buckets(specs, dt.itemsize, self.bucket_bytes)
+        if host_path(model):  # a CPU learner: each tensor converted on the host straight into its bucket
+            if self._host_bufs is None:
+                self._host_bufs = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+            tensors = _HostBuckets(model, dt, self._host_bufs)
+        else:
+            tensors = hf_device_tensors(model, dt)  # lazily: one parameter's transform at a time
+        prep = asyncio.ensure_future(asyncio.to_thread(self._prepare, tensors, specs, plan[0], dt))
         try:
-            buckets = self._buckets(model, dtype)
-            nxt = next(buckets)
-            while nxt is not None:
-                layout, flat = nxt
+            for k in range(len(plan)):
+                tw = time.perf_counter()
+                layout, buf = await prep
+                wait_s += time.perf_counter() - tw
                 post = asyncio.ensure_future(self.client.update_weights_from_distributed(
                     layout.names, layout.dtypes, layout.shapes, weight_version=version, group_name=self.group_name,
                     load_format="flattened_bucket", timeout_s=self.timeout_s))
-                nxt = next(buckets, None)  # the next bucket's device work is queued before this one is sent
-                send = asyncio.ensure_future(asyncio.to_thread(self._broadcast, flat))
+                send = asyncio.ensure_future(asyncio.to_thread(self._broadcast, buf))
+                # the next bucket is prepared (layout transforms, concatenation) while this one is in flight
+                prep = (asyncio.ensure_future(asyncio.to_thread(self._prepare, tensors, specs, plan[k + 1], dt))
+                        if k + 1 < len(plan) else None)
                 await asyncio.wait({send, post}, return_when=asyncio.FIRST_COMPLETED)
                 if post.done() and post.exception() is not None and not send.done():
                     # A server refused the bucket before receiving it: the broadcast cannot complete
@@ -215,7 +266,8 @@ class DistributedWeightSync:
                 for r in res:
                     if isinstance(r, BaseException):
                         raise WeightSyncError(f"weight sync {version!r}, bucket {nb}: {r}") from r
-                bcast_s += res[0]
+                bcast_s += res[0][0]
+                sent_at = res[0][1]
                 total += layout.total_bytes
                 nb += 1
             t2 = time.perf_counter()
@@ -223,5 +275,7 @@ class DistributedWeightSync:
                        if verify else [])
             t3 = time.perf_counter()
         finally:
+            if prep is not None:  # a failed sync: let the bucket in preparation finish, unused
+                await asyncio.gather(prep, return_exceptions=True)
             await self.client.continue_generation()
-        return DistSyncResult(version, total, nb, t1 - t0, t2 - t1, t3 - t2, servers, bcast_s)
+        return DistSyncResult(version, total, nb, t1 - t0, t2 - t1, t3 - t2, servers, bcast_s, wait_s, t2 - sent_at)
