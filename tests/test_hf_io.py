@@ -226,3 +226,72 @@ def test_params_saved_per_layer_before_stacking_still_export(source):
         np.testing.assert_array_equal(_params(again)[k], v, err_msg=str(k))
     with pytest.raises(ValueError, match="layers/mlp/down: layers \\[0, 2\\] saved"):
         stack_legacy_layers({("layers", "0", "mlp", "down"): np.zeros(2), ("layers", "2", "mlp", "down"): np.zeros(2)})
+
+
+def _random_cfg(rng):
+    from aepo_jax.models import ModelConfig
+
+    kv = int(rng.choice([1, 2]))
+    heads = kv * int(rng.choice([1, 2, 3]))
+    mt = str(rng.choice(["qwen2", "qwen3"]))
+    d = {"model_type": mt, "vocab_size": int(rng.integers(40, 90)), "hidden_size": 8 * int(rng.integers(2, 5)),
+         "intermediate_size": int(rng.integers(10, 40)), "num_hidden_layers": int(rng.integers(1, 4)),
+         "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": 4 * int(rng.integers(1, 3)),
+         "tie_word_embeddings": bool(rng.integers(2)), "max_position_embeddings": 64}
+    return ModelConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_host_and_device_layout_conversions_agree_both_ways(seed):
+    """The CPU host conversions (hf_host_tensors, HFAssembler on the host) produce exactly what the
+    jitted device transforms produce, both directions, for random shapes (GQA groups, biases,
+    q/k norms, tied or not), whole or fed in any order and dtype."""
+    from aepo_jax.models import init_model
+    from aepo_jax.models.hf_layout import HFAssembler, hf_device_tensors, hf_host_tensors, host_path
+
+    rng = np.random.default_rng(seed)
+    cfg = _random_cfg(rng)
+    dtype = str(rng.choice(["float32", "bfloat16"]))
+    model = init_model(cfg, seed=seed, dtype=dtype)
+    assert host_path(model)
+    dev = {n: np.asarray(a) for n, a in hf_device_tensors(model, dtype)}
+    host = {n: np.array(a) for n, a in hf_host_tensors(model, dtype)}
+    assert list(dev) == list(host)
+    for n in dev:
+        assert dev[n].dtype == host[n].dtype and np.array_equal(dev[n].view(np.uint8), host[n].view(np.uint8)), n
+    want = {tuple(p): np.asarray(v.get_value()) for p, v in _params_with_paths(model)}
+    order = list(dev)
+    rng.shuffle(order)
+    for on_host in (True, False):  # the same tensors, shuffled, through both assemblers
+        asm = HFAssembler(cfg, dtype)
+        asm.host = on_host
+        for n in order:
+            asm.add(n, dev[n].astype(np.float32) if rng.integers(2) else dev[n])  # bf16: a cast on the way
+            asm.detach()
+        back = asm.finish()
+        for p, v in _params_with_paths(back):
+            np.testing.assert_array_equal(np.asarray(v.get_value()), want[tuple(p)], err_msg=str((p, on_host)))
+
+
+def _params_with_paths(model):
+    from aepo_jax.models.decoder import param_paths
+
+    return param_paths(model)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_host_all_finite_finds_any_nan_or_inf(seed):
+    import jax.numpy as jnp
+
+    from aepo_jax.models.hf_layout import host_all_finite
+
+    rng = np.random.default_rng(seed)
+    for dt in (jnp.bfloat16, np.float16, np.float32, np.float64):
+        a = (rng.standard_normal(int(rng.integers(1, 5000))) * 1e3).astype(dt)
+        assert host_all_finite(a, chunk=int(rng.integers(1, 700)))
+        for bad in (np.nan, np.inf, -np.inf):
+            b = a.copy()
+            b[int(rng.integers(b.size))] = bad
+            assert not host_all_finite(b, chunk=int(rng.integers(1, 700))), (dt, bad)
+    big = np.array([np.finfo(np.float16).max, -np.finfo(np.float16).max, 0.0, -0.0], np.float16)
+    assert host_all_finite(big)

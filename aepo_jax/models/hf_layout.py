@@ -354,6 +354,22 @@ def hf_host_tensors(model: Decoder, dtype: Any,
         yield from zip(m.hf_names, outs)
 
 
+_EXPONENT = {np.dtype(jnp.bfloat16): (np.uint16, 0x7F80), np.dtype(np.float16): (np.uint16, 0x7C00),
+             np.dtype(np.float32): (np.uint32, 0x7F800000), np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def host_all_finite(a: np.ndarray, chunk: int = 1 << 20) -> bool:
+    """No NaN or infinity in host array ``a`` (a float of a known width; anything else is True):
+    a value is finite unless its exponent bits are all ones. Checked on the bits in cache-sized
+    chunks, which reads at memory bandwidth (XLA:CPU's isfinite on bf16 runs ~10x slower)."""
+    if a.dtype not in _EXPONENT:
+        return True
+    ui, mask = _EXPONENT[a.dtype]
+    bits = np.ascontiguousarray(a).reshape(-1).view(ui)
+    m = ui(mask)
+    return all(int((bits[i:i + chunk] & m).max(initial=0)) != mask for i in range(0, bits.size, chunk))
+
+
 HOST_ALIGN = 64  # XLA:CPU uses a host array in place (no copy) when its data is this aligned
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from aepo_jax.models import load_pretrained
+from aepo_jax.models.hf_layout import host_all_finite
 from aepo_jax.rollout.protocol import SamplingRequest, check_request
 from aepo_jax.rollout.sampling import GREEDY_EPS, sample_step
 
@@ -198,7 +199,11 @@ def _check_finite(state, path: str) -> None:
     """ValueError naming the first parameter with a NaN or an infinity (one compiled check and one
     device-to-host transfer for all of them: it runs on every weight sync)."""
     keyed = jax.tree_util.tree_leaves_with_path(state)
-    flags = np.asarray(_finite_flags([x for _, x in keyed]))
+    if all(getattr(x, "sharding", None) is not None and len(x.sharding.device_set) == 1
+           and next(iter(x.sharding.device_set)).platform == "cpu" for _, x in keyed):
+        flags = [host_all_finite(np.asarray(x)) for _, x in keyed]  # in place on the host, ~10x faster
+    else:
+        flags = np.asarray(_finite_flags([x for _, x in keyed]))
     for (key, x), ok in zip(keyed, flags):
         if not ok:
             if getattr(key[0], "key", None) == "layers":  # stacked [layers, ...]: name the layer too
