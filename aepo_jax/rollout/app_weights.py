@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -26,6 +27,13 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     """A JSON response; a NaN or infinity anywhere is a bug, never sent as a bare ``NaN``."""
     return web.json_response(obj, status=status, dumps=lambda o: json.dumps(o, allow_nan=False))
 
+
+
+def _release_old_weights() -> None:
+    """The replaced model's parameters hang in reference cycles (the module graph); collect them
+    now, so that a server holds two copies of the weights only during a swap, not until the next
+    garbage collection happens to run (a third copy at the next sync)."""
+    gc.collect()
 
 
 class WeightEndpoints:
@@ -63,6 +71,7 @@ class WeightEndpoints:
                 raise RequestError(400, {"success": False, "num_paused_requests": 0,
                                          "message": f"Failed to update weights: {e}.\nRolling back to original weights."})
             self.model_path = path
+            _release_old_weights()
             msg = "Succeeded to update model weights." + (f" Weight version updated to {version}." if version else "")
             log.info("%s (%.2fs, %s)", msg, time.time() - t0, path)
             return json_response({"success": True, "message": msg, "num_paused_requests": 0})
@@ -102,6 +111,8 @@ class WeightEndpoints:
             if model is not None:  # the last tensor arrived: swap, waiting for in-flight /generate calls
                 async with self._exclusive():
                     sampler.swap_model(model, req.weight_version, what="update_weights_from_distributed")
+                del model
+                _release_old_weights()
                 log.info("weights updated from the distributed group (weight_version=%s)", sampler.weight_version)
         except Exception as e:
             log.exception("update_weights_from_distributed failed")
