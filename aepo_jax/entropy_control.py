@@ -45,8 +45,8 @@ SIGNALS = ("entropy", "length")  # what the controller holds at its target (aepo
 BAND_MODES = ("hold", "idle")
 BUDGET_MODES = ("fixed", "proportional", "pi", "pid")
 # proportional_width / integral_gain when none is given: each mode's, as measured (docs/training.md)
-DEFAULT_WIDTH = {"fixed": 0.1, "proportional": 0.1, "pi": 0.3, "pid": 0.3}
-DEFAULT_GAIN = {"fixed": 0.03, "proportional": 0.03, "pi": 0.03, "pid": 0.05}
+DEFAULT_WIDTH = {"fixed": 0.1, "proportional": 0.1, "pi": 0.3, "pid": 0.6}
+DEFAULT_GAIN = {"fixed": 0.03, "proportional": 0.03, "pi": 0.03, "pid": 0.1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +167,8 @@ class ControllerConfig:
       toy task at target 0.5 x H0, every miss of the +-10% band was an overshoot above it after a
       burst of full-budget raising steps).
     proportional_width: relative error at which the proportional budget reaches its maximum (and,
-      for ``pi``, the width of the proportional band); None = 0.1 for ``proportional``, 0.3 for
-      ``pi`` (:attr:`width`).
+      for ``pi`` and ``pid``, the width of the proportional band; for ``pid`` in units of H0);
+      None = 0.1 for ``proportional``, 0.3 for ``pi``, 0.6 for ``pid`` (:attr:`width`).
     budget_mode ``pi`` (not the paper): proportional-integral control of one signed lever.
       ``e = (H - target) / target``; inside the band (``|e| < proportional_width``) the integral
       ``I`` accumulates ``e`` (clamped to ``|integral_gain * I| <= 1``; frozen outside the band,
@@ -181,7 +181,7 @@ class ControllerConfig:
       proportional budget alone settles where its push equals the drift, an offset of up to
       proportional_width from the target. The integral removes that offset (it learns the push
       the drift needs), the proportional part keeps steps near the target small.
-    integral_gain: weight of the integral in ``pi`` and ``pid``; None = 0.03 for ``pi``, 0.05 for
+    integral_gain: weight of the integral in ``pi`` and ``pid``; None = 0.03 for ``pi``, 0.1 for
       ``pid`` (:attr:`gain`). Both pi settings are small on purpose: one
       decision moves the entropy over several later steps (Adam's momentum carries each update's
       direction into the next ones) and the per-step entropy estimate is noisy (about 5% of H on
@@ -189,12 +189,14 @@ class ControllerConfig:
       (docs/training.md): width 0.1 with gain 0.1 held it worse than the fixed budget on base
       seeds 0 and 1; width 0.3 with gain 0.03 better on seed 1, worse on seed 0, where the integral
       winds up during the approach from H0. Not yet a replacement for ``fixed``.
-    budget_mode ``pid`` (not the paper): ``pi`` with a derivative term. ``u = (e +
-      derivative_steps * slope + integral_gain * I) / proportional_width``, with ``slope`` the
-      least-squares slope of ``e`` per step over the last ``derivative_window`` decisions (0 until
-      there are 3) and ``I`` the sum of ``e`` over the steps on which the lever was not saturated
-      (``|u| < 1`` before adding that step's error; clamped to ``|integral_gain * I| <= 1``);
-      direction and budget from ``u`` as in ``pi``. Why: Adam's first moment (beta1 = 0.9) keeps applying each
+    budget_mode ``pid`` (not the paper): a PID controller of the budget. ``e = (H - target) / H0``
+      (H0: the first observed value of the signal), ``u = (e + derivative_steps * slope +
+      integral_gain * I) / proportional_width``, with ``slope`` the least-squares slope of ``e``
+      per step over the last ``derivative_window`` decisions (0 until there are 3) and ``I`` the
+      sum of ``e`` over the steps on which the lever was not saturated (``|u| < 1`` before adding
+      that step's error) and the error was not closing (``e * slope >= 0``); clamped to
+      ``|integral_gain * I| <= 1``; ``u > 0`` lowers (T_low), else
+      raises (T_high), with the direction's budget times ``min(1, |u|)`` (at least 1). Why: Adam's first moment (beta1 = 0.9) keeps applying each
       step's REINFORCE gradient for about ten more steps, so the entropy behaves like an integrator
       behind a lag: a controller that reads only the error (fixed, proportional, pi) is still
       pushing when the entropy reaches the target and overshoots, in a cycle. The slope says where
@@ -202,8 +204,13 @@ class ControllerConfig:
       so the push eases off before the target and leans against a drift before the error grows:
       the derivative term of classical control, the standard remedy for such a lag. The integral
       removes the offset that GRPO's own drift leaves; summing only while the lever is not
-      saturated (conditional integration, the usual anti-windup) it does not grow on the way from
-      H0 while the budget is full anyway.
+      saturated and the error is not already shrinking (conditional integration, the usual
+      anti-windup) it does not grow on the way from H0, which would carry the entropy past the
+      target afterwards (``pi``'s failure at 0.5 x H0). The error is in units of H0, not of the target, because
+      the lever moves the entropy by about the same nats per step at any target (on the toy task
+      at full budget about 0.02 nats a step both at 0.5 and at 2 x H0): relative to the target the
+      same controller would have four times the loop gain at 0.5 x H0 as at 2 x H0, and oscillate
+      at the one or crawl at the other.
     derivative_steps: how many steps ahead ``pid`` extrapolates the error (its derivative gain).
     derivative_window: decisions the ``pid`` slope is fitted over (>= 3): longer is less noisy and
       later.
@@ -389,7 +396,8 @@ class EntropyController:
             share = min(1.0, abs(h - target) / (cfg.width * target))
             budget = max(1, int(round(budget * share))) if budget > 0 else 0
         elif cfg.budget_mode in ("pi", "pid") and h is not None and not math.isnan(target) and target > 0:
-            e = (h - target) / target
+            scale = st.initial_signal if cfg.budget_mode == "pid" and st.initial_signal else target
+            e = (h - target) / scale
             limit = 1.0 / cfg.gain if cfg.gain > 0 else 0.0
             if st.step != int(step):  # the integral and the history move once per step, however often decide() runs
                 if cfg.budget_mode == "pi":
@@ -397,8 +405,11 @@ class EntropyController:
                         st.integral = float(min(limit, max(-limit, st.integral + e)))
                 else:
                     st.errors = [*st.errors, float(e)][-cfg.derivative_window:]
-                    ahead = e + cfg.derivative_steps * least_squares_slope(st.errors)
-                    if abs(ahead + cfg.gain * st.integral) < cfg.width:  # the lever is not saturated
+                    slope = least_squares_slope(st.errors)
+                    ahead = e + cfg.derivative_steps * slope
+                    # conditional integration: not while the lever is saturated, nor while the error
+                    # is already closing on its own (the approach from H0): only a standing offset
+                    if len(st.errors) >= 3 and abs(ahead + cfg.gain * st.integral) < cfg.width and e * slope >= 0:
                         st.integral = float(min(limit, max(-limit, st.integral + e)))
             u = e + cfg.gain * st.integral
             if cfg.budget_mode == "pid":

@@ -107,7 +107,7 @@ def test_every_loss_and_controller_option_is_reachable(tmp_path):
 
 
 def test_pid_from_the_command_line_and_its_checks():
-    """budget_mode=pid is reachable as a key, takes its own defaults (width 0.3, gain 0.05) unless
+    """budget_mode=pid is reachable as a key, takes its own defaults (width 0.6, gain 0.1) unless
     given, and bad companions are refused at start-up naming the key."""
     from aepo_jax.trainer.config import controller_config
 
@@ -115,7 +115,7 @@ def test_pid_from_the_command_line_and_its_checks():
         return validate(build_config(RunConfig, list(argv), aliases=ALIASES))
 
     ctl = controller_config(cfg("--algorithm.controller.budget_mode=pid"))
-    assert (ctl.budget_mode, ctl.width, ctl.gain) == ("pid", 0.3, 0.05)
+    assert (ctl.budget_mode, ctl.width, ctl.gain) == ("pid", 0.6, 0.1)
     ctl = controller_config(cfg("--algorithm.controller.budget_mode=pid", "--algorithm.controller.integral_gain=0.2",
                                 "--algorithm.controller.proportional_width=0.4"))
     assert (ctl.width, ctl.gain) == (0.4, 0.2) and (ctl.derivative_steps, ctl.derivative_window) == (3.0, 5)

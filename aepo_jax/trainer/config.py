@@ -106,9 +106,10 @@ class ControllerSection:
         "| pid (pi plus the error's slope: eases off before the target, as Adam's momentum keeps pushing; "
         "the integral sums only while the budget is not full)"))
     proportional_width: float | None = field(default=None, metadata=_help(
-        "relative error at which the proportional (pi, pid) budget is full; none = 0.1 (proportional), 0.3 (pi, pid)"))
+        "relative error at which the proportional (pi, pid) budget is full; none = 0.1 (proportional), 0.3 (pi), "
+        "0.6 (pid, whose error is relative to H0)"))
     integral_gain: float | None = field(default=None, metadata=_help(
-        "budget_mode=pi / pid: weight of the summed relative error; none = 0.03 (pi), 0.05 (pid)"))
+        "budget_mode=pi / pid: weight of the summed relative error; none = 0.03 (pi), 0.1 (pid)"))
     derivative_steps: float = field(default=3.0, metadata=_help(
         "budget_mode=pid: steps ahead the error is extrapolated along its slope (the derivative gain)"))
     derivative_window: int = field(default=5, metadata=_help(
