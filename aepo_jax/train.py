@@ -153,7 +153,8 @@ class Trainer:
                                    response_len=self.geo.response_len, logprob_chunk=cfg.model.logprob_chunk,
                                    micro_batches=self.geo.micro_batches, entropy_grad=self.spec.entropy_grad,
                                    reuse_old_logp=self.reuse_old_logp, seed=cfg.train.seed,
-                                   entropy_signal=not self.measure_entropy)
+                                   entropy_signal=not self.measure_entropy,
+                                   prefix_slots=stages.prefix_slots(cfg, data_size=int(self.mesh.shape["data"])))
         total_updates = cfg.train.steps * cfg.train.epochs * self.geo.num_minibatches
         self.learner = Learner(model, learner_spec, cfg.optim, total_updates, self.mesh)
         self.num_updates = 0

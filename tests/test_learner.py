@@ -47,14 +47,30 @@ def _batch(seed=0):
                  truncated=np.zeros(N, bool))
 
 
-def _learner(mesh_spec, micro=1, method="aepo", reuse_old_logp=False):
+def _grouped_batch(seed=0, prompts=3, pad_rows=2):
+    """Rows that share prompts (a GRPO step: several samples per prompt, here of unequal group
+    sizes and in shuffled order), plus all-padding rows (mask 0, as ``pad_rows`` adds)."""
+    b = _batch(seed)
+    rng = np.random.default_rng(seed + 100)
+    ids, attn = b.input_ids.copy(), b.attention_mask.copy()
+    prompt_of = rng.integers(0, prompts, size=N)
+    for i in range(N):
+        src = int(np.nonzero(prompt_of == prompt_of[i])[0][0])
+        ids[i, :P_LEN], attn[i, :P_LEN] = ids[src, :P_LEN], attn[src, :P_LEN]
+    mask = b.mask.copy()
+    ids[N - pad_rows:], attn[N - pad_rows:], mask[N - pad_rows:] = 0, 0, 0
+    pos = np.maximum(np.cumsum(attn, 1) - 1, 0).astype(np.int32)
+    return dataclasses.replace(b, input_ids=ids, attention_mask=attn, position_ids=pos, mask=mask)
+
+
+def _learner(mesh_spec, micro=1, method="aepo", reuse_old_logp=False, prefix_slots=0):
     d, t = (int(x) for x in mesh_spec.split("x"))
     mesh = make_mesh(mesh_spec, devices=jax.devices()[: d * t])
     model = init_model(_cfg(), seed=0, mesh=mesh)
     m = method_spec(method)
     spec = LearnerSpec(loss_name=m.loss, loss=LossConfig(), prompt_len=P_LEN, response_len=R_LEN,
                        logprob_chunk=4, micro_batches=micro, entropy_grad=m.entropy_grad,
-                       reuse_old_logp=reuse_old_logp)
+                       reuse_old_logp=reuse_old_logp, prefix_slots=prefix_slots)
     # eps >> round-off in g: with a tiny eps Adam would turn a 1e-9 difference into a +-lr step.
     return Learner(model, spec, OptimSection(lr=1e-2, eps=1e-3), total_updates=10, mesh=mesh)
 
@@ -135,16 +151,17 @@ def test_on_policy_reuse_equals_recomputed_old_logprobs(method):
         _learner("1x1", 1, method).update(b)
 
 
-@pytest.mark.parametrize("mesh,micro,reuse", [("1x1", 1, True), ("4x2", 2, False)])
-def test_updates_after_the_first_compile_nothing(mesh, micro, reuse):
+@pytest.mark.parametrize("mesh,micro,reuse,slots", [("1x1", 1, True, 0), ("4x2", 2, False, 0), ("1x1", 1, False, 5)])
+def test_updates_after_the_first_compile_nothing(mesh, micro, reuse, slots):
     """The optimiser state starts where the update keeps it, so the second update hits the jit
-    cache (it used to compile again at step 2); new batch values never recompile."""
+    cache (it used to compile again at step 2); new batch values never recompile (with the
+    shared-prefix pass: nor a new number of distinct prompts)."""
     from aepo_jax.compilation_cache import COMPILES
 
-    learner = _learner(mesh, micro, "aepo", reuse_old_logp=reuse)
+    learner = _learner(mesh, micro, "aepo", reuse_old_logp=reuse, prefix_slots=slots)
     COMPILES.install()
     for seed in range(3):
-        b = _batch(seed)
+        b = _grouped_batch(seed, prompts=seed + 2) if slots else _batch(seed)
         before = COMPILES.compiles
         if not reuse:
             lp, ent = learner.logprobs(b, rows_per_call=8)
@@ -155,3 +172,55 @@ def test_updates_after_the_first_compile_nothing(mesh, micro, reuse):
             assert COMPILES.compiles > before  # the counter sees compilations
         else:
             assert COMPILES.compiles == before, f"update {seed + 1} compiled {COMPILES.compiles - before} time(s)"
+
+
+@pytest.mark.parametrize("method,mesh,micro,reuse", [
+    ("aepo", "1x1", 1, True), pytest.param("entropy_reg", "4x2", 2, False, marks=pytest.mark.slow)])
+def test_shared_prefix_pass_equals_whole_rows(method, mesh, micro, reuse):
+    """Each distinct prompt through the decoder once, the rows continuing it: the same log-probs,
+    entropies, loss, gradient and update as every row whole (up to float rounding), whatever the
+    rows' order, group sizes, padding rows, micro-batches or mesh."""
+    b = _grouped_batch(5)
+    whole = _learner(mesh, micro, method, reuse_old_logp=reuse)
+    shared = _learner(mesh, micro, method, reuse_old_logp=reuse, prefix_slots=4)
+    for learner in (whole, shared):
+        learner.out = learner.logprobs(b, rows_per_call=8)
+    for a, c in zip(whole.out, shared.out):
+        np.testing.assert_allclose(a, c, atol=2e-5)
+    lp, ent = whole.out
+    batch = b if reuse else dataclasses.replace(b, old_logp=lp - 0.05 * b.mask, entropy=ent)
+    m1, m2 = whole.update(batch), shared.update(batch)
+    assert m1.keys() == m2.keys()
+    for k in m1:
+        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+    for a, c in zip(jax.tree.leaves(whole.params), jax.tree.leaves(shared.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-5)
+
+
+def test_shared_prefix_with_too_many_prompts_runs_rows_whole(caplog):
+    """More distinct prompts in a call than prefix slots: those rows go through whole (a warning,
+    the right numbers) instead of failing."""
+    b = _grouped_batch(6, prompts=N)  # no two rows share a prompt
+    whole, shared = _learner("1x1"), _learner("1x1", prefix_slots=3)
+    with caplog.at_level("WARNING", logger="aepo_jax.train"):
+        got = shared.logprobs(b, rows_per_call=8)
+    assert "prefix slots" in caplog.text
+    for a, c in zip(whole.logprobs(b, rows_per_call=8), got):
+        np.testing.assert_allclose(a, c, atol=2e-5)
+
+
+def test_shared_prefixes_finds_each_rows_prompt():
+    from aepo_jax.trainer.learner import shared_prefixes
+
+    b = _grouped_batch(7, prompts=3, pad_rows=3)
+    got = shared_prefixes(b.input_ids, b.attention_mask, b.position_ids, P_LEN, slots=6)
+    assert got["ids"].shape == (6, P_LEN - 1) and got["index"].shape == (N,)
+    for i in range(N):  # every row's prefix columns are the ones of the slot it points at
+        j = got["index"][i]
+        np.testing.assert_array_equal(got["ids"][j], b.input_ids[i, : P_LEN - 1])
+        np.testing.assert_array_equal(got["mask"][j], b.attention_mask[i, : P_LEN - 1])
+        np.testing.assert_array_equal(got["pos"][j], b.position_ids[i, : P_LEN - 1])
+    distinct = len({bytes(b.input_ids[i, : P_LEN - 1]) + bytes(b.attention_mask[i, : P_LEN - 1]) for i in range(N)})
+    assert len(set(got["index"].tolist())) == distinct
+    assert shared_prefixes(b.input_ids, b.attention_mask, b.position_ids, P_LEN, slots=distinct - 1) is None
+    assert shared_prefixes(b.input_ids, b.attention_mask, b.position_ids, 1, slots=6) is None  # P = 1: no prefix

@@ -134,6 +134,49 @@ def test_hidden_states_and_lm_head(checkpoints):
             np.testing.assert_array_equal(np.asarray(w), np.asarray(model.embed[...]).T)
 
 
+def test_continuation_of_shared_prefixes_equals_whole_rows(checkpoints, name="qwen2_gqa"):
+    """Rows that continue shared prefixes (each prefix through the layers once): the hidden states
+    and the gradient of whole rows, for left-padded prefixes, rows in any order and padded rows."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from aepo_jax.models import load_pretrained
+
+    model = load_pretrained(checkpoints[name][0])
+    rng = np.random.RandomState(11)
+    lp, ls, u, n = 6, 5, 3, 7
+    pre_ids, pre_mask = rng.randint(0, VOCAB, (u, lp)), np.ones((u, lp), np.int64)
+    pre_mask[1, :2] = 0
+    pre_mask[2, :5] = 0
+    index = rng.permutation(np.arange(n) % u)
+    ids = rng.randint(0, VOCAB, (n, ls))
+    mask = np.ones((n, ls), np.int64)
+    mask[0, 3:] = 0
+    mask[4, 1:] = 0
+    whole_ids = np.concatenate([pre_ids[index], ids], 1)
+    whole_mask = np.concatenate([pre_mask[index], mask], 1)
+    pos = np.maximum(np.cumsum(whole_mask, 1) - 1, 0)
+    upos = np.maximum(np.cumsum(pre_mask, 1) - 1, 0)
+    weights = jnp.asarray(rng.randn(n, ls, model.cfg.hidden_size), jnp.float32)
+    graphdef, state = nnx.split(model)
+
+    def whole(st):
+        return nnx.merge(graphdef, st).hidden_states(whole_ids, whole_mask, pos)[:, lp:]
+
+    def shared(st):
+        return nnx.merge(graphdef, st).continuation_hidden_states(pre_ids, pre_mask, upos, ids, mask, pos[:, lp:],
+                                                                  index)
+
+    np.testing.assert_allclose(np.asarray(shared(state)), np.asarray(whole(state)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.continuation_hidden_states(pre_ids, pre_mask, upos, ids, mask,
+                                                                           pos[:, lp:], index)),
+                               np.asarray(whole(state)), atol=1e-5)  # eager call: one compiled program
+    g1, g2 = (jax.grad(lambda st, f=f: jnp.sum(f(st) * weights))(state) for f in (whole, shared))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4, rtol=1e-4)
+
+
 def _decode_all(model, ids, mask, prompt_len, max_len):
     """Prefill the first prompt_len tokens, then decode the rest one by one in a jitted fori_loop."""
     import jax

@@ -125,8 +125,9 @@ def _check_method_semantics(method: str, ms: list[dict]) -> None:
 def test_every_method_runs_end_to_end(method, base_model, server, tmp_path):
     from aepo_jax.train import main
 
+    # shared_prefix=on: the single-device default (auto), here on the simulated 8-device mesh
     rc = main(_args(base_model, server.url, tmp_path, f"--method={method}", "--steps=2", "--mesh=8x1",
-                    "--algorithm.controller.target=8.0"))
+                    "--algorithm.controller.target=8.0", "--model.shared_prefix=on"))
     assert rc == 0
     ms = _metrics(tmp_path)
     assert [m["step"] for m in ms] == [1, 2]

@@ -112,25 +112,30 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
                      block: int = 128) -> jax.Array:
     """Causal GQA attention over whole sequences, block by block.
 
-    q [B, L, KV, G, D] (already scaled), k/v [B, L, KV, D], key_valid [B, L] bool -> [B, L, KV, G, D].
+    q [B, Lq, KV, G, D] (already scaled), k/v [B, L, KV, D], key_valid [B, L] bool -> [B, Lq, KV, G, D].
+    The queries are the last Lq of the L positions (Lq = L for a whole sequence; Lq < L when the
+    first L - Lq keys are a prefix computed elsewhere, see ``Decoder.continuation_hidden_states``).
     Query block i only meets key blocks 0..i (the blocks above the diagonal are skipped, not
     masked), and the G query heads that share a KV head are folded into the rows of one matmul,
     so there is no repeat_kv copy. Softmax in float32.
     """
     b, length, kvh, g, d = q.shape
-    qt = q.transpose(0, 2, 1, 3, 4)  # [B, KV, L, G, D]
+    offset = k.shape[1] - length  # key index of query 0
+    if offset < 0:
+        raise ValueError(f"causal_attention: {length} queries but only {k.shape[1]} keys")
+    qt = q.transpose(0, 2, 1, 3, 4)  # [B, KV, Lq, G, D]
     kt = k.transpose(0, 2, 1, 3)  # [B, KV, L, D]
     vt = v.transpose(0, 2, 1, 3)
     outs = []
     for start in range(0, length, block):
         stop = min(start + block, length)
-        n = stop - start
+        n, seen = stop - start, offset + stop
         qi = qt[:, :, start:stop].reshape(b, kvh, n * g, d)
-        s = jnp.einsum("bhqd,bhkd->bhqk", qi, kt[:, :, :stop], preferred_element_type=F32)
-        q_pos = start + jnp.arange(n * g) // g
-        ok = (q_pos[:, None] >= jnp.arange(stop)[None, :])[None, None] & key_valid[:, None, None, :stop]
+        s = jnp.einsum("bhqd,bhkd->bhqk", qi, kt[:, :, :seen], preferred_element_type=F32)
+        q_pos = offset + start + jnp.arange(n * g) // g
+        ok = (q_pos[:, None] >= jnp.arange(seen)[None, :])[None, None] & key_valid[:, None, None, :seen]
         p = jax.nn.softmax(jnp.where(ok, s, _NEG), axis=-1)
-        o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vt[:, :, :stop])
+        o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vt[:, :, :seen])
         outs.append(o.reshape(b, kvh, n, g, d))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
     return out.transpose(0, 2, 1, 3, 4)
@@ -233,6 +238,30 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, key_valid):
         eps = self.cfg.rms_norm_eps
         x = x + self.attn(rms_norm(x, self.attn_norm[...], eps), cos, sin, key_valid)
+        return x + self.mlp(rms_norm(x, self.mlp_norm[...], eps))
+
+    def continuation(self, x, cos, sin, split, prefix_valid, valid, prefix_index):
+        """This layer on U shared prefixes and the N rows that continue them, all tokens in one
+        row x [1, U * Lp + N * Ls, H] (prefixes first; ``split`` = (U, Lp, N, Ls)) so the
+        projections and the MLP are single matmuls. Row n continues prefix prefix_index[n]: its
+        tokens attend to that prefix's keys (where prefix_valid) and causally to its own (where
+        valid): the numbers of ``__call__`` on the concatenated sequences."""
+        eps = self.cfg.rms_norm_eps
+        u, lp, n, ls = split
+        q, k, v = self.attn.project(rms_norm(x, self.attn_norm[...], eps), cos, sin)
+
+        def parts(t):  # [1, T, ...] -> prefixes [U, Lp, ...], continuations [N, Ls, ...]
+            return t[0, : u * lp].reshape((u, lp) + t.shape[2:]), t[0, u * lp :].reshape((n, ls) + t.shape[2:])
+
+        (qp, qs), (kp, ks), (vp, vs) = parts(q), parts(k), parts(v)
+        ap = causal_attention(qp, kp, vp, prefix_valid)
+        # each row's keys: its prefix's (gathered: the gradient sums over the rows sharing it), then its own
+        k_rows = jnp.concatenate([jnp.take(kp, prefix_index, axis=0), ks], axis=1)
+        v_rows = jnp.concatenate([jnp.take(vp, prefix_index, axis=0), vs], axis=1)
+        valid_rows = jnp.concatenate([jnp.take(prefix_valid, prefix_index, axis=0), valid], axis=1)
+        a_s = causal_attention(qs, k_rows, v_rows, valid_rows)
+        a = jnp.concatenate([ap.reshape((1, u * lp) + ap.shape[2:]), a_s.reshape((1, n * ls) + a_s.shape[2:])], axis=1)
+        x = x + self.attn.out(a)
         return x + self.mlp(rms_norm(x, self.mlp_norm[...], eps))
 
     def decode(self, x, cos, sin, cache, layer, cache_index, visible):
@@ -344,6 +373,43 @@ class Decoder(nnx.Module):
 
         layer_fn = _rematerialised(layer_fn, remat_policy(self.remat))
         x, _ = self._scan_layers(lambda weights, x, _: (layer_fn(weights, x), None), x)
+        return rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)
+
+    def continuation_hidden_states(self, prefix_ids: jax.Array, prefix_mask: jax.Array, prefix_position_ids: jax.Array,
+                                   input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array,
+                                   prefix_index: jax.Array) -> jax.Array:
+        """Hidden states after the final norm [N, Ls, H] of N rows that continue U shared prefixes.
+
+        prefix_* [U, Lp]; input_ids, attention_mask, position_ids [N, Ls]; prefix_index [N] int:
+        row n is the sequence ``prefix[prefix_index[n]] + input_ids[n]`` (position ids given for
+        both parts). The result is ``hidden_states`` of those concatenated rows at their last Ls
+        positions (up to float rounding), but every prefix goes through the layers once however
+        many rows continue it: the G samples of a GRPO prompt share their prompt's forward and
+        backward pass instead of repeating it G times.
+        """
+        return _compiled_unless_tracing(self, "_continuation_hidden_states", prefix_ids, prefix_mask,
+                                        prefix_position_ids, input_ids, attention_mask, position_ids, prefix_index)
+
+    def _continuation_hidden_states(self, prefix_ids, prefix_mask, prefix_position_ids, input_ids, attention_mask,
+                                    position_ids, prefix_index):
+        prefix_ids, input_ids = jnp.asarray(prefix_ids), jnp.asarray(input_ids)
+        (u, lp), (n, ls) = prefix_ids.shape, input_ids.shape
+        prefix_valid = jnp.asarray(prefix_mask).astype(jnp.bool_)
+        valid = jnp.asarray(attention_mask).astype(jnp.bool_)
+        prefix_index = jnp.asarray(prefix_index, jnp.int32)
+        # One token row [1, U*Lp + N*Ls]: prefixes first, then the continuations.
+        joined = lambda a, b: jnp.concatenate([jnp.reshape(a, (1, u * lp) + a.shape[2:]),  # noqa: E731
+                                               jnp.reshape(b, (1, n * ls) + b.shape[2:])], axis=1)
+        positions = joined(jnp.asarray(prefix_position_ids), jnp.asarray(position_ids))
+        cos, sin = rope_cos_sin(positions, self.cfg.inv_freq())
+        x = self._embed(joined(prefix_ids, input_ids))
+
+        def layer_fn(weights, x):
+            return self._layer(weights).continuation(x, cos, sin, (u, lp, n, ls), prefix_valid, valid, prefix_index)
+
+        layer_fn = _rematerialised(layer_fn, remat_policy(self.remat))
+        x, _ = self._scan_layers(lambda weights, x, _: (layer_fn(weights, x), None), x)
+        x = x[0, u * lp :].reshape((n, ls) + x.shape[2:])
         return rms_norm(x, self.norm[...], self.cfg.rms_norm_eps)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

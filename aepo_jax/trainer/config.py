@@ -35,6 +35,9 @@ class ModelSection:
         "what each decoder layer recomputes in the backward pass: none | full | dots | dots_except_mlp | "
         "attn_context (false = none, true = full; docs/scale.md)"))
     logprob_chunk: int = field(default=256, metadata=_help("sequence chunk of the log-prob/entropy head"))
+    shared_prefix: str = field(default="auto", metadata=_help(
+        "the learner's passes run each distinct prompt through the decoder once and the step's samples continue "
+        "it (the same numbers up to rounding): auto (on when the mesh's data axis is 1) | on | off (docs/performance.md)"))
 
 
 @dataclass

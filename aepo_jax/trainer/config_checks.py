@@ -146,6 +146,7 @@ def validate(cfg: RunConfig, *, data_axis_size: int | None = None) -> RunConfig:
                           f"(it decides the direction itself), got {c.dead_band}")
     _one_of("algorithm.reg_norm", a.reg_norm, REG_NORMS)
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
+    _one_of("model.shared_prefix", cfg.model.shared_prefix, ("auto", "on", "off"))
     try:
         remat_policy(cfg.model.remat)
     except ValueError as e:

@@ -22,6 +22,7 @@ per mini-batch, prompt length P, response length R), so each function compiles o
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import jax
@@ -35,6 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from aepo_jax.logprobs import chunked_logprobs_entropy
 from aepo_jax.losses import NEEDS_RNG, LossConfig, loss_denominators, merge_microbatch_metrics, policy_loss
 from aepo_jax.trainer.batch import Batch
+
+log = logging.getLogger("aepo_jax.train")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class LearnerSpec:
     reuse_old_logp: bool = False
     entropy_signal: bool = True
     seed: int = 0  # of the loss's random draws (Clip-Cov): key = (seed, update index, micro-batch)
+    prefix_slots: int = 0  # > 0: shared-prefix pass with this many distinct prompts per call (0 = every row whole)
 
 
 def make_optimizer(optim, total_updates: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -76,16 +80,47 @@ def make_optimizer(optim, total_updates: int) -> tuple[optax.GradientTransformat
     return optax.chain(*parts), schedule
 
 
+def shared_prefixes(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, prompt_len: int,
+                    slots: int) -> dict | None:
+    """The distinct prompt prefixes of a block of packed rows, for the shared-prefix pass.
+
+    A row's prefix is its first P - 1 columns (the left-padded prompt without its last token; that
+    token stays with the row because its hidden state predicts the first response token). Returns
+    {"ids", "mask", "pos"} [slots, P - 1] (the distinct prefixes, then copies of the first to fill
+    the fixed number of slots) and "index" [N] (each row's prefix), or None when the rows hold
+    more than ``slots`` distinct prefixes or P < 2 (then the rows go through whole).
+    """
+    lp = prompt_len - 1
+    if lp < 1 or slots < 1:
+        return None
+    ids, mask = np.asarray(input_ids)[:, :lp], np.asarray(attention_mask)[:, :lp]
+    keys = np.concatenate([ids, mask], axis=1)
+    _, first, index = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    if len(first) > slots:
+        return None
+    first = np.concatenate([first, np.full(slots - len(first), first[0])])
+    return {"ids": ids[first], "mask": mask[first], "pos": np.asarray(position_ids)[first, :lp],
+            "index": index.reshape(-1).astype(np.int32)}
+
+
 def response_logprobs(model, input_ids, attention_mask, position_ids, spec: LearnerSpec, entropy_grad: bool,
-                      batch_groups: int = 1):
+                      batch_groups: int = 1, prefixes: dict | None = None):
     """log pi(o_t) and H_t for the R response tokens of each row (fp32 [N, R] each).
 
     The hidden state at column P + t - 1 predicts the response token at column P + t, so only the
     response part of the sequence goes through the LM head (the prompt's logits are never formed).
+    With ``prefixes`` (:func:`shared_prefixes`) each distinct prompt prefix goes through the
+    decoder once and the rows continue it from column P - 1 (the same numbers up to rounding).
     """
     p, r = spec.prompt_len, spec.response_len
-    hidden = model.hidden_states(input_ids, attention_mask, position_ids)
-    hidden = hidden[:, p - 1 : p + r - 1]
+    if prefixes is None:
+        hidden = model.hidden_states(input_ids, attention_mask, position_ids)
+        hidden = hidden[:, p - 1 : p + r - 1]
+    else:
+        cols = slice(p - 1, p + r - 1)
+        hidden = model.continuation_hidden_states(
+            prefixes["ids"], prefixes["mask"], prefixes["pos"], input_ids[:, cols], attention_mask[:, cols],
+            position_ids[:, cols], prefixes["index"])
     targets = input_ids[:, p : p + r]
     return chunked_logprobs_entropy(hidden, model.lm_head_kernel(), targets,
                                     chunk_size=min(spec.logprob_chunk, r), entropy_grad=entropy_grad,
@@ -133,6 +168,7 @@ class Learner:
         else:
             self.opt_state = init(self.params)
         self.data_size = int(mesh.shape["data"])
+        self._warned_prefixes = False
         self._logprob_fn = jax.jit(self._logprobs_impl)
         self._update_fn = jax.jit(self._update_impl, donate_argnums=(0, 1),
                                   out_shardings=(param_shardings, opt_shardings, replicated))
@@ -169,9 +205,25 @@ class Learner:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     # ------------------------------------------------------------------ log-probs
-    def _logprobs_impl(self, params, input_ids, attention_mask, position_ids):
+    def _put_replicated(self, x: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P()), lambda idx: x[idx])
+
+    def _prefixes(self, input_ids, attention_mask, position_ids, rows: int) -> dict | None:
+        """:func:`shared_prefixes` of one call's rows when the spec asks for the shared-prefix pass."""
+        if not self.spec.prefix_slots:
+            return None
+        found = shared_prefixes(input_ids, attention_mask, position_ids, self.spec.prompt_len,
+                                min(self.spec.prefix_slots, rows))
+        if found is None and not self._warned_prefixes:
+            self._warned_prefixes = True
+            log.warning("more distinct prompts than the %d prefix slots in one call: those rows go through the "
+                        "decoder whole (correct, but a second compiled program)", self.spec.prefix_slots)
+        return found
+
+    def _logprobs_impl(self, params, input_ids, attention_mask, position_ids, prefixes=None):
         model = nnx.merge(self.graphdef, params)
-        logp, ent = response_logprobs(model, input_ids, attention_mask, position_ids, self.spec, entropy_grad=False)
+        logp, ent = response_logprobs(model, input_ids, attention_mask, position_ids, self.spec, entropy_grad=False,
+                                      prefixes=prefixes)
         return jax.lax.stop_gradient(logp), jax.lax.stop_gradient(ent)
 
     def logprobs(self, batch: Batch, rows_per_call: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,22 +239,27 @@ class Learner:
             m = chunk[0].shape[0]
             if m < rows:
                 chunk = [np.concatenate([x, np.repeat(x[-1:], rows - m, axis=0)]) for x in chunk]
-            lp, en = self._logprob_fn(self.params, *(self._put_rows(x) for x in chunk))
+            prefixes = self._prefixes(*chunk, rows)
+            if prefixes is not None:
+                index = prefixes.pop("index")
+                prefixes = {k: self._put_replicated(v) for k, v in prefixes.items()}
+                prefixes["index"] = self._put_rows(index)
+            lp, en = self._logprob_fn(self.params, *(self._put_rows(x) for x in chunk), prefixes)
             logps.append(self._gather(lp)[:m])
             ents.append(self._gather(en)[:m])
         return np.concatenate(logps), np.concatenate(ents)
 
     # ------------------------------------------------------------------ update
-    def _update_impl(self, params, opt_state, mb: Batch, update_index):
+    def _update_impl(self, params, opt_state, mb: Batch, update_index, prefixes=None):
         spec = self.spec
         dens = loss_denominators({"mask": mb.mask.reshape(-1, spec.response_len), "is_reg": mb.is_reg.reshape(-1)})
 
-        def micro_loss(p, micro: Batch, rng):
+        def micro_loss(p, micro: Batch, micro_prefixes, rng):
             model = nnx.merge(self.graphdef, p)
             # batch_groups = data-axis size: the LM-head gradient is summed over devices once after
             # the chunk loop instead of once per chunk (see aepo_jax/logprobs.py).
             logp, ent = response_logprobs(model, micro.input_ids, micro.attention_mask, micro.position_ids,
-                                          spec, spec.entropy_grad, self.data_size)
+                                          spec, spec.entropy_grad, self.data_size, micro_prefixes)
             old = jax.lax.stop_gradient(logp) if spec.reuse_old_logp else micro.old_logp
             loss, metrics = policy_loss(spec.loss_name, {
                 "logp": logp, "old_logp": old, "mask": micro.mask, "advantages": micro.advantages,
@@ -213,8 +270,8 @@ class Learner:
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def body(gsum, xs):
-            micro, rng = xs
-            (_, aux), g = grad_fn(params, micro, rng)
+            micro, micro_prefixes, rng = xs
+            (_, aux), g = grad_fn(params, micro, micro_prefixes, rng)
             return jax.tree.map(jnp.add, gsum, g), aux
 
         # Losses that draw random tokens get one key per micro-batch, a function of the seed and
@@ -223,7 +280,7 @@ class Learner:
         if spec.loss_name in NEEDS_RNG:
             rngs = jax.random.split(jax.random.fold_in(jax.random.key(spec.seed), update_index), spec.micro_batches)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (stacked, ent_sums) = jax.lax.scan(body, zeros, (mb, rngs))
+        grads, (stacked, ent_sums) = jax.lax.scan(body, zeros, (mb, prefixes, rngs))
         metrics = merge_microbatch_metrics(stacked)
         if spec.entropy_signal:
             ent_sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), ent_sums)
@@ -255,6 +312,17 @@ class Learner:
             batch = dataclasses.replace(batch, entropy=None)  # the loss recomputes it (with a gradient if needed)
         # [micro, rows / micro, ...]: the scan walks the leading axis; rows are sharded over "data".
         mb = jax.tree.map(lambda x: self._put_rows(np.asarray(x).reshape((m, n // m) + x.shape[1:]), axis=1), batch)
-        self.params, self.opt_state, metrics = self._update_fn(self.params, self.opt_state, mb, np.int32(update_index))
+        prefixes = None
+        if self.spec.prefix_slots:
+            per = [self._prefixes(*(x[j * (n // m) : (j + 1) * (n // m)] for x in
+                                    (batch.input_ids, batch.attention_mask, batch.position_ids)), n // m)
+                   for j in range(m)]
+            if all(p is not None for p in per):
+                stacked = {k: np.stack([p[k] for p in per]) for k in per[0]}
+                index = stacked.pop("index")
+                prefixes = {k: self._put_replicated(v) for k, v in stacked.items()}
+                prefixes["index"] = self._put_rows(index, axis=1)
+        self.params, self.opt_state, metrics = self._update_fn(self.params, self.opt_state, mb, np.int32(update_index),
+                                                               prefixes)
         # The metrics are replicated scalars: one device-to-host transfer for all of them.
         return {k: float(v) for k, v in jax.device_get(metrics).items()}

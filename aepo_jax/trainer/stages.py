@@ -69,6 +69,17 @@ def geometry(cfg: RunConfig, spec: MethodSpec, *, data_size: int, longest_prompt
                     micro_batches=micro, logprob_rows=mbs or main_rows)
 
 
+def prefix_slots(cfg: RunConfig, *, data_size: int) -> int:
+    """Distinct prompt prefixes one learner call can meet (0 = the shared-prefix pass is off): the
+    step's prompts (every rollout of a step samples from them) and the padding rows' empty prompt.
+    ``auto`` turns it on with one data shard: the prefixes are computed on every device, so with
+    D shards each device would redo the prefixes of the others' rows."""
+    mode = cfg.model.shared_prefix
+    if mode == "off" or (mode == "auto" and data_size > 1):
+        return 0
+    return cfg.data.prompts_per_step + 1
+
+
 def rollout_calls(cfg: RunConfig, spec: MethodSpec) -> list[tuple[int, int]]:
     """(prompts, samples per prompt) of every rollout a step draws: the main one and, for methods
     with one, the temperature rollout (:func:`reg_rollout`); the shapes the servers are warmed with."""
