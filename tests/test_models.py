@@ -403,3 +403,20 @@ def test_remat_policy_names():
     assert all(remat_policy(n) == n for n in REMAT_POLICIES)
     with pytest.raises(ValueError, match="remat: 'dot' is not a policy"):
         remat_policy("dot")
+
+
+def test_abstract_models_are_independent():
+    """abstract_model is traced once per configuration, but every call is a module of its own:
+    filling one (as each weight load does) leaves the next call abstract."""
+    import jax
+
+    from aepo_jax.models import ModelConfig
+    from aepo_jax.models.decoder import abstract_model, materialize, param_paths
+
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    first = materialize(abstract_model(cfg), None, lambda path, var, idx: np.ones(var.get_value().shape)[idx])
+    assert all(isinstance(v.get_value(), jax.Array) for _, v in param_paths(first))
+    again = abstract_model(cfg)
+    assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct) for _, v in param_paths(again))
+    assert abstract_model(cfg, dtype="bfloat16").embed.get_value().dtype == jax.numpy.bfloat16
