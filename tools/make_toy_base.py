@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="output directory; empty = the cache ($AEPO_JAX_CACHE or ~/.cache/aepo_jax)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--noise", type=float, default=defaults.noise)
+    p.add_argument("--noise", type=float, default=None, help="misread probability of the warm-start data "
+                   f"(default: the variant's recipe, {defaults.noise} for the default task)")
     p.add_argument("--variant", choices=VARIANTS, default="default",
                    help="toy task variant whose grammar the base learns (length: a free number of opening fillers)")
     p.add_argument("--eval", action="store_true", help="measure pass@k at T=1 on the toy test split")
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    cfg = base_config_for(args.variant, **{**dataclasses.asdict(defaults), "seed": args.seed, "steps": args.steps,
-                                           "noise": args.noise})
+    given = {"seed": args.seed, "steps": args.steps, **({} if args.noise is None else {"noise": args.noise})}
+    cfg = base_config_for(args.variant, **given)
     t0 = time.time()
     path = str(build_toy_base(args.out, cfg)) if args.out else ensure_toy_base(default_cache_dir(), cfg)
     info = json.loads((Path(path) / "toy_base.json").read_text())

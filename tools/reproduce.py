@@ -181,6 +181,11 @@ CONTROLLER_TARGETS = (0.5, 2.0)
 LENGTH_TARGETS = (0.7, 1.3)
 LENGTH_MAX_NEW_TOKENS = 64  # configs/toy_length.yaml: the variant's longest correct answer is 52 tokens
 LENGTH_OPTIONS = (("data.toy_variant", "length"), ("rollout.max_new_tokens", str(LENGTH_MAX_NEW_TOKENS)))
+# the length target's settings (configs/toy_length.yaml, docs/targets.md): the pid controller (the paper's
+# full-budget switch overshoots: a lowered filler count does not come back), 16 positives a side, alpha 3
+LENGTH_CONTROL = (("algorithm.controller.signal", "length"), ("algorithm.controller.budget_mode", "pid"),
+                  ("algorithm.controller.budget_up", "16"), ("algorithm.controller.budget_down", "16"),
+                  ("algorithm.alpha", "3"))
 
 
 def _num(x: float) -> str:
@@ -195,7 +200,7 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
     ev = EvalSpec(problems=eval_problems or (24 if quick else 64), n=eval_n)
     bases = [BaseSpec(f"seed{s}", seed=s) for s in seeds]
     weak, strong = BaseSpec("weak", seed=0, noise=0.5), BaseSpec("strong", seed=0, noise=0.15)
-    length = BaseSpec("length", seed=seeds[0], variant="length")
+    length = BaseSpec("length", seed=seeds[0], noise=0.15, variant="length")  # the variant's recipe (LengthToyBaseConfig)
     bases += [weak, strong] + ([] if quick else [length])
     # Order = priority: a grid stopped part-way (a deadline, a crash) has already covered every
     # section with one seed: the paper reading's targets, GRPO, the baselines, the robustness runs,
@@ -253,7 +258,7 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
     if not quick:
         for t in LENGTH_TARGETS:
             runs.append(RunSpec(f"length-aepo-l{_num(t)}", "length", length.name, "aepo", f"AEPO length {t:g} x L0",
-                                target=t, options=(*LENGTH_OPTIONS, ("algorithm.controller.signal", "length"))))
+                                target=t, options=(*LENGTH_OPTIONS, *LENGTH_CONTROL)))
         runs.append(RunSpec("length-grpo", "length", length.name, "grpo", "GRPO (length variant)", options=LENGTH_OPTIONS))
     return Grid(tuple(bases), tuple(runs), steps, ev)
 

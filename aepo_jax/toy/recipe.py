@@ -102,6 +102,11 @@ class LengthToyBaseConfig(ToyBaseConfig):
     lengths. A subclass rather than a field of :class:`ToyBaseConfig`: the default recipe, its
     ``toy_base.json`` and so its bytes stay exactly as they were."""
 
+    # A stronger warm start than the default's (noise 0.3): with the free preamble the default noise
+    # gives pass@1 0.22, low enough that guessing the box straight away is about as good as reading
+    # the chain, so GRPO drifts to answers shorter than any correct chain, and a step has ~25 correct
+    # answers to measure the length on; at 0.15 reading the chain clearly pays and twice as many are correct.
+    noise: float = 0.15
     variant: str = "length"
 
     def __post_init__(self):
