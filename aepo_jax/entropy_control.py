@@ -189,7 +189,11 @@ class ControllerConfig:
       (docs/training.md): width 0.1 with gain 0.1 held it worse than the fixed budget on base
       seeds 0 and 1; width 0.3 with gain 0.03 better on seed 1, worse on seed 0, where the integral
       winds up during the approach from H0. Not yet a replacement for ``fixed``.
-    budget_mode ``pid`` (not the paper): a PID controller of the budget. ``e = (H - target) / H0``
+    budget_mode ``pid`` (not the paper): the paper's rule until the target is reached, then a PID
+      controller of the budget. Reached: the error, or the error extrapolated ``derivative_steps``
+      along its slope, is on the other side of the target from the first one (so the full push
+      stops before the optimizer's momentum carries the entropy past the target). Then
+      ``e = (H - target) / H0``
       (H0: the first observed value of the signal), ``u = (e + derivative_steps * slope +
       integral_gain * I) / proportional_width``, with ``slope`` the least-squares slope of ``e``
       per step over the last ``derivative_window`` decisions (0 until there are 3) and ``I`` the
@@ -308,6 +312,8 @@ class ControllerState:
     length: float | None = None  # the last observed mean length of correct responses (signal "length")
     integral: float = 0.0  # budget_mode=pi: the sum of relative errors inside the proportional band
     errors: list = dataclasses.field(default_factory=list)  # budget_mode=pid: the last derivative_window relative errors
+    start_side: int | None = None  # budget_mode=pid: the sign of the first error (+1: above the target)
+    reached: bool = False  # budget_mode=pid: the error (or its extrapolation) has crossed to the other side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,13 +413,21 @@ class EntropyController:
                     st.errors = [*st.errors, float(e)][-cfg.derivative_window:]
                     slope = least_squares_slope(st.errors)
                     ahead = e + cfg.derivative_steps * slope
+                    side = 1 if e > 0 else -1
+                    if st.start_side is None:
+                        st.start_side = side
+                    # reached: the error, or the error extrapolated derivative_steps ahead, is on the
+                    # other side of the target from where it started
+                    st.reached = st.reached or side != st.start_side or ahead * st.start_side <= 0
                     # conditional integration: not while the lever is saturated, nor while the error
                     # is already closing on its own (the approach from H0): only a standing offset
-                    if len(st.errors) >= 3 and abs(ahead + cfg.gain * st.integral) < cfg.width and e * slope >= 0:
+                    if (st.reached and len(st.errors) >= 3 and abs(ahead + cfg.gain * st.integral) < cfg.width
+                            and e * slope >= 0):
                         st.integral = float(min(limit, max(-limit, st.integral + e)))
             u = e + cfg.gain * st.integral
             if cfg.budget_mode == "pid":
-                u += cfg.derivative_steps * least_squares_slope(st.errors)
+                # until the target is reached, the paper's full push (the fastest approach)
+                u = (u + cfg.derivative_steps * least_squares_slope(st.errors)) if st.reached else math.copysign(1e9, e)
             u /= cfg.width
             mode = "lower" if u > 0 else "raise"
             temperature, full = (cfg.t_low, cfg.budget_lower) if mode == "lower" else (cfg.t_high, cfg.budget_raise)

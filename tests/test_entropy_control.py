@@ -323,31 +323,26 @@ def test_pid_settles_on_the_target_through_a_lag_a_drift_and_noise():
 
 
 def test_pid_lever_slope_and_conditional_integral():
-    """The lever is (e + derivative_steps x slope + integral_gain x I) / width with e = (H - target)
-    / H0 and the slope fitted over the last derivative_window errors: approaching fast, pid eases off
-    and turns round before the target, where the error alone would still push. The integral sums e
-    only on steps whose lever is not saturated and whose error is not shrinking: it stays 0 on the
-    way from H0 and grows while an offset stands."""
+    """Until the target is reached (the error, or the error extrapolated derivative_steps ahead
+    along its slope, is on the other side), pid decides as the paper does: the full budget towards
+    the target. Then the lever is (e + derivative_steps x slope + integral_gain x I) / width with
+    e = (H - target) / H0 and the slope fitted over the last derivative_window errors: approaching
+    fast, it turns round before the target. The integral sums e only once reached, on steps whose
+    lever is not saturated and whose error is not shrinking: it grows while an offset stands."""
     cfg = ControllerConfig(target=TargetSchedule.parse("0.2"), budget_mode="pid", derivative_steps=2.0,
                            derivative_window=3, integral_gain=0.1, proportional_width=0.6)
     ctl = EntropyController(cfg)
-    errors: list[float] = []
-
-    def expect(h, integral):
-        e = (h - 0.2) / 0.4  # H0 = 0.4, the first observation
-        errors.append(e)
-        last = errors[-3:]
-        slope = 0.0 if len(last) < 3 else (last[2] - last[0]) / 2
-        u = (e + 2.0 * slope + 0.1 * integral) / 0.6
-        return ("lower", max(1, round(30 * min(1, u)))) if u > 0 else ("raise", max(1, round(60 * min(1, -u))))
-
-    for step, h in enumerate([0.4, 0.36, 0.33, 0.28, 0.243]):  # falling fast towards the target
+    got = []
+    for step, h in enumerate([0.4, 0.36, 0.33, 0.279, 0.243]):  # e = 0.5, 0.4, 0.325, 0.1975, 0.1075 (H0 = 0.4)
         ctl.observe(entropy_full=h)
         d = ctl.decide(step)
-        assert (d.mode, d.budget) == expect(h, 0.0), h
-        assert ctl.state.integral == 0.0  # the error is shrinking: nothing summed
-    assert d.mode == "raise" and d.entropy > 0.2  # turned round above the target
-    assert ctl.decide(4) == d and len(ctl.state.errors) == 3  # once per step
+        got.append((d.mode, d.budget, ctl.state.reached))
+        assert ctl.state.integral == 0.0
+    # steps 0-2: not reached (at step 2 the slope -0.0875 puts the error 2 steps ahead at +0.15): the paper's
+    # full lowering budget; step 3: slope -0.10125, ahead -0.005: reached, u < 0 -> raise 1;
+    # step 4: slope -0.10875, ahead 0.1075 - 0.2175 = -0.11, u = -0.183 -> raise round(60 x 0.183) = 11
+    assert got == [("lower", 30, False)] * 3 + [("raise", 1, True), ("raise", 11, True)]
+    assert ctl.decide(4).budget == 11 and len(ctl.state.errors) == 3  # once per step
     for step in range(5, 9):  # a standing offset, 5% of H0 above the target: summed once the slope is flat
         ctl.observe(entropy_full=0.22)
         ctl.decide(step)
@@ -356,12 +351,6 @@ def test_pid_lever_slope_and_conditional_integral():
     ctl.observe(entropy_full=0.6)  # e = +1: saturated (u > 1), the integral does not move
     ctl.decide(9)
     assert ctl.state.integral == integral
-    # derivative_steps = 0 and no integral yet: a proportional lever on the error in units of H0
-    flat = EntropyController(ControllerConfig(target=TargetSchedule.parse("0.2"), budget_mode="pid",
-                                              derivative_steps=0.0))
-    flat.observe(entropy_full=0.3)
-    d = flat.decide(0)
-    assert d.mode == "lower" and d.budget == round(30 * ((0.3 - 0.2) / 0.3) / 0.6)
     with pytest.raises(ValueError, match="derivative_window"):
         ControllerConfig(budget_mode="pid", derivative_window=2)
     with pytest.raises(ValueError, match="derivative_steps"):
@@ -372,6 +361,20 @@ def test_pid_lever_slope_and_conditional_integral():
     assert ControllerConfig(budget_mode="pi").gain == 0.03
 
 
+def test_pid_approaches_as_the_paper_does():
+    """From H0 to a target far away, pid's decisions are the paper's (full budget, T by the sign of
+    the error) until the extrapolated error reaches the target, from above and from below."""
+    for target, hs in (("0.5", [0.4, 0.39, 0.37, 0.36, 0.34]), ("2.0", [0.4, 0.41, 0.43, 0.44, 0.46])):
+        paper = EntropyController(ControllerConfig(target=TargetSchedule.parse(target), target_relative=True))
+        pid = EntropyController(ControllerConfig(target=TargetSchedule.parse(target), target_relative=True,
+                                                 budget_mode="pid"))
+        for step, h in enumerate(hs):
+            for c in (paper, pid):
+                c.observe(entropy_full=h)
+            assert pid.decide(step) == paper.decide(step), (target, h)
+        assert not pid.state.reached and pid.state.integral == 0.0
+
+
 def test_pid_state_round_trip():
     cfg = ControllerConfig(target=TargetSchedule.parse("0.3"), budget_mode="pid")
     ctl = EntropyController(cfg)
@@ -379,11 +382,12 @@ def test_pid_state_round_trip():
         ctl.observe(entropy_full=h)
         ctl.decide(step)
     back = EntropyController.from_dict(json.loads(json.dumps(ctl.to_dict())))
-    assert back.state == ctl.state and len(back.state.errors) == 4
+    assert back.state == ctl.state and len(back.state.errors) == 4 and back.state.reached
     back.observe(entropy_full=0.33)
     ctl.observe(entropy_full=0.33)
     assert back.decide(4) == ctl.decide(4)
-    # a state saved before pid existed (no errors) still loads
+    # a state saved before pid existed (no errors, start_side, reached) still loads
     old = ctl.to_dict()
-    del old["state"]["errors"]
+    for k in ("errors", "start_side", "reached"):
+        del old["state"][k]
     assert EntropyController.from_dict(old).state.errors == []

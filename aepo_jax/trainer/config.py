@@ -106,8 +106,8 @@ class ControllerSection:
     budget_mode: str = field(default="fixed", metadata=_help(
         "fixed (the paper: full budget every step) | proportional (budget x min(1, |H - target| / (proportional_width x target))) "
         "| pi (proportional-integral: direction and budget from the relative error and its sum; docs/training.md) "
-        "| pid (pi plus the error's slope: eases off before the target, as Adam's momentum keeps pushing; "
-        "the integral sums only while the budget is not full)"))
+        "| pid (the paper's rule until the target is reached, then the budget from the error in units of H0, "
+        "its slope and its sum; docs/training.md)"))
     proportional_width: float | None = field(default=None, metadata=_help(
         "relative error at which the proportional (pi, pid) budget is full; none = 0.1 (proportional), 0.3 (pi), "
         "0.6 (pid, whose error is relative to H0)"))

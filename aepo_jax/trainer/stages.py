@@ -206,6 +206,7 @@ def control(main: Batch, step: int, m: dict, *, controller: EntropyController, l
         m["aepo/integral"] = controller.state.integral
     if controller.config.budget_mode == "pid":  # the error's slope per step, the derivative term's input
         m["control/error_slope"] = least_squares_slope(controller.state.errors)
+        m["aepo/reached"] = 1.0 if controller.state.reached else 0.0  # 0: the paper's rule, 1: PID
     return decision
 
 
