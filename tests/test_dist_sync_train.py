@@ -14,12 +14,8 @@ NONDETERMINISTIC = ("timing_s/", "perf/")
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
-    from aepo_jax.toy import ToyBaseConfig, build_toy_base
-
-    out = tmp_path_factory.mktemp("toy_base")
-    build_toy_base(out, ToyBaseConfig(steps=20, warmup_steps=5, n_train_problems=256))
-    return str(out)
+def base_model(small_toy_base):
+    return str(small_toy_base)
 
 
 @pytest.fixture(scope="module")

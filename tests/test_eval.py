@@ -172,15 +172,14 @@ def test_cli_defaults_follow_appendix_a():
     assert custom.ks[-1] == 1024 and custom.resolved_temperature() == 0.6
 
 
-def test_end_to_end_through_the_embedded_server(tmp_path):
+def test_end_to_end_through_the_embedded_server(tmp_path, small_toy_base):
     """Sample through the real embedded server with a (barely trained) toy model: the report's
     numbers must equal a rescoring of the written samples, for every k."""
     from aepo_jax.data import toy_task
-    from aepo_jax.toy import ToyBaseConfig, build_toy_base
     from aepo_jax.eval import main
     from aepo_jax.rewards import exact_match_reward
 
-    model = build_toy_base(tmp_path / "model", ToyBaseConfig(steps=30, warmup_steps=5, n_train_problems=256))
+    model = small_toy_base
     data = toy_task.write_toy_dataset(tmp_path / "mybench", seed=0, n_train=8, n_test=6)["test"]
     out, samples = tmp_path / "report.json", tmp_path / "samples.jsonl"
     rc = main(["--model-path", str(model), "--data", str(data), "--n", "4", "--k", "1,2,4", "--max-new-tokens", "40",

@@ -79,16 +79,15 @@ def test_default_set_is_the_toy_test_split_eval_uses(tmp_path):
 
 
 @pytest.mark.slow
-def test_validation_equals_the_eval_command(tmp_path):
+def test_validation_equals_the_eval_command(tmp_path, small_toy_base):
     """A 2-step run validating before step 1 and after step 2 (on a held-out file, a non-zero
     seed); then ``python -m aepo_jax.eval`` on the base model and on the exported step-2
     checkpoint, each through its own embedded server: every number is equal, exactly."""
     from aepo_jax.data import toy_task
-    from aepo_jax.toy import ToyBaseConfig, build_toy_base
     from aepo_jax.eval import main as eval_main
     from aepo_jax.train import main as train_main
 
-    base = build_toy_base(tmp_path / "base", ToyBaseConfig(steps=30, warmup_steps=5, n_train_problems=256))
+    base = small_toy_base
     data = toy_task.write_toy_dataset(tmp_path / "heldout", seed=0, n_train=8, n_test=12)["test"]
     run = tmp_path / "run"
     n, ks, seed, max_new = 4, (1, 2, 4), 3, 24
