@@ -140,3 +140,40 @@ def test_config_signal_key():
     with pytest.raises(ConfigError, match="algorithm.controller.signal.*ablation_eq3"):
         validate(build_config(RunConfig, ["--algorithm.controller.signal=length", "--method=ablation_eq3"],
                               aliases=ALIASES))
+
+
+def test_length_positives_on_the_length_variant():
+    """On the toy task's length variant, with the true lengths of its responses: lowering keeps right
+    answers with fewer opening fillers than their prompt's other right answers, raising more; a wrong
+    answer never counts however short or long, and the most extreme ones come first."""
+    import random
+
+    from aepo_jax.data import toy_task
+
+    rng = random.Random(3)
+    _, problems = toy_task.make_splits(seed=0, n_train=10, n_test=6)
+    lengths, rewards, group, fillers = [], [], [], []
+    for g, p in enumerate(problems):
+        lo = toy_task.response_length_range(p, "length")[0]
+        for _ in range(8):
+            k = rng.randrange(toy_task.LENGTH_MAX_FILLERS + 1)
+            right = rng.random() < 0.7
+            # tokens: the shortest correct answer, + 1 per filler (+ the space before the start digit)
+            lengths.append(lo + k + (k > 0) - (0 if right else 1))  # a wrong answer: a digit box elsewhere
+            rewards.append(float(right))
+            group.append(g)
+            fillers.append(k)
+    lengths, rewards, group, fillers = map(np.asarray, (lengths, rewards, group, fillers))
+    reg = _reg_batch(lengths, rewards, [False] * len(lengths), group)
+    for mode in ("lower", "raise"):
+        idx = LengthTarget().select(reg, decision(mode, 1000), None, 1000, np.random.default_rng(0))
+        assert len(idx) and (rewards[idx] > 0).all()
+        for i in idx:
+            own = (group == group[i]) & (rewards > 0)
+            mean_k = fillers[own].mean()
+            assert fillers[i] < mean_k if mode == "lower" else fillers[i] > mean_k
+        few = LengthTarget().select(reg, decision(mode, 3), None, 3, np.random.default_rng(0))
+        rel = [lengths[i] - lengths[(group == group[i]) & (rewards > 0)].mean() for i in range(len(lengths))]
+        chosen = sorted(rel[i] for i in few)
+        others = [rel[i] for i in idx if i not in set(few)]
+        assert (max(chosen) <= min(others)) if mode == "lower" else (min(chosen) >= max(others))
