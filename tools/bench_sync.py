@@ -21,8 +21,10 @@ distributed ``wait_s`` (learner layout work not hidden behind the transfer), ``b
 the broadcasts), ``tail_s`` (after the last broadcast until the server has swapped), and the
 ``pause_s``/``verify_s`` round trips. GB/s = parameter bytes / sync time. The last line is JSON: per
 shape all of it, and for the last shape ``disk_gbps``, ``memcpy_gbps``, ``distributed_gbps``,
-``socket_gbps`` (plus ``disk_vs_memcpy`` and ``distributed_vs_socket``), and ``peak_rss_gib`` of the
-bench and the server processes.
+``socket_gbps`` (plus ``disk_vs_memcpy`` and ``distributed_vs_socket``), ``transpose_gbps`` (the
+speed of the layout change itself: one [intermediate, hidden] weight transposed as both ends do it
+on CPU; each sync transposes most of the bytes once on each side), and ``peak_rss_gib`` of the
+bench and the server processes; the figures of the other shapes as ``<key>_<shape>``.
 """
 
 from __future__ import annotations
@@ -130,6 +132,26 @@ def peak_rss_gib(pid: int | str = "self") -> float:
     return float("nan")
 
 
+def transpose_gbps(shape: str, dtype: str, repeats: int = 3) -> float:
+    """The layout change's own speed here: one MLP weight of the shape ([intermediate, hidden])
+    transposed into a reused buffer as both sync ends do it on CPU (hf_layout._t_into). Each sync
+    pays about one such pass over most of the bytes on each side."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from aepo_jax.models.hf_layout import _t_into
+
+    cfg = SHAPES[shape]
+    src = np.ones((cfg["intermediate_size"], cfg["hidden_size"]), jnp.dtype(dtype))
+    dst = np.empty(src.shape[::-1], src.dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        _t_into(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return src.nbytes / best / 1e9
+
+
 def build(shape: str, out_dir: str, dtype: str):
     """The learner (random weights) and the server's start-up checkpoint (the same weights)."""
     from aepo_jax.models import ModelConfig, init_model, save_pretrained
@@ -156,9 +178,13 @@ async def bench_shape(shape: str, repeats: int, bucket_mb: float, work: str, dty
     learner = build(shape, model_dir, dtype)
     nbytes = sum(int(np.prod(v.get_value().shape)) * np.dtype(v.get_value().dtype).itemsize
                  for _, v in param_paths(learner))
-    server = launch_server(model_dir, extra_args=["--dtype", dtype, "--max-batch", "1", "--batch-buckets", "1",
-                                                  "--prompt-buckets", "16", "--gen-buckets", "16"],
+    learner = None  # while the server starts: checkpoint + server copy only (memory)
+    gc.collect()
+    # no generation here: without the warm-up compiles the server's start-up needs far less memory
+    server = launch_server(model_dir, extra_args=["--dtype", dtype, "--skip-server-warmup", "--max-batch", "1",
+                                                  "--batch-buckets", "1", "--prompt-buckets", "16", "--gen-buckets", "16"],
                            wait_s=1800, log_path=os.path.join(work, f"{shape}-server.log"))
+    learner = load_pretrained(model_dir, dtype=dtype)
     shutil.rmtree(model_dir)  # the server holds its weights; one checkpoint at a time on the RAM disk
     disk, dist = [], []
 
@@ -237,6 +263,7 @@ def main(argv=None) -> int:
             # the limits with the same byte count, right after the shape's syncs
             r["memcpy_gbps"] = round(memcpy_gbps(min(r["params_bytes"], 1 << 30)), 3)
             r["socket_gbps"] = round(socket_gbps(r["params_bytes"]), 3)
+            r["transpose_gbps"] = round(transpose_gbps(s, a.dtype), 3)
             r["disk_vs_memcpy"] = round(r["disk_gbps"] / r["memcpy_gbps"], 3)
             r["distributed_vs_socket"] = round(r["distributed_gbps"] / r["socket_gbps"], 3)
             out["shapes"][s] = r
@@ -248,7 +275,7 @@ def main(argv=None) -> int:
     out["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     out.update(shape=shapes[-1], **{k: big[k] for k in ("ratio", "disk_gbps", "memcpy_gbps", "distributed_gbps",
                                                           "socket_gbps", "broadcast_gbps", "disk_vs_memcpy",
-                                                          "distributed_vs_socket", "peak_rss_gib")})
+                                                          "distributed_vs_socket", "transpose_gbps", "peak_rss_gib")})
     for s in shapes[:-1]:
         out.update({f"{k}_{s}": out["shapes"][s][k] for k in ("disk_gbps", "memcpy_gbps", "distributed_gbps",
                                                               "socket_gbps")})

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from aepo_jax.models.config import ModelConfig
-from aepo_jax.models.decoder import Decoder, as_dtype
+from aepo_jax.models.decoder import Decoder, abstract_model, as_dtype, param_paths, resolve_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,13 +321,7 @@ def host_to_hf(kind: str, cfg: ModelConfig, w: np.ndarray, outs: list[np.ndarray
 def host_path(model: Decoder) -> bool:
     """True when :func:`hf_host_tensors` applies: the devices are CPUs and every parameter is on one
     device (np.asarray then views it in place; a sharded one would be gathered first)."""
-    return on_cpu() and all(len(v.get_value().sharding.device_set) == 1 for _, v in _params(model))
-
-
-def _params(model: Decoder):
-    from aepo_jax.models.decoder import param_paths
-
-    return param_paths(model)
+    return on_cpu() and all(len(v.get_value().sharding.device_set) == 1 for _, v in param_paths(model))
 
 
 def hf_host_tensors(model: Decoder, dtype: Any,
@@ -410,7 +404,6 @@ class HFAssembler:
 
     def __init__(self, cfg: ModelConfig, dtype: Any = "float32", mesh: Any = None, *, compute_dtype: Any = None,
                  remat: Any = False):
-        from aepo_jax.models.decoder import abstract_model, param_paths, resolve_mesh
         from aepo_jax.models.sharding import state_shardings
 
         mesh = resolve_mesh(mesh)
