@@ -32,6 +32,10 @@ budget (one per call, for every prompt) has the same bias, so it is not used. Pr
 than two correct samples have no contrast and give no positive.
 
 Truncated samples never count: they did not stop, so they teach nothing about where to stop.
+On the built-in task a correct answer's length is fixed by its question up to a token or two, so
+there is little to choose from; its length variant (``data.toy_variant=length``,
+``configs/toy_length.yaml``) lets correct answers differ by up to 32 filler words, and there both
+0.7 x and 1.3 x the base's length are held (``docs/targets.md``).
 """
 
 from __future__ import annotations
