@@ -96,7 +96,7 @@ def test_plan_fits_the_time_budget(rp):
 def test_controller_group_pairs_the_option_with_the_paper(rp):
     """The controller group: budget_mode=pid (budget_down=60) at 0.5 and 2 x H0 on every base of the full grid,
     and for each of them a run of the paper's controller at the same base, seed and target somewhere
-    in the grid (the report compares the two); its rows come after every row of the study."""
+    in the grid (the report compares the two)."""
     g = rp.build_grid(False)
     group = [r for r in g.runs if r.group == "controller"]
     opt = [r for r in group if r.options]
@@ -109,8 +109,29 @@ def test_controller_group_pairs_the_option_with_the_paper(rp):
         paper = [p for p in g.runs if p.method == "aepo" and p.reading == "paper" and not p.options
                  and (p.base, p.target, p.seed) == (r.base, r.target, r.seed)]
         assert len(paper) == 1, r.name
-    first = min(i for i, r in enumerate(g.runs) if r.group == "controller")
-    assert all(r.group in ("controller", "length") for r in g.runs[first:])  # the length group after it
+    assert not [r for r in rp.build_grid(True).runs if r.group == "controller"]
+
+
+def test_grid_order_covers_every_group_with_one_seed_first(rp):
+    """A grid stopped part-way has every group with the first seed: that seed's study rows, then the
+    controller and length groups (on it and on the weak/strong/length bases), then its 'mix'
+    reading, then the other seeds; each run's spec is what build_grid made, only the order moves."""
+    g = rp.build_grid(False)
+    klass = []
+    for r in g.runs:
+        if r.seed != 0:
+            klass.append(3)
+        elif r.group in ("controller", "length"):
+            klass.append(1)
+        elif r.reading == "mix":
+            klass.append(2)
+        else:
+            klass.append(0)
+    assert klass == sorted(klass) and set(klass) == {0, 1, 2, 3}
+    assert len({r.name for r in g.runs}) == len(g.runs)
+    assert g.runs[0].name == "aepo-paper-t0p5-s0"
+    groups_first_seed = {r.group for r, k in zip(g.runs, klass) if k < 3}
+    assert {"held", "baseline", "robust", "controller", "length"} <= groups_first_seed
     assert not [r for r in rp.build_grid(True).runs if r.group == "controller"]
 
 

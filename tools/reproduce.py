@@ -202,9 +202,7 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
     weak, strong = BaseSpec("weak", seed=0, noise=0.5), BaseSpec("strong", seed=0, noise=0.15)
     length = BaseSpec("length", seed=seeds[0], noise=0.15, variant="length")  # the variant's recipe (LengthToyBaseConfig)
     bases += [weak, strong] + ([] if quick else [length])
-    # Order = priority: a grid stopped part-way (a deadline, a crash) has already covered every
-    # section with one seed: the paper reading's targets, GRPO, the baselines, the robustness runs,
-    # then the authors' reading; then the other seeds.
+    # Built section by section; run in the order of _by_priority (every group with one seed first).
     runs: list[RunSpec] = []
     for i, s in enumerate(seeds):
         b = f"seed{s}"
@@ -260,7 +258,25 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
             runs.append(RunSpec(f"length-aepo-l{_num(t)}", "length", length.name, "aepo", f"AEPO length {t:g} x L0",
                                 target=t, options=(*LENGTH_OPTIONS, *LENGTH_CONTROL)))
         runs.append(RunSpec("length-grpo", "length", length.name, "grpo", "GRPO (length variant)", options=LENGTH_OPTIONS))
-    return Grid(tuple(bases), tuple(runs), steps, ev)
+    return Grid(tuple(bases), tuple(_by_priority(runs, seeds[0])), steps, ev)
+
+
+def _by_priority(runs: Sequence[RunSpec], first_seed: int) -> list[RunSpec]:
+    """The order the grid runs in, so that a grid stopped part-way (a deadline, a crash) has covered
+    every group with one seed: the first seed's study rows (paper reading, baselines, robustness),
+    the controller and length groups' rows on the first seed's and the weak/strong bases, the first
+    seed's 'mix' reading, then the other seeds' rows. Stable within each class."""
+
+    def rank(r: RunSpec) -> int:
+        if r.seed != first_seed:
+            return 4
+        if r.group in ("controller", "length"):
+            return 1
+        if r.reading == "mix":
+            return 2
+        return 0
+
+    return sorted(runs, key=rank)
 
 
 def grid_from_json(path: str | Path) -> Grid:
