@@ -33,6 +33,7 @@ import numpy as np
 
 from aepo_jax.eval_metrics import (BenchmarkResult, average_row, avg_at_n, default_ks, format_table, parse_ks,  # noqa: F401
                                    pass_at_k, summarize)
+from aepo_jax.platform import setup_cli_logging
 
 log = logging.getLogger("aepo_jax.eval")
 
@@ -314,7 +315,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> EvalConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging("INFO")
     try:
         cfg = config_from_args(argv)
     except ValueError as e:

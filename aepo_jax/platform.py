@@ -55,3 +55,27 @@ def setup_host_devices(mesh_spec: str | None) -> int:
         return n
     os.environ["XLA_FLAGS"] = (flags + f" {_FLAG}={n}").strip()
     return n
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_cli_logging(level: str | int = "INFO") -> None:
+    """Root logging for a command-line entry point: ``level`` and :data:`LOG_FORMAT` on stderr.
+
+    ``logging.basicConfig`` alone is not enough: importing orbax logs through absl, which calls
+    ``basicConfig()`` itself when the root logger has no handler, so the root logger already has a
+    WARNING-level stderr handler by the time ``main`` runs and a second ``basicConfig`` is a no-op
+    (the run's INFO lines, the start-up summary among them, were never printed). Plain stderr
+    handlers made that way are re-formatted; other handlers (a test harness's) are left alone.
+    """
+    import logging  # noqa: PLC0415
+
+    root = logging.getLogger()
+    plain = [h for h in root.handlers if type(h) is logging.StreamHandler and getattr(h, "stream", None) is sys.stderr]
+    if not root.handlers:
+        logging.basicConfig(level=level, format=LOG_FORMAT)
+        return
+    root.setLevel(level)
+    for h in plain:
+        h.setFormatter(logging.Formatter(LOG_FORMAT))

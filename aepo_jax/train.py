@@ -44,7 +44,7 @@ from aepo_jax.config import ConfigError, build_config, help_text, to_dict
 from aepo_jax.entropy_control import EntropyController
 from aepo_jax.methods import method_spec
 from aepo_jax.models import load_pretrained
-from aepo_jax.platform import setup_host_devices
+from aepo_jax.platform import setup_cli_logging, setup_host_devices
 from aepo_jax.rewards import RewardPool
 from aepo_jax.rollout.client import RolloutError
 from aepo_jax.rollout.weight_sync import WeightSyncError
@@ -323,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(RunConfig, prog="python -m aepo_jax.train"))
         return 0
-    logging.basicConfig(level=os.environ.get("AEPO_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging(os.environ.get("AEPO_LOG_LEVEL", "INFO"))
     for noisy in ("absl", "jax", "orbax", "httpx", "aiohttp"):  # their INFO lines bury the run's
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
