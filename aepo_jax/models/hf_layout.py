@@ -321,7 +321,11 @@ def host_to_hf(kind: str, cfg: ModelConfig, w: np.ndarray, outs: list[np.ndarray
 def host_path(model: Decoder) -> bool:
     """True when :func:`hf_host_tensors` applies: the devices are CPUs and every parameter is on one
     device (np.asarray then views it in place; a sharded one would be gathered first)."""
-    return on_cpu() and all(len(v.get_value().sharding.device_set) == 1 for _, v in param_paths(model))
+    def on_one_device(x) -> bool:  # a host numpy array (a checkpoint restored for export) counts as one
+        sharding = getattr(x, "sharding", None)
+        return sharding is None or len(sharding.device_set) == 1
+
+    return on_cpu() and all(on_one_device(v.get_value()) for _, v in param_paths(model))
 
 
 def hf_host_tensors(model: Decoder, dtype: Any,
