@@ -660,7 +660,11 @@ def write(data: dict, out: Path) -> Path:
         f"k = {ev['n']}. Everything below is computed from those runs (`runs.json` holds every number; "
         "`python tools/reproduce.py --report-only` redraws this page)."
         + (" **This is the quick grid (`--quick`): one seed and short runs; the full grid (three seeds, 60 steps) "
-           "is `python tools/reproduce.py --out docs/results`.**" if quick else ""),
+           "is `python tools/reproduce.py --out docs/results`.**" if quick else "")
+        + (f" **A part of the grid: {len(st.runs)} of its {g.get('n_runs', '?')} runs had finished when this page "
+           "was assembled (`--collect`; the rest are listed under \"Runs not finished\"); the tables show the seeds each "
+           "figure rests on. `python tools/reproduce.py --out docs/results` runs the rest (finished runs are "
+           "skipped) and rewrites the page.**" if data.get("collected") and len(st.runs) < g.get("n_runs", 0) else ""),
         "",
         f"Targets are multiples of H0, the run's entropy at step 1 (`--algorithm.controller.target=X "
         f"--algorithm.controller.target_relative=true`). **Held**: at least {HELD_SHARE:.0%} of the second half of the steps within "
