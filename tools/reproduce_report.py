@@ -112,6 +112,17 @@ def _plt():
     return plt
 
 
+def _finish_one_axes(fig, ax, path, xlabel: str, ylabel: str, title: str) -> None:
+    """The single-axes figures' common ending: labels, grid, legend, written and closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+
+
 def _target_colours(plt):
     """Colour of the j-th of n targets (called as cmap(j / (n - 1))): blue (lowest) through green to red."""
     colours = ["#1f3b99", "#2e86c1", "#1e8449", "#d68910", "#c0392b"]
@@ -194,13 +205,8 @@ def fig_baselines(st: Study, path: Path) -> None:
     ax.axhline(1.0, color="gray", linewidth=0.8)
     ax.axhline(COLLAPSE, color="gray", linewidth=0.8, linestyle=":")
     ax.axhline(EXPLOSION, color="gray", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("step")
-    ax.set_ylabel("entropy / H0 (mean over seeds)")
-    ax.set_title("Fig. 4 reproduced: entropy of AEPO and the baselines (dotted: 0.8 and 1.5 x H0)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish_one_axes(fig, ax, path, "step", "entropy / H0 (mean over seeds)",
+                     "Fig. 4 reproduced: entropy of AEPO and the baselines (dotted: 0.8 and 1.5 x H0)")
 
 
 def _passk_rows(st: Study) -> list[tuple[str, list[dict], str]]:
@@ -247,13 +253,8 @@ def fig_passk(st: Study, path: Path) -> None:
             t = float(label.split(")")[1].split("x")[0])
             ax.plot(ks, ys, color=cmap(targets.index(t) / max(1, len(targets) - 1)), label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k on the held-out split")
-    ax.set_title("pass@k at the end of training (AEPO reading 'paper'; mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish_one_axes(fig, ax, path, "k", "pass@k on the held-out split",
+                     "pass@k at the end of training (AEPO reading 'paper'; mean over seeds)")
 
 
 def fig_entropy_perf(st: Study, path: Path) -> None:
@@ -314,13 +315,8 @@ def fig_length(st: Study, path: Path) -> None:
                           label=r["run"]["label"], linewidth=2 if r["run"]["method"] == "aepo" else 1.5)
         if summarize_length(r)["target"] is not None:
             ax.plot(r["steps"], r["series"]["control/target"], "--", color=line.get_color(), linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean correct-response length (tokens)")
-    ax.set_title("AEPO's length target on the toy task's length variant (dashed: targets)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish_one_axes(fig, ax, path, "step", "mean correct-response length (tokens)",
+                     "AEPO's length target on the toy task's length variant (dashed: targets)")
 
 
 def length_table(st: Study) -> str:
