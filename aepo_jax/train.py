@@ -275,7 +275,9 @@ class Trainer:
                 last_ckpt_s = None
                 server_compiles = None
                 for step in range(self.start_step, cfg.train.steps):
+                    raise_if_interrupted()
                     m = self.train_step(step)
+                    raise_if_interrupted()  # before this step is logged or checkpointed
                     vm = self._validate(step + 1, m) if validation.should_validate(cfg, step + 1) else {}
                     m.update(vm)
                     m.update(self.startup.report_once("first step", log))  # the start-up's phases, once
@@ -309,13 +311,33 @@ def _latest_checkpoint(run_dir: str) -> str:
     return f"step {step} in {d}" if step is not None else "none yet"
 
 
+# The first SIGINT / SIGTERM received, or None. The handler raises KeyboardInterrupt at once (a long
+# rollout or update stops mid-way), and the step loop also checks this at every step boundary: a
+# KeyboardInterrupt raised inside third-party code that swallows it (an event loop's callback, a
+# library's broad ``except BaseException``) must not turn a Ctrl-C into a run that goes on to its
+# last step and exits 0.
+_interrupted: int | None = None
+
+
 def _install_signal_handlers() -> None:
-    """SIGTERM (e.g. a scheduler's preemption) unwinds like Ctrl-C, so servers are stopped."""
+    """Ctrl-C and SIGTERM (e.g. a scheduler's preemption) unwind the same way, so servers are stopped."""
+    global _interrupted
+    _interrupted = None
 
     def handler(signum, frame):  # noqa: ARG001
+        global _interrupted
+        if _interrupted is None:
+            _interrupted = signum
         raise KeyboardInterrupt(f"signal {signum}")
 
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a SIGINT / SIGTERM has arrived (even one whose exception was lost)."""
+    if _interrupted is not None:
+        raise KeyboardInterrupt(f"signal {_interrupted}")
 
 
 def main(argv: list[str] | None = None) -> int:
