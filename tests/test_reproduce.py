@@ -80,28 +80,31 @@ def test_train_args_are_valid_trainer_options(rp):
 def test_plan_fits_the_time_budget(rp):
     """Item 5: the estimate on 2 idle cores is within 90 min for the paper's study, 20 for --quick
     (which has no controller group); the controller group (beyond the paper) adds at most 20 min, the
-    length group (its base and three runs) at most 10."""
+    length group (its base and three runs) at most 10, the hold group (16 runs of 100 steps at twice
+    the batch) at most 75."""
     for quick, limit in ((True, 20), (False, 90)):
         g = rp.build_grid(quick)
-        study = [r for r in g.runs if r.group not in ("controller", "length")]
+        study = [r for r in g.runs if r.group not in ("controller", "length", "hold")]
         est = rp.estimate(g, study, [b for b in g.bases if b.variant == "default"], workers=2)
         assert est["wall_s"] <= limit * 60, (quick, est)
         extra = rp.estimate(g, [r for r in g.runs if r.group == "controller"], (), workers=2)
         assert extra["wall_s"] <= 20 * 60, (quick, extra)
+        hold = rp.estimate(g, [r for r in g.runs if r.group == "hold"], (), workers=2)
+        assert hold["wall_s"] <= 75 * 60 and (quick or hold["wall_s"] > extra["wall_s"]), (quick, hold)
         length = rp.estimate(g, [r for r in g.runs if r.group == "length"],
                              [b for b in g.bases if b.variant == "length"], workers=2)
         assert length["wall_s"] <= 10 * 60, (quick, length)
 
 
 def test_controller_group_pairs_the_option_with_the_paper(rp):
-    """The controller group: budget_mode=pid (budget_down=60) at 0.5 and 2 x H0 on every base of the full grid,
-    and for each of them a run of the paper's controller at the same base, seed and target somewhere
+    """The controller group: budget_mode=pid (budget_down=60) at 0.5 and 2 x H0 on the first seed's, the
+    weak and the strong base of the full grid, and for each of them a run of the paper's controller at the same base, seed and target somewhere
     in the grid (the report compares the two)."""
     g = rp.build_grid(False)
     group = [r for r in g.runs if r.group == "controller"]
     opt = [r for r in group if r.options]
-    entropy_bases = [b for b in g.bases if b.variant == "default"]  # not the length group's base
-    assert {(r.base, r.target) for r in opt} == {(b.name, t) for b in entropy_bases for t in (0.5, 2.0)}
+    bases = ("seed0", "weak", "strong")
+    assert {(r.base, r.target) for r in opt} == {(b, t) for b in bases for t in (0.5, 2.0)}
     assert all(dict(r.options) == {"algorithm.controller.budget_mode": "pid", "algorithm.controller.budget_down": "60"}
                for r in opt)
     assert all(g.base(r.base).seed == r.seed for r in opt)
@@ -112,14 +115,44 @@ def test_controller_group_pairs_the_option_with_the_paper(rp):
     assert not [r for r in rp.build_grid(True).runs if r.group == "controller"]
 
 
+def test_hold_group_runs_the_option_at_the_default_length_on_every_base(rp):
+    """The hold group: the option (budget_mode=proportional, budget_down=60, 32 prompts) at 0.5 and
+    1.5 x H0 for 100 steps on every entropy base, the paper's controller at 0.5 x H0 and GRPO beside
+    it on each seed at the same batch and length; each run trains its own steps, and the runs of
+    the grid's own length keep the spec they had before runs could have their own."""
+    g = rp.build_grid(False, seeds=(3, 4))
+    hold = [r for r in g.runs if r.group == "hold"]
+    entropy_bases = [b.name for b in g.bases if b.variant == "default"]
+    opt = [r for r in hold if r.method == "aepo" and "algorithm.controller.budget_mode" in dict(r.options)]
+    assert {(r.base, r.target) for r in opt} == {(b, t) for b in entropy_bases for t in (0.5, 1.5)}
+    assert all(dict(r.options) == {"algorithm.controller.budget_mode": "proportional",
+                                   "algorithm.controller.budget_down": "60", "data.prompts_per_step": "32"} for r in opt)
+    for s in (3, 4):
+        same = [r for r in hold if r.seed == s and r not in opt]
+        assert sorted((r.method, r.target) for r in same) == [("aepo", 0.5), ("grpo", None)]
+        assert all(dict(r.options) == {"data.prompts_per_step": "32"} and r.base == f"seed{s}" for r in same)
+    assert all(r.steps == 100 and g.steps_for(r) == 100 for r in hold)
+    assert all(g.run_spec_dict(r)["steps"] == 100 for r in hold)
+    other = next(r for r in g.runs if r.group == "held")
+    assert g.steps_for(other) == g.steps == 60 and "steps" not in g.run_spec_dict(other)["run"]
+    assert "--train.steps=100" not in other.train_args()
+    # a hold run costs more than a grid-length run (100 steps x 32 prompts against 60 x 16)
+    one = rp.estimate(g, [hold[0]], (), workers=1)["cpu_s"]
+    assert one > 2 * rp.estimate(g, [other], (), workers=1)["cpu_s"] - 60
+    assert not [r for r in rp.build_grid(True).runs if r.group == "hold"]
+
+
 def test_grid_order_covers_every_group_with_one_seed_first(rp):
     """A grid stopped part-way has every group with the first seed: that seed's study rows, then the
     controller and length groups (on it and on the weak/strong/length bases), then its 'mix'
-    reading, then the other seeds; each run's spec is what build_grid made, only the order moves."""
+    reading, then the other seeds; the hold group (the issue's bar) with the first seed's groups, on
+    every seed; each run's spec is what build_grid made, only the order moves."""
     g = rp.build_grid(False)
     klass = []
     for r in g.runs:
-        if r.seed != 0:
+        if r.group == "hold":
+            klass.append(1)
+        elif r.seed != 0:
             klass.append(3)
         elif r.group in ("controller", "length"):
             klass.append(1)
@@ -131,7 +164,7 @@ def test_grid_order_covers_every_group_with_one_seed_first(rp):
     assert len({r.name for r in g.runs}) == len(g.runs)
     assert g.runs[0].name == "aepo-paper-t0p5-s0"
     groups_first_seed = {r.group for r, k in zip(g.runs, klass) if k < 3}
-    assert {"held", "baseline", "robust", "controller", "length"} <= groups_first_seed
+    assert {"held", "baseline", "robust", "controller", "hold", "length"} <= groups_first_seed
     assert not [r for r in rp.build_grid(True).runs if r.group == "controller"]
 
 
@@ -393,18 +426,18 @@ def test_report_compares_the_controller_option_with_the_paper(rp, report, tmp_pa
     data["runs"] = [r for r in data["runs"] if r["name"] not in {x["name"] for x in runs}] + runs
     st = report.Study(data)
     pairs = report.controller_pairs(st)
-    assert len(pairs) == 10 and all(p is not None for _, p in pairs)
+    assert len(pairs) == 6 and all(p is not None for _, p in pairs)
     assert all((p["run"]["base"], p["run"]["target"], p["run"]["seed"]) == (r["run"]["base"], r["run"]["target"], r["run"]["seed"])
                and not p["run"]["options"] for r, p in pairs)
     claim = next(c for c in report.claims(st) if c[0] == "controller")
-    assert claim[3] == "**confirmed**" and "held on 10 of 10 runs" in claim[2]
+    assert claim[3] == "**confirmed**" and "held on 6 of 6 runs" in claim[2]
     text = report.write(data, tmp_path / "out").read_text()
     assert "## Beyond the paper: a controller that holds the target" in text and "| weak | 2 | budget_mode=pid, budget_down=60 |" in text
     # the option off its target on one base: the verdict and the why-section say so
     miss = next(r for r in data["runs"] if r["name"] == "strong-pid-t2")
     miss["series"]["entropy"] = [0.4] * 20
     claim = next(c for c in report.claims(report.Study(data)) if c[0] == "controller")
-    assert claim[3] == "**partly**" and "held on 9 of 10 runs" in claim[2]
+    assert claim[3] == "**partly**" and "held on 5 of 6 runs" in claim[2]
     assert "AEPO pid 2 x H0 (strong base)" in report.why_section(report.claims(report.Study(data)), report.Study(data))
 
 

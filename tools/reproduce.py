@@ -94,7 +94,7 @@ class RunSpec:
     """
 
     name: str
-    group: str  # held | baseline | robust | controller | length
+    group: str  # held | baseline | robust | controller | hold | length
     base: str
     method: str
     label: str
@@ -102,6 +102,7 @@ class RunSpec:
     target: float | None = None
     seed: int = 0
     options: tuple[tuple[str, str], ...] = ()
+    steps: int | None = None  # training steps; None = the grid's
 
     def train_args(self) -> list[str]:
         args = [f"--algorithm.method={self.method}", f"--algorithm.reading={self.reading}",
@@ -152,10 +153,16 @@ class Grid:
             return dataclasses.replace(self.eval, max_new_tokens=max(self.eval.max_new_tokens, LENGTH_MAX_NEW_TOKENS))
         return self.eval
 
+    def steps_for(self, run: RunSpec) -> int:
+        return run.steps or self.steps
+
     def run_spec_dict(self, run: RunSpec) -> dict:
         """Everything that decides a run's outputs: a stored result with another spec is stale."""
         base = self.base(run.base)
-        return _plain({"run": dataclasses.asdict(run), "base": base.recipe(), "steps": self.steps,
+        spec = dataclasses.asdict(run)
+        if spec["steps"] is None:  # left out, so the specs of the runs that predate per-run steps read as before
+            del spec["steps"]
+        return _plain({"run": spec, "base": base.recipe(), "steps": self.steps_for(run),
                        "eval": dataclasses.asdict(self.eval_for(base)), "common": self.common})
 
     def base_spec_dict(self, base: BaseSpec) -> dict:
@@ -176,6 +183,17 @@ ROBUST_TARGETS = (0.5, 1.5)
 CONTROLLER_OPTION = "pid"
 CONTROLLER_OPTIONS = (("algorithm.controller.budget_mode", "pid"), ("algorithm.controller.budget_down", "60"))
 CONTROLLER_TARGETS = (0.5, 2.0)
+# The hold group (the issue's bar: 0.5 and 1.5 x H0 held at the default run's length on every base):
+# budget_mode=proportional with the raising budget for lowering too, and 32 prompts a step (the
+# per-step entropy reading's noise, not the rule, limits the share of steps in a +-10% band at 0.5 x
+# H0: docs/training.md), for 100 steps (configs/toy.yaml), beside the paper's controller and GRPO
+# at the same batch and length.
+HOLD_OPTION = "proportional"
+HOLD_PROMPTS = (("data.prompts_per_step", "32"),)
+HOLD_OPTIONS = (("algorithm.controller.budget_mode", "proportional"), ("algorithm.controller.budget_down", "60"),
+                *HOLD_PROMPTS)
+HOLD_TARGETS = (0.5, 1.5)
+HOLD_STEPS = 100
 # The length group (docs/targets.md): AEPO's length target distribution on the toy task's length
 # variant, at 0.7 and 1.3 x the base's mean correct length, and GRPO's drift beside it.
 LENGTH_TARGETS = (0.7, 1.3)
@@ -237,7 +255,7 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
     # 2 x H0 on the weak and strong bases, which the robust group does not run). Full grid only
     # (--quick keeps its time budget).
     if not quick:
-        for s in seeds:
+        for s in seeds[:1]:
             for t in CONTROLLER_TARGETS:
                 runs.append(RunSpec(f"{CONTROLLER_OPTION}-t{_num(t)}-s{s}", "controller", f"seed{s}", "aepo",
                                     f"AEPO {CONTROLLER_OPTION} {t:g} x H0", target=t, seed=s, options=CONTROLLER_OPTIONS))
@@ -250,6 +268,22 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
                 if t not in ROBUST_TARGETS:
                     runs.append(RunSpec(f"{base.name}-aepo-t{_num(t)}", "controller", base.name, "aepo",
                                         f"AEPO {t:g} x H0 ({base.name} base)", target=t))
+    # The hold group (full grid only): the option at the default run's length on every base, with the
+    # paper's controller at 0.5 x H0 and GRPO at the same batch and length on each seed.
+    if not quick:
+        for s in seeds:
+            for t in HOLD_TARGETS:
+                runs.append(RunSpec(f"hold-t{_num(t)}-s{s}", "hold", f"seed{s}", "aepo", f"AEPO {HOLD_OPTION} {t:g} x H0",
+                                    target=t, seed=s, options=HOLD_OPTIONS, steps=HOLD_STEPS))
+            runs.append(RunSpec(f"hold-paper-t0p5-s{s}", "hold", f"seed{s}", "aepo", "AEPO (paper) 0.5 x H0",
+                                target=0.5, seed=s, options=HOLD_PROMPTS, steps=HOLD_STEPS))
+            runs.append(RunSpec(f"hold-grpo-s{s}", "hold", f"seed{s}", "grpo", "GRPO", seed=s, options=HOLD_PROMPTS,
+                                steps=HOLD_STEPS))
+        for base in (weak, strong):
+            for t in HOLD_TARGETS:
+                runs.append(RunSpec(f"{base.name}-hold-t{_num(t)}", "hold", base.name, "aepo",
+                                    f"AEPO {HOLD_OPTION} {t:g} x H0 ({base.name} base)", target=t, options=HOLD_OPTIONS,
+                                    steps=HOLD_STEPS))
     # The length group, after it (beyond the paper, Section 7): AEPO's length target on the toy task's
     # length variant and GRPO's length drift beside it, one seed. Full grid only (--quick keeps its
     # time budget).
@@ -268,6 +302,8 @@ def _by_priority(runs: Sequence[RunSpec], first_seed: int) -> list[RunSpec]:
     seed's 'mix' reading, then the other seeds' rows. Stable within each class."""
 
     def rank(r: RunSpec) -> int:
+        if r.group == "hold":  # the issue's bar, on every seed
+            return 1
         if r.seed != first_seed:
             return 4
         if r.group in ("controller", "length"):
@@ -501,7 +537,8 @@ def build_base(grid: Grid, base: BaseSpec, env: Env, cpu: int | None) -> dict:
 def train_and_eval(grid: Grid, run: RunSpec, env: Env) -> dict:
     d = env.work / "runs" / run.name
     spec = grid.run_spec_dict(run)
-    state = run_state(d, spec, grid.steps)
+    steps = grid.steps_for(run)
+    state = run_state(d, spec, steps)
     if state == "finished":
         return read_json(d / RESULT_FILE)
     log_path = env.work / "logs" / f"{run.name}.log"
@@ -513,17 +550,17 @@ def train_and_eval(grid: Grid, run: RunSpec, env: Env) -> dict:
         how = "from scratch" if state in ("new", "restart") else f"resuming from its checkpoint at step {state[7:]}"
         env.log(f"[{run.name}] training {how}")
         cmd = [env.python, "-m", "aepo_jax.train", f"--model.path={base_dir}", f"--train.run_dir={d}",
-               f"--train.steps={grid.steps}", f"--checkpoint.every={grid.checkpoint_every}", "--checkpoint.keep=1",
+               f"--train.steps={steps}", f"--checkpoint.every={grid.checkpoint_every}", "--checkpoint.keep=1",
                f"--rollout.sync_dir={d / 'weights'}", *[f"--{k}={v}" for k, v in grid.common], *run.train_args()]
         train = _run(cmd, log_path, env)
-    weights = final_weights(d, grid.steps)
+    weights = final_weights(d, steps)
     if weights is None:
-        raise ReproduceError(f"[{run.name}] training ended without the final weights {d / 'weights'}/weights_v{grid.steps}")
+        raise ReproduceError(f"[{run.name}] training ended without the final weights {d / 'weights'}/weights_v{steps}")
     env.log(f"[{run.name}] evaluating")
     ev, evs = evaluate(weights, d / "eval.json", grid.eval_for(grid.base(run.base)), env, log_path)
     rows = read_metrics(d)
-    if len(rows) < grid.steps:
-        raise ReproduceError(f"[{run.name}] metrics.jsonl has {len(rows)} steps, expected {grid.steps}")
+    if len(rows) < steps:
+        raise ReproduceError(f"[{run.name}] metrics.jsonl has {len(rows)} steps, expected {steps}")
     series = {k: [r.get(k) for r in rows] for k in SERIES_KEYS}
     res = {"spec": spec, "complete": True, "name": run.name, "run": dataclasses.asdict(run), "steps": [r["step"] for r in rows],
            "series": series, "eval": ev, "resumed_from": state,
@@ -555,23 +592,35 @@ def _median(xs) -> float | None:
 # uses this study's own finished runs once there are some.
 EST_BASE_BUILD_CPU_S = 75.0
 EST_TRAIN_START_CPU_S = 15.0
-EST_STEP_CPU_S = 1.45
+EST_STEP_CPU_S = 1.45  # a step of the default run (16 prompts x 8 samples)
+DEFAULT_PROMPTS_PER_STEP = 16  # configs/toy.yaml
 EST_EVAL_START_CPU_S = 9.0
 EST_EVAL_SAMPLE_CPU_S = 1.0e-3
 PARALLEL_EFFICIENCY = 0.8  # share of 2 cores two jobs keep busy (start-up phases are single-threaded)
 
 
+def _work_units(steps: int, options) -> float:
+    """A run's training work in units of a default step (16 prompts): steps x prompts / 16."""
+    prompts = dict(map(tuple, options or ())).get("data.prompts_per_step")
+    return steps * (int(prompts) if prompts else DEFAULT_PROMPTS_PER_STEP) / DEFAULT_PROMPTS_PER_STEP
+
+
 def estimate(grid: Grid, todo_runs: Sequence[RunSpec], todo_bases: Sequence[BaseSpec], workers: int,
              measured: Sequence[dict] = (), cores: int = 2) -> dict:
-    """CPU-seconds of what is left and the wall time they take on ``cores`` otherwise idle cores."""
+    """CPU-seconds of what is left and the wall time they take on ``cores`` otherwise idle cores.
+    Training scales with each run's steps and prompts a step (:func:`_work_units`)."""
     per_eval = EST_EVAL_START_CPU_S + EST_EVAL_SAMPLE_CPU_S * grid.eval.problems * grid.eval.n
-    per_run = EST_TRAIN_START_CPU_S + EST_STEP_CPU_S * grid.steps + per_eval
+    start, per_unit = EST_TRAIN_START_CPU_S, EST_STEP_CPU_S
     source = "built-in per-step estimate"
     done = [m for m in measured if m.get("cpu_s", {}).get("train")]
-    if done:  # this study's own runs
-        per_run = sum(m["cpu_s"]["train"] + m["cpu_s"]["eval"] for m in done) / len(done)
+    if done:  # this study's own runs: the start-up stays the built-in estimate, the rest per unit of work
+        per_unit = _mean([max(0.0, m["cpu_s"]["train"] - start) / _work_units(len(m["steps"]), m["run"].get("options"))
+                          for m in done])
+        per_eval = _mean([m["cpu_s"]["eval"] for m in done])
         source = f"mean of {len(done)} finished run(s) of this study"
-    cpu = len(todo_runs) * per_run + len(todo_bases) * (EST_BASE_BUILD_CPU_S + per_eval)
+    costs = [start + per_unit * _work_units(grid.steps_for(r), r.options) + per_eval for r in todo_runs]
+    per_run = start + per_unit * grid.steps + per_eval
+    cpu = sum(costs) + len(todo_bases) * (EST_BASE_BUILD_CPU_S + per_eval)
     used = min(max(1, workers), cores) * (PARALLEL_EFFICIENCY if workers > 1 else 1.0)
     return {"per_run_cpu_s": per_run, "cpu_s": cpu, "wall_s": cpu / used, "source": source, "workers": workers}
 
@@ -585,7 +634,7 @@ def print_plan(grid: Grid, env: Env, workers: int, out=print) -> dict:
     measured = []
     for r in grid.runs:
         d = env.work / "runs" / r.name
-        states[("run", r.name)] = run_state(d, grid.run_spec_dict(r), grid.steps)
+        states[("run", r.name)] = run_state(d, grid.run_spec_dict(r), grid.steps_for(r))
         res = read_json(d / RESULT_FILE)
         if isinstance(res, dict) and res.get("complete") and res.get("resumed_from") in ("new", "restart"):
             measured.append(res)
