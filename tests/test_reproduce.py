@@ -506,3 +506,45 @@ def test_length_group_report(rp, report, tmp_path, aepo_on_target):
     assert claims["length"] == ("**confirmed**" if aepo_on_target else "**not confirmed**")
     if not aepo_on_target:
         assert "AEPO length 1.3 x L0: held 0.0%" in text  # the why section names the miss
+
+
+def test_report_states_the_hold_bar_from_the_hold_group(rp, report, tmp_path):
+    """The hold group's claims: the option's held share and reward on every base seed (the paper's
+    controller beside it), GRPO's end entropy against 0.8 x H0; a miss on one seed, or GRPO above
+    0.8 x H0 on one, turns the verdict to partly and the why-section names the run."""
+    rng = np.random.default_rng(3)
+    full = rp.build_grid(False, steps=20, seeds=(5, 6))
+    data = _study(rp, tmp_path, rng)
+    h0, runs = 0.4, []
+    for r in full.runs:
+        if r.group != "hold":
+            continue
+        option = "algorithm.controller.budget_mode" in dict(r.options)
+        end = r.target * h0 * (1.0 if option else 1.3) if r.method == "aepo" else 0.7 * h0
+        runs.append({"name": r.name, "complete": True, "run": rp.dataclasses.asdict(r), "steps": list(range(1, 101)),
+                     "series": _rows(h0, end, 100, r.target * h0 if r.target else None, rng),
+                     "eval": {"avg_at_n": 0.5, "n": 256, "pass_at_k": {"1": 0.5}}, "resumed_from": "new",
+                     "wall_s": {"train": 1.0, "eval": 1.0}, "cpu_s": {"train": 1.0, "eval": 1.0}})
+    data["runs"] += runs
+    st = report.Study(data)
+    rows = report.hold_rows(st)
+    assert len(rows) == 8  # 2 seeds + weak + strong, 2 targets each
+    assert all((p is None) == (r["run"]["target"] == 1.5 or not r["run"]["base"].startswith("seed")) for r, p in rows)
+    cl = {c[0]: c for c in report.claims(st)}
+    assert cl["hold"][3] == "**confirmed**" and "met on 4 of 4 runs" in cl["hold"][2]
+    assert "(paper's controller 0.0%)" in cl["hold"][2]
+    assert cl["hold_grpo"][3] == "**confirmed**" and "seed5 0.70" in cl["hold_grpo"][2]
+    text = report.write(data, tmp_path / "out").read_text()
+    assert "## Beyond the paper: holding 0.5 and 1.5 x H0 at the default run's length" in text
+    assert "20 or 100 steps" in text
+    # the option off its target on seed 6 at 0.5 x H0, GRPO not collapsed on seed 5
+    miss = next(r for r in data["runs"] if r["name"] == "hold-t0p5-s6")
+    miss["series"]["entropy"] = [0.4] * 100
+    g5 = next(r for r in data["runs"] if r["name"] == "hold-grpo-s5")
+    g5["series"]["entropy"] = [0.4] * 100
+    st = report.Study(data)
+    cl = {c[0]: c for c in report.claims(st)}
+    assert cl["hold"][3] == "**partly**" and "met on 3 of 4 runs" in cl["hold"][2]
+    assert cl["hold_grpo"][3] == "**partly**" and "seed5 1.00" in cl["hold_grpo"][2]
+    why = report.why_section(report.claims(st), st)
+    assert "AEPO proportional 0.5 x H0 on seed6: 50 of its 50 second-half steps above the band" in why
