@@ -147,3 +147,30 @@ def test_toy_variant_key_and_its_checks():
                        "data.toy_variant")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(build_config(RunConfig, argv, aliases=ALIASES))
+
+
+def test_toy_hold_file_is_the_default_run_with_the_hold_option():
+    """configs/toy_hold.yaml: the default toy run with budget_mode=proportional, budget_down=60 and
+    32 prompts a step, nothing else changed (the reproduce tool's hold group runs these keys)."""
+    import dataclasses
+    import sys
+
+    root = Path(__file__).parent.parent
+    hold = validate(build_config(RunConfig, ["--config", str(root / "configs" / "toy_hold.yaml")], aliases=ALIASES))
+    default = validate(build_config(RunConfig, [], aliases=ALIASES))
+    c = hold.algorithm.controller
+    assert (c.budget_mode, c.budget_down, c.budget_up, hold.data.prompts_per_step) == ("proportional", 60, 60, 32)
+    same = dataclasses.replace(hold, data=dataclasses.replace(hold.data, prompts_per_step=default.data.prompts_per_step),
+                               algorithm=dataclasses.replace(hold.algorithm, controller=dataclasses.replace(
+                                   c, budget_mode=default.algorithm.controller.budget_mode,
+                                   budget_down=default.algorithm.controller.budget_down)),
+                               train=dataclasses.replace(hold.train, run_dir=default.train.run_dir))
+    assert same == default
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        import reproduce
+    finally:
+        sys.path.remove(str(root / "tools"))
+    file_keys = {"algorithm.controller.budget_mode": c.budget_mode, "algorithm.controller.budget_down": str(c.budget_down),
+                 "data.prompts_per_step": str(hold.data.prompts_per_step)}
+    assert dict(reproduce.HOLD_OPTIONS) == file_keys
