@@ -548,3 +548,4 @@ def test_report_states_the_hold_bar_from_the_hold_group(rp, report, tmp_path):
     assert cl["hold_grpo"][3] == "**partly**" and "seed5 1.00" in cl["hold_grpo"][2]
     why = report.why_section(report.claims(st), st)
     assert "AEPO proportional 0.5 x H0 on seed6: 50 of its 50 second-half steps above the band" in why
+    assert "GRPO on seed5 ends at 1.00 x H0 after 100 steps" in why and "GRPO on seed6" not in why
