@@ -1,22 +1,13 @@
 """Test-wide set-up: 8 simulated host devices (for mesh tests) before jax initialises."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Tests write nothing to the user's cache. The session shares one persistent JAX compilation cache in
-# a temporary directory, removed at exit: the end-to-end tests start trainers and servers that compile
-# the same tiny programs again and again (tests/test_train.py: 392 s without it, 322 s with it, side by
-# side on 2 cores). A test about the cache itself sets its own.
-if "AEPO_JAX_COMPILATION_CACHE" not in os.environ:
-    _session_cache = tempfile.mkdtemp(prefix="aepo-jax-test-compilation-cache-")
-    atexit.register(shutil.rmtree, _session_cache, True)
-    os.environ["AEPO_JAX_COMPILATION_CACHE"] = _session_cache
+# Tests write nothing to the user's cache: no persistent JAX compilation cache unless a test asks.
+os.environ.setdefault("AEPO_JAX_COMPILATION_CACHE", "off")
 
 import pytest  # noqa: E402
 
