@@ -19,6 +19,10 @@ The grid (``build_grid``): AEPO at five targets relative to the base model's ent
 coefficients, Entropy-Adv, Clip-Cov and KL-Cov (verl's defaults; full grid only) and the ablations Eq. (2) / Eq. (3) (at 1.5 x H0); AEPO at 0.5 and 1.5 x
 H0 and GRPO on a weaker and a stronger base model. The full grid repeats the held-target and
 baseline runs for three seeds (the seed of the run and of its base model); ``--quick`` runs one.
+Beyond the paper (full grid only): the ``pid`` budget beside the paper's controller at 0.5 and
+2 x H0 (the controller group), ``configs/toy_hold.yaml``'s option at 0.5 and 1.5 x H0 for the default
+run's 100 steps on every base with the paper's controller and GRPO at the same batch and length (the
+hold group: a run may have its own step count), and the length target on the length variant.
 
 Resume: the work directory keeps every run. A run is finished when its ``result.json`` exists
 and records the same spec (method, options, steps, evaluation settings): it is skipped. A run
@@ -183,7 +187,7 @@ ROBUST_TARGETS = (0.5, 1.5)
 CONTROLLER_OPTION = "pid"
 CONTROLLER_OPTIONS = (("algorithm.controller.budget_mode", "pid"), ("algorithm.controller.budget_down", "60"))
 CONTROLLER_TARGETS = (0.5, 2.0)
-# The hold group (the issue's bar: 0.5 and 1.5 x H0 held at the default run's length on every base):
+# The hold group (the built-in task's bar: 0.5 and 1.5 x H0 held at the default run's length on every base):
 # budget_mode=proportional with the raising budget for lowering too, and 32 prompts a step (the
 # per-step entropy reading's noise, not the rule, limits the share of steps in a +-10% band at 0.5 x
 # H0: docs/training.md), for 100 steps (configs/toy.yaml), beside the paper's controller and GRPO
@@ -302,7 +306,7 @@ def _by_priority(runs: Sequence[RunSpec], first_seed: int) -> list[RunSpec]:
     seed's 'mix' reading, then the other seeds' rows. Stable within each class."""
 
     def rank(r: RunSpec) -> int:
-        if r.group == "hold":  # the issue's bar, on every seed
+        if r.group == "hold":  # the built-in task's bar, on every seed
             return 1
         if r.seed != first_seed:
             return 4
