@@ -468,21 +468,27 @@ def claims(st: Study) -> list[tuple[str, str, str, str]]:
     return out
 
 
-def _is_option(r: dict) -> bool:
-    return "algorithm.controller.budget_mode" in dict(map(tuple, r["run"]["options"]))
+CONTROLLER_KEY = "algorithm.controller."
+
+
+def option_pairs(st: Study, group: str) -> list[tuple[dict, dict | None]]:
+    """Each AEPO run of ``group`` with controller options, with the paper's controller's run that is
+    the same run without them: same base, seed, target and step count, its other options equal
+    (e.g. the hold group's 32 prompts), from any group; None while no such run has finished."""
+    pairs = []
+    for r in st.select(group, method="aepo"):
+        spec = r["run"]
+        others = [list(o) for o in spec["options"] if not o[0].startswith(CONTROLLER_KEY)]
+        if len(others) == len(spec["options"]):
+            continue  # no controller option: the paper's controller itself
+        paper = [p for p in st.select(method="aepo", reading="paper", target=spec["target"], base=spec["base"], options=others)
+                 if p["run"]["seed"] == spec["seed"] and len(p["steps"]) == len(r["steps"])]
+        pairs.append((r, paper[0] if paper else None))
+    return pairs
 
 
 def hold_rows(st: Study) -> list[tuple[dict, dict | None]]:
-    """The hold group's option runs, each with the paper's controller's run of the same group on the
-    same base, seed and target (None where the group has none)."""
-    runs = st.select("hold", method="aepo")
-    out = []
-    for r in (r for r in runs if _is_option(r)):
-        spec = r["run"]
-        paper = [p for p in runs if not _is_option(p) and (p["run"]["base"], p["run"]["seed"], p["run"]["target"])
-                 == (spec["base"], spec["seed"], spec["target"])]
-        out.append((r, paper[0] if paper else None))
-    return out
+    return option_pairs(st, "hold")
 
 
 def hold_claims(st: Study) -> list[tuple[str, str, str, str]]:
@@ -535,17 +541,7 @@ def hold_table(st: Study) -> str:
 
 
 def controller_pairs(st: Study) -> list[tuple[dict, dict | None]]:
-    """Each run of the controller group with an option, with the paper's controller's run on the same
-    base at the same target and seed (from any group; None while it has not finished)."""
-    pairs = []
-    for r in st.select("controller"):
-        spec = r["run"]
-        if not spec["options"]:
-            continue
-        paper = [p for p in st.select(method="aepo", reading="paper", target=spec["target"], base=spec["base"], options=[])
-                 if p["run"]["seed"] == spec["seed"]]
-        pairs.append((r, paper[0] if paper else None))
-    return pairs
+    return option_pairs(st, "controller")
 
 
 def _option(r: dict) -> str:
