@@ -492,7 +492,7 @@ def hold_rows(st: Study) -> list[tuple[dict, dict | None]]:
 
 
 def hold_claims(st: Study) -> list[tuple[str, str, str, str]]:
-    """The issue's bar at the default run's length: the option holds 0.5 and 1.5 x H0 on every base
+    """The built-in task's bar at the default run's length: the option holds 0.5 and 1.5 x H0 on every base
     seed with reward not lower at the end than at the start; GRPO ends at <= COLLAPSE x H0."""
     out = []
     rows = [(r, p) for r, p in hold_rows(st) if r["run"]["base"].startswith("seed")]
