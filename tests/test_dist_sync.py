@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from _source_ast import parse_file
+
 from aepo_jax.rollout.testing import make_tiny_model_dir
 
 pytest.importorskip("torch")
@@ -125,7 +127,7 @@ def _sglang_structs():
     if spec is None:
         pytest.skip("sglang==0.5.23 is not installed (pip install --no-deps sglang==0.5.23)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "srt", "managers", "io_struct.py")
-    tree = ast.parse(open(path).read())
+    tree = parse_file(path)
     want = ["BaseReq", "InitWeightsUpdateGroupReqInput", "UpdateWeightsFromDistributedReqInput",
             "DestroyWeightsUpdateGroupReqInput", "PauseGenerationReqInput", "ContinueGenerationReqInput"]
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}

@@ -11,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from _source_ast import parse_files
+
 ROOT = Path(__file__).resolve().parent.parent
 # Test helpers that live in the package (tiny models built with torch); never imported at run time.
 TEST_ONLY_MODULES = {"aepo_jax/rollout/testing.py"}
@@ -35,11 +37,10 @@ def _third_party_imports():
     """(file, line, top-level module, lazy) for every non-stdlib import under aepo_jax/; lazy means
     inside a function (imported only when that feature is used)."""
     out = []
-    for path in sorted((ROOT / "aepo_jax").rglob("*.py")):
+    paths = [p for p in sorted((ROOT / "aepo_jax").rglob("*.py"))
+             if p.relative_to(ROOT).as_posix() not in TEST_ONLY_MODULES]
+    for path, tree in zip(paths, parse_files(paths)):
         rel = path.relative_to(ROOT).as_posix()
-        if rel in TEST_ONLY_MODULES:
-            continue
-        tree = ast.parse(path.read_text(), filename=rel)
         parents = {}
         for node in ast.walk(tree):
             for child in ast.iter_child_nodes(node):

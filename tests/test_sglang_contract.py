@@ -15,6 +15,8 @@ import os
 
 import pytest
 
+from _source_ast import parse_file
+
 from aepo_jax.rollout import protocol, responses
 from aepo_jax.rollout.testing import load_sglang_api_types
 
@@ -27,7 +29,7 @@ if api is None:
 def _struct_fields(class_name: str) -> set[str]:
     """Field names of a struct in sglang/srt/managers/io_struct.py (plus BaseReq's)."""
     d = list(importlib.util.find_spec("sglang").submodule_search_locations)[0]
-    tree = ast.parse(open(os.path.join(d, "srt", "managers", "io_struct.py")).read())
+    tree = parse_file(os.path.join(d, "srt", "managers", "io_struct.py"))
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
 
     def fields(name):
