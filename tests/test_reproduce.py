@@ -245,6 +245,40 @@ def test_resume_states_of_a_half_done_grid(rp, tmp_path):
     assert rp.run_state(d / "new", grid.run_spec_dict(runs["new"]), grid.steps) == "restart"
 
 
+def test_a_run_trained_under_another_spec_is_moved_aside_not_reused(rp, tmp_path):
+    """A grid edited after its runs trained (here: another option): the old checkpoints and final
+    weights must be neither evaluated nor resumed as the new spec's; they are moved aside, kept."""
+    (tmp_path / "grid.json").write_text(json.dumps(TINY))
+    grid = rp.grid_from_json(tmp_path / "grid.json")
+    run = grid.runs[0]
+    d = tmp_path / "work" / "runs" / run.name
+    old = rp.dataclasses.replace(run, options=(("data.prompts_per_step", "64"),))
+    rp.write_json(d / rp.SPEC_FILE, grid.run_spec_dict(old))
+    (d / "checkpoints" / str(grid.steps)).mkdir(parents=True)
+    (d / "checkpoints" / "2").mkdir(parents=True)
+    w = d / "weights" / f"weights_v{grid.steps}"
+    w.mkdir(parents=True)
+    (w / "config.json").write_text("{}")
+    (w / "model.safetensors").write_bytes(b"x")
+    assert rp.run_state(d, grid.run_spec_dict(old), grid.steps) == "evaluate"  # its own spec: trained
+    assert rp.run_state(d, grid.run_spec_dict(run), grid.steps) == "stale"
+    # a stored result of another spec, with no spec file (a run that predates it), is stale too
+    other = tmp_path / "other"
+    rp.write_json(other / rp.RESULT_FILE, {**_fake_result(grid, old, rp), "spec": grid.run_spec_dict(old)})
+    (other / "checkpoints" / str(grid.steps)).mkdir(parents=True)
+    assert rp.run_state(other, grid.run_spec_dict(run), grid.steps) == "stale"
+    # in the plan, and when run: moved aside (kept), the run starts from scratch under its new spec
+    lines = []
+    rp.print_plan(grid, rp.Env(tmp_path / "work", log=lines.append), workers=1, out=lines.append)
+    assert "outputs of another spec: moved aside" in "\n".join(lines)
+    env = rp.Env(tmp_path / "work", python=str(tmp_path / "no-python"), log=lines.append)
+    with pytest.raises((rp.ReproduceError, OSError)):  # the trainer cannot start here; the move came first
+        rp.train_and_eval(grid, run, env)
+    aside = d.with_name(f"{run.name}.stale1")
+    assert (aside / "weights" / f"weights_v{grid.steps}" / "model.safetensors").is_file()
+    assert rp.read_json(d / rp.SPEC_FILE) == grid.run_spec_dict(run) and not (d / "checkpoints").exists()
+
+
 def test_finished_grid_runs_nothing(rp, tmp_path):
     """With every base and run finished, the whole grid returns at once, without a subprocess."""
     (tmp_path / "grid.json").write_text(json.dumps(TINY))

@@ -58,6 +58,7 @@ for _p in (str(ROOT), str(ROOT / "tools")):
         sys.path.insert(0, _p)
 
 RESULT_FILE = "result.json"
+SPEC_FILE = "spec.json"  # written when a run starts training: what its outputs are outputs of
 RUNS_FILE = "runs.json"
 HELDOUT_FILE = "heldout.jsonl"
 # Per-step metrics kept in runs.json (all the report draws from).
@@ -366,10 +367,16 @@ def latest_checkpoint_step(run_dir: Path) -> int | None:
 
 
 def run_state(run_dir: Path, spec: dict, steps: int) -> str:
-    """finished | evaluate (training done) | resume@STEP | restart (outputs, no checkpoint) | new."""
+    """finished | stale (outputs of another spec: redone from scratch) | evaluate (training done) |
+    resume@STEP | restart (outputs, no checkpoint) | new."""
     res = read_json(run_dir / RESULT_FILE)
     if isinstance(res, dict) and res.get("spec") == spec and res.get("complete"):
         return "finished"
+    # a grid edited after a run trained (other options, base, steps): its checkpoints and weights belong
+    # to the old spec, so they must neither be resumed nor evaluated as the new one's
+    started = read_json(run_dir / SPEC_FILE)
+    if (isinstance(started, dict) and started != spec) or (isinstance(res, dict) and res.get("spec") != spec):
+        return "stale"
     last = latest_checkpoint_step(run_dir)
     if last is not None and last >= steps and final_weights(run_dir, steps) is not None:
         return "evaluate"
@@ -378,6 +385,13 @@ def run_state(run_dir: Path, spec: dict, steps: int) -> str:
     if run_dir.exists():
         return "restart"
     return "new"
+
+
+def _unused_path(p: Path) -> Path:
+    k = 1
+    while (q := p.with_name(f"{p.name}{k}")).exists():
+        k += 1
+    return q
 
 
 def final_weights(run_dir: Path, steps: int) -> Path | None:
@@ -548,9 +562,16 @@ def train_and_eval(grid: Grid, run: RunSpec, env: Env) -> dict:
     log_path = env.work / "logs" / f"{run.name}.log"
     base_dir = env.work / "bases" / run.base / "model"
     train = (0.0, 0.0)
+    if state == "stale":  # kept beside, not deleted: the old outputs may still be wanted
+        old = _unused_path(d.with_name(f"{d.name}.stale"))
+        d.rename(old)
+        env.log(f"[{run.name}] outputs of another spec moved to {old.name}")
+        state = "new"
     if state != "evaluate":
         if state == "restart":  # outputs without a checkpoint: nothing to resume, start clean
             shutil.rmtree(d)
+        if state in ("new", "restart"):
+            write_json(d / SPEC_FILE, spec)
         how = "from scratch" if state in ("new", "restart") else f"resuming from its checkpoint at step {state[7:]}"
         env.log(f"[{run.name}] training {how}")
         cmd = [env.python, "-m", "aepo_jax.train", f"--model.path={base_dir}", f"--train.run_dir={d}",
@@ -652,7 +673,8 @@ def print_plan(grid: Grid, env: Env, workers: int, out=print) -> dict:
     for r in grid.runs:
         st = states[("run", r.name)]
         what = {"finished": "finished: skipped", "evaluate": "trained: evaluate only", "new": "new",
-                "restart": "outputs without a checkpoint: restart from scratch"}.get(st, f"half-done: resume from checkpoint step {st[7:]}")
+                "restart": "outputs without a checkpoint: restart from scratch",
+                "stale": "outputs of another spec: moved aside, run from scratch"}.get(st, f"half-done: resume from checkpoint step {st[7:]}")
         out(f"  run  {r.name:<28} {r.label:<48} {what}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     out(f"estimated time: {est['wall_s'] / 60:.0f} min on 2 otherwise idle cores for {len(todo_runs)} run(s) and "
