@@ -80,8 +80,9 @@ def test_train_args_are_valid_trainer_options(rp):
 def test_plan_fits_the_time_budget(rp):
     """Item 5: the estimate on 2 idle cores is within 90 min for the paper's study, 20 for --quick
     (which has no controller group); the controller group (beyond the paper) adds at most 20 min, the
-    length group (its base and three runs) at most 10, the hold group (16 runs of 100 steps at twice
-    the batch) at most 75."""
+    length group (its base and three runs) at most 10, the hold group (12 runs of 100 steps at four
+    times the batch) at most 80 (the built-in per-step cost, scaled by the batch; the measured runs
+    took less)."""
     for quick, limit in ((True, 20), (False, 90)):
         g = rp.build_grid(quick)
         study = [r for r in g.runs if r.group not in ("controller", "length", "hold")]
@@ -90,7 +91,7 @@ def test_plan_fits_the_time_budget(rp):
         extra = rp.estimate(g, [r for r in g.runs if r.group == "controller"], (), workers=2)
         assert extra["wall_s"] <= 20 * 60, (quick, extra)
         hold = rp.estimate(g, [r for r in g.runs if r.group == "hold"], (), workers=2)
-        assert hold["wall_s"] <= 75 * 60 and (quick or hold["wall_s"] > extra["wall_s"]), (quick, hold)
+        assert hold["wall_s"] <= 80 * 60 and (quick or hold["wall_s"] > extra["wall_s"]), (quick, hold)
         length = rp.estimate(g, [r for r in g.runs if r.group == "length"],
                              [b for b in g.bases if b.variant == "length"], workers=2)
         assert length["wall_s"] <= 10 * 60, (quick, length)
@@ -116,29 +117,31 @@ def test_controller_group_pairs_the_option_with_the_paper(rp):
 
 
 def test_hold_group_runs_the_option_at_the_default_length_on_every_base(rp):
-    """The hold group: the option (budget_mode=proportional, budget_down=60, 32 prompts) at 0.5 and
-    1.5 x H0 for 100 steps on every entropy base, the paper's controller at 0.5 x H0 and GRPO beside
-    it on each seed at the same batch and length; each run trains its own steps, and the runs of
+    """The hold group: the option (budget_mode=proportional, budget_down=60, 64 prompts) at 0.5 and
+    1.5 x H0 for 100 steps on every seed's base and at 0.5 x H0 on the weak and strong ones, GRPO
+    beside it on each seed and the paper's controller at 0.5 x H0 on the first, at the same batch and length; each run trains its own steps, and the runs of
     the grid's own length keep the spec they had before runs could have their own."""
     g = rp.build_grid(False, seeds=(3, 4))
     hold = [r for r in g.runs if r.group == "hold"]
     entropy_bases = [b.name for b in g.bases if b.variant == "default"]
     opt = [r for r in hold if r.method == "aepo" and "algorithm.controller.budget_mode" in dict(r.options)]
-    assert {(r.base, r.target) for r in opt} == {(b, t) for b in entropy_bases for t in (0.5, 1.5)}
+    assert {(r.base, r.target) for r in opt} == ({(f"seed{s}", t) for s in (3, 4) for t in (0.5, 1.5)}
+                                                 | {(b, 0.5) for b in entropy_bases if not b.startswith("seed")})
+    assert set(entropy_bases) == {"seed3", "seed4", "weak", "strong"}
     assert all(dict(r.options) == {"algorithm.controller.budget_mode": "proportional",
-                                   "algorithm.controller.budget_down": "60", "data.prompts_per_step": "32"} for r in opt)
-    for s in (3, 4):
+                                   "algorithm.controller.budget_down": "60", "data.prompts_per_step": "64"} for r in opt)
+    for s in (3, 4):  # GRPO on each seed, the paper's controller on the first
         same = [r for r in hold if r.seed == s and r not in opt]
-        assert sorted((r.method, r.target) for r in same) == [("aepo", 0.5), ("grpo", None)]
-        assert all(dict(r.options) == {"data.prompts_per_step": "32"} and r.base == f"seed{s}" for r in same)
+        assert sorted((r.method, r.target) for r in same) == ([("aepo", 0.5)] if s == 3 else []) + [("grpo", None)]
+        assert all(dict(r.options) == {"data.prompts_per_step": "64"} and r.base == f"seed{s}" for r in same)
     assert all(r.steps == 100 and g.steps_for(r) == 100 for r in hold)
     assert all(g.run_spec_dict(r)["steps"] == 100 for r in hold)
     other = next(r for r in g.runs if r.group == "held")
     assert g.steps_for(other) == g.steps == 60 and "steps" not in g.run_spec_dict(other)["run"]
     assert "--train.steps=100" not in other.train_args()
-    # the estimate scales training by steps x prompts: 100 x 32 / 16 = 200 default steps against 60
+    # the estimate scales training by steps x prompts: 100 x 64 / 16 = 400 default steps against 60
     one = rp.estimate(g, [hold[0]], (), workers=1)["cpu_s"]
-    assert one - rp.estimate(g, [other], (), workers=1)["cpu_s"] == pytest.approx(rp.EST_STEP_CPU_S * (200 - 60))
+    assert one - rp.estimate(g, [other], (), workers=1)["cpu_s"] == pytest.approx(rp.EST_STEP_CPU_S * (400 - 60))
     assert not [r for r in rp.build_grid(True).runs if r.group == "hold"]
 
 
@@ -562,8 +565,8 @@ def test_report_states_the_hold_bar_from_the_hold_group(rp, report, tmp_path):
     data["runs"] += runs
     st = report.Study(data)
     rows = report.hold_rows(st)
-    assert len(rows) == 8  # 2 seeds + weak + strong, 2 targets each
-    assert all((p is None) == (r["run"]["target"] == 1.5 or not r["run"]["base"].startswith("seed")) for r, p in rows)
+    assert len(rows) == 6  # 2 seeds x 2 targets, weak and strong at 0.5 x H0
+    assert [(r["run"]["base"], r["run"]["target"]) for r, p in rows if p] == [("seed5", 0.5)]  # the paper's: first seed
     cl = {c[0]: c for c in report.claims(st)}
     assert cl["hold"][3] == "**confirmed**" and "met on 4 of 4 runs" in cl["hold"][2]
     assert "(paper's controller 0.0%)" in cl["hold"][2]

@@ -151,7 +151,7 @@ def test_toy_variant_key_and_its_checks():
 
 def test_toy_hold_file_is_the_default_run_with_the_hold_option():
     """configs/toy_hold.yaml: the default toy run with budget_mode=proportional, budget_down=60 and
-    32 prompts a step, nothing else changed (the reproduce tool's hold group runs these keys)."""
+    64 prompts a step, nothing else changed (the reproduce tool's hold group runs these keys)."""
     import dataclasses
     import sys
 
@@ -159,7 +159,7 @@ def test_toy_hold_file_is_the_default_run_with_the_hold_option():
     hold = validate(build_config(RunConfig, ["--config", str(root / "configs" / "toy_hold.yaml")], aliases=ALIASES))
     default = validate(build_config(RunConfig, [], aliases=ALIASES))
     c = hold.algorithm.controller
-    assert (c.budget_mode, c.budget_down, c.budget_up, hold.data.prompts_per_step) == ("proportional", 60, 60, 32)
+    assert (c.budget_mode, c.budget_down, c.budget_up, hold.data.prompts_per_step) == ("proportional", 60, 60, 64)
     same = dataclasses.replace(hold, data=dataclasses.replace(hold.data, prompts_per_step=default.data.prompts_per_step),
                                algorithm=dataclasses.replace(hold.algorithm, controller=dataclasses.replace(
                                    c, budget_mode=default.algorithm.controller.budget_mode,
