@@ -563,7 +563,12 @@ def test_report_states_the_hold_bar_from_the_hold_group(rp, report, tmp_path):
                      "eval": {"avg_at_n": 0.5, "n": 256, "pass_at_k": {"1": 0.5}}, "resumed_from": "new",
                      "wall_s": {"train": 1.0, "eval": 1.0}, "cpu_s": {"train": 1.0, "eval": 1.0}})
     data["runs"] += runs
+    # the reading's noise: 0.02 nats on a 0.2 target over the second half (the first half must not count)
+    se_run = next(r for r in runs if r["name"] == "hold-t0p5-s5")
+    se_run["series"]["policy/entropy_full_stderr"] = [0.2] * 50 + [0.02] * 50
     st = report.Study(data)
+    assert st.sum["hold-t0p5-s5"]["reading_se"] == pytest.approx(0.1, rel=1e-6)
+    assert st.sum["hold-t1p5-s5"]["reading_se"] is None  # stored without the key
     rows = report.hold_rows(st)
     assert len(rows) == 6  # 2 seeds x 2 targets, weak and strong at 0.5 x H0
     assert [(r["run"]["base"], r["run"]["target"]) for r, p in rows if p] == [("seed5", 0.5)]  # the paper's: first seed
@@ -574,6 +579,8 @@ def test_report_states_the_hold_bar_from_the_hold_group(rp, report, tmp_path):
     text = report.write(data, tmp_path / "out").read_text()
     assert "## Beyond the paper: holding 0.5 and 1.5 x H0 at the default run's length" in text
     assert "20 or 100 steps" in text
+    row = next(line for line in text.splitlines() if line.startswith("| seed5 | 0.5 |"))
+    assert "| 10.0% |" in row
     # the option off its target on seed 6 at 0.5 x H0, GRPO not collapsed on seed 5
     miss = next(r for r in data["runs"] if r["name"] == "hold-t0p5-s6")
     miss["series"]["entropy"] = [0.4] * 100

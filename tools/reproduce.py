@@ -63,7 +63,8 @@ RUNS_FILE = "runs.json"
 HELDOUT_FILE = "heldout.jsonl"
 # Per-step metrics kept in runs.json (all the report draws from).
 SERIES_KEYS = ("entropy", "entropy_target", "reward_mean", "temperature",
-               "control/signal", "control/target", "rollout/correct_length_mean")
+               "control/signal", "control/target", "rollout/correct_length_mean",
+               "policy/entropy_full_stderr")  # the step's entropy reading's own standard error
 BAND = 0.10  # "held": within +-10% of the target
 
 
@@ -556,6 +557,8 @@ def build_base(grid: Grid, base: BaseSpec, env: Env, cpu: int | None) -> dict:
 
 
 def train_and_eval(grid: Grid, run: RunSpec, env: Env) -> dict:
+    if _STOPPING.is_set():  # a queued job after Ctrl-C: touch nothing
+        raise ReproduceError("stopped")
     d = env.work / "runs" / run.name
     spec = grid.run_spec_dict(run)
     steps = grid.steps_for(run)
@@ -754,6 +757,10 @@ def summarize_run(res: dict) -> dict:
         "held": held, "first_in_band": first, "reward_start": _mean(rew[: max(1, min(5, n))]), "reward_end": _mean(rew[-tail:]),
         "pass1": res["eval"]["avg_at_n"], "passk": {int(k): v for k, v in res["eval"]["pass_at_k"].items()},
         "eval_entropy": res["eval"].get("entropy_nll"),
+        # the reading's noise over the second half, in units of the target (None for runs stored without it)
+        "reading_se": (_mean([e / t for e, t in zip(se[half:], tgt[half:]) if isinstance(e, (int, float))
+                              and isinstance(t, (int, float)) and t > 0]) if has_target and (se := s.get("policy/entropy_full_stderr"))
+                       and any(isinstance(e, (int, float)) for e in se[half:]) else None),
     }
 
 

@@ -474,7 +474,7 @@ CONTROLLER_KEY = "algorithm.controller."
 def option_pairs(st: Study, group: str) -> list[tuple[dict, dict | None]]:
     """Each AEPO run of ``group`` with controller options, with the paper's controller's run that is
     the same run without them: same base, seed, target and step count, its other options equal
-    (e.g. the hold group's 32 prompts), from any group; None while no such run has finished."""
+    (e.g. the hold group's 64 prompts), from any group; None while no such run has finished."""
     pairs = []
     for r in st.select(group, method="aepo"):
         spec = r["run"]
@@ -526,17 +526,19 @@ def hold_table(st: Study) -> str:
         s, q = st.sum[r["name"]], st.sum[p["name"]] if p else None
         spec = r["run"]
         rows.append([spec["base"], f"{spec['target']:g}", _f(s["h0"]), _f(s["target"]), _pct(s["held"]),
-                     _pct(q["held"]) if q else "-", _f(s["h_end"]) + (f" / {_f(q['h_end'])}" if q else ""),
+                     _pct(q["held"]) if q else "-", _pct(s.get("reading_se")),
+                     _f(s["h_end"]) + (f" / {_f(q['h_end'])}" if q else ""),
                      str(s["first_in_band"]), f"{s['reward_start']:.2f} -> {s['reward_end']:.2f}"
                      + (f" / {q['reward_start']:.2f} -> {q['reward_end']:.2f}" if q else ""),
                      _pct(s["pass1"]) + (f" / {_pct(q['pass1'])}" if q else "")])
     for r in st.select("hold", method="grpo"):
         s = st.sum[r["name"]]
-        rows.append([r["run"]["base"], "GRPO", _f(s["h0"]), "-", "-", "-", f"{_f(s['h_end'])} ({s['h_end'] / s['h0']:.2f} x H0)",
+        rows.append([r["run"]["base"], "GRPO", _f(s["h0"]), "-", "-", "-", "-", f"{_f(s['h_end'])} ({s['h_end'] / s['h0']:.2f} x H0)",
                      "-", f"{s['reward_start']:.2f} -> {s['reward_end']:.2f}", _pct(s["pass1"])])
     if not rows:
         return "(no runs of the hold group)"
-    return _table(["base", "target / H0", "H0", "target", "held, option", "held, paper", "entropy at the end (option / paper)",
+    return _table(["base", "target / H0", "H0", "target", "held, option", "held, paper",
+                   "reading s.e. / target (option, second half)", "entropy at the end (option / paper)",
                    "first step in band", "reward start -> end (option / paper)", "pass@1 (option / paper)"], rows)
 
 
@@ -771,10 +773,12 @@ def write(data: dict, out: Path) -> Path:
            "The bar set for the built-in task: at the default run's length (100 steps; the second half is steps 51-100), "
            "targets 0.5 and 1.5 x H0 held with reward not lower at the end, on every base. The option (`configs/toy_hold.yaml`) `--algorithm.controller.budget_mode=proportional --algorithm.controller.budget_down=60` "
            "(the paper's temperature rule; the number of positives kept shrinks with the distance to the target, and lowering "
-           "may keep as many as raising) with 32 prompts a step (`--data.prompts_per_step=32`: at 0.5 x H0 the per-step "
+           "may keep as many as raising) with 64 prompts a step (`--data.prompts_per_step=64`: at 0.5 x H0 the per-step "
            "entropy reading's own standard error is 4-10% of the target with 16 prompts, so even a perfectly held policy "
-           "would read outside +-10% on many steps). Beside it, the paper's controller and GRPO with the same batch and "
-           "length. docs/training.md, \"At the default run's length\", has the commands and the reading's noise per base.", "",
+           "would read outside +-10% on many steps, and on the least accurate base no method learns with 16 or 32 prompts). "
+           "Beside it, GRPO with the same batch and length on each seed and the paper's controller on the first. "
+           "*Reading s.e.* is the step's `policy/entropy_full_stderr` over the target, averaged over the second half. "
+           "docs/training.md, \"At the default run's length\", has the commands.", "",
            hold_table(st), ""] if st.select("hold") else []),
         *(["## Beyond the paper: a response-length target (Section 7)", "",
            "AEPO's regulariser with the length target distribution (`--algorithm.controller.signal=length`, "
