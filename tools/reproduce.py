@@ -278,7 +278,8 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
     # The hold group (full grid only): the option at 0.5 and 1.5 x H0 and GRPO at the same batch and
     # the default run's length on every seed's base; the paper's controller beside it at 0.5 x H0 (the
     # target it misses) on the first seed, and the option at 0.5 x H0 on the weak and strong bases.
-    # A run costs four default runs (64 prompts a step), so the group is kept to these 12.
+    # A run trains for about 300 CPU-s (100 steps of 64 prompts; a 60-step grid run about 90), so the
+    # group is kept to these 12.
     if not quick:
         for i, s in enumerate(seeds):
             for t in HOLD_TARGETS:
