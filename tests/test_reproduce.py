@@ -138,10 +138,10 @@ def test_hold_group_runs_the_option_at_the_default_length_on_every_base(rp):
     other = next(r for r in g.runs if r.group == "held")
     assert g.steps_for(other) == g.steps == 60 and "steps" not in g.run_spec_dict(other)["run"]
     assert "--train.steps=100" not in other.train_args()
-    # the estimate scales training by steps and prompts: 100 steps of 64 prompts are 100 x (0.55 + 0.45 x 4)
-    # = 235 default steps against 60
+    # the estimate scales training by steps and prompts: 100 steps of 64 prompts are 100 x (0.2 + 0.8 x 4)
+    # = 340 default steps against 60
     one = rp.estimate(g, [hold[0]], (), workers=1)["cpu_s"]
-    assert one - rp.estimate(g, [other], (), workers=1)["cpu_s"] == pytest.approx(rp.EST_STEP_CPU_S * (235 - 60))
+    assert one - rp.estimate(g, [other], (), workers=1)["cpu_s"] == pytest.approx(rp.EST_STEP_CPU_S * (340 - 60))
     assert rp._work_units(100, (("data.prompts_per_step", "16"),)) == pytest.approx(100)
     assert not [r for r in rp.build_grid(True).runs if r.group == "hold"]
 
