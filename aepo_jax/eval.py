@@ -242,15 +242,16 @@ def run_eval(cfg: EvalConfig) -> dict:
             samples_file.close()
         if server is not None:
             server.stop()
-    report = {
-        "model_path": cfg.model_path,
-        "settings": {"n": cfg.n, "ks": ks, "temperature": temperature, "top_p": cfg.top_p,
-                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "urls": cfg.urls or ["embedded"]},
-        "benchmarks": {r.name: _result_json(r) for r in results},
-        "average": average_row(results, ks),
-        "table": format_table(results, ks, cfg.n),
-    }
-    return report
+    settings = {"n": cfg.n, "ks": ks, "temperature": temperature, "top_p": cfg.top_p,
+                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "urls": cfg.urls or ["embedded"]}
+    return {"model_path": cfg.model_path, **report_json(results, ks, settings)}
+
+
+def report_json(results: Sequence[BenchmarkResult], ks: Sequence[int], settings: dict) -> dict:
+    """The ``--output`` file's layout (also the trainer's ``validation/step_N.json``): the settings,
+    each benchmark's summary (per-problem correct counts included), their average and the table."""
+    return {"settings": settings, "benchmarks": {r.name: _result_json(r) for r in results},
+            "average": average_row(results, ks), "table": format_table(results, ks, settings["n"])}
 
 
 def _result_json(r: BenchmarkResult) -> dict:

@@ -225,7 +225,7 @@ class Trainer:
             return {}
         return self.rollouts.loop.run_until_complete(validation.validate(
             self.rollouts.client, self.tokenizer, self.val_sets, self.reward_pool, self.cfg,
-            check_samples=self.rollouts.check_weight_version))
+            check_samples=self.rollouts.check_weight_version, report=validation.report_path(self.run_dir, step)))
 
     def _extras(self) -> dict:
         return {"controller": self.controller.to_dict(), "num_updates": self.num_updates}

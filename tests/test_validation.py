@@ -116,4 +116,10 @@ def test_validation_equals_the_eval_command(tmp_path, small_toy_base):
         assert val["val/entropy"] == res["mean_token_nll"]
         assert val["val/response_length_mean"] == res["mean_response_tokens"]
         assert val["val/num_problems"] == res["num_problems"] == 12
+        # the run's own report of that validation (what tools/reproduce.py reads): the eval command's
+        # numbers, per problem too
+        (rep,) = json.loads((run / "validation" / f"step_{val['step']}.json").read_text())["benchmarks"].values()
+        for key in ("avg_at_n", "pass_at_k", "per_problem_correct", "mean_token_nll", "num_problems", "n"):
+            assert rep[key] == res[key], key
+    assert sorted(p.name for p in (run / "validation").iterdir()) == ["step_0.json", "step_2.json"]
     assert lines[0]["val/entropy"] != lines[2]["val/entropy"]  # the policy moved between the two

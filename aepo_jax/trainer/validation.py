@@ -8,7 +8,8 @@ reward and logs, with the step's other metrics:
 * ``val/pass@{k}`` for every k of ``eval.k``: the unbiased estimator of ``aepo_jax.eval``;
 * ``val/entropy``: mean -log p of the sampled tokens under the sampling distribution (at
   ``eval.temperature=1`` an unbiased estimate of the policy's token entropy, nats/token);
-* ``val/response_length_mean``, ``val/truncation_rate``, ``val/num_problems``.
+* ``val/response_length_mean``, ``val/truncation_rate``, ``val/num_problems``;
+* ``timing_s/validation`` (wall) and ``perf/validation_cpu_s`` (this process's CPU seconds).
 
 With several ``eval.files`` the un-prefixed numbers are the unweighted mean over the files (the
 paper's "Average" column) and each file also gets ``val/<name>/...``. Sampling and scoring are
@@ -16,18 +17,25 @@ paper's "Average" column) and each file also gets ``val/<name>/...``. Sampling a
 ``python -m aepo_jax.eval``, so a validation equals that command on the same weights, data, seed
 and sampling settings. Every validation uses the same seed (``eval.seed``): successive numbers
 differ by the policy, not by fresh sampling noise.
+
+Each validation also writes ``RUN_DIR/validation/step_N.json`` (N = 0 before training), in the
+layout of ``python -m aepo_jax.eval --output``: per benchmark the summary with the per-problem
+correct counts (what a standard error over problems needs), so a study reads its final evaluation
+from the run instead of starting a second process to repeat it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from aepo_jax import data as data_lib
 from aepo_jax.config import ConfigError
-from aepo_jax.eval import BenchmarkResult, average_row, benchmark_name, default_ks, sample_and_score
+from aepo_jax.eval import BenchmarkResult, average_row, benchmark_name, default_ks, report_json, sample_and_score
 
 TOY_NAME = "toy"
 
@@ -110,14 +118,21 @@ def _metrics(prefix: str, r: BenchmarkResult, ks) -> dict:
     return m
 
 
-async def validate(client, tokenizer, sets: list[ValidationSet], reward_pool, cfg, *, check_samples=None) -> dict:
+def report_path(run_dir: str | Path, step: int) -> Path:
+    """Where the validation after ``step`` (0 = before training) writes its report."""
+    return Path(run_dir) / "validation" / f"step_{step}.json"
+
+
+async def validate(client, tokenizer, sets: list[ValidationSet], reward_pool, cfg, *, check_samples=None,
+                   report: Path | None = None) -> dict:
     """Sample, score and summarise every set; returns the ``val/...`` metrics (and
     ``timing_s/validation``). ``check_samples(samples)`` is called on each set's samples (the
-    trainer checks their weight version)."""
+    trainer checks their weight version). ``report``: also write the summaries there, in the
+    layout of ``python -m aepo_jax.eval --output``."""
     e = cfg.eval
     ks = ks_of(cfg)
     max_new = e.max_new_tokens or cfg.rollout.max_new_tokens
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = []
     for s in sets:
         scored = await sample_and_score(client, tokenizer, s.examples, reward_pool, n=e.n, temperature=e.temperature,
@@ -138,7 +153,17 @@ async def validate(client, tokenizer, sets: list[ValidationSet], reward_pool, cf
         m["val/response_length_mean"] = float(np.mean([r.mean_response_tokens for r in results]))
         m["val/truncation_rate"] = float(np.mean([r.truncated_fraction for r in results]))
         m["val/num_problems"] = float(sum(r.num_problems for r in results))
+    if report is not None:
+        settings = {"n": e.n, "ks": ks, "temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": max_new,
+                    "seed": e.seed, "files": list(e.files) or [TOY_NAME]}
+        report.parent.mkdir(parents=True, exist_ok=True)
+        tmp = report.with_name(report.name + ".tmp")  # a reader never sees half a file
+        tmp.write_text(json.dumps(report_json(results, ks, settings), indent=2) + "\n")
+        tmp.replace(report)
     m["timing_s/validation"] = time.perf_counter() - t0
+    # this process's CPU over the validation (an embedded server's threads included): what a study
+    # needs to tell a run's evaluation cost from its training cost
+    m["perf/validation_cpu_s"] = time.process_time() - c0
     return m
 
 
