@@ -83,7 +83,7 @@ def test_plan_fits_the_time_budget(rp):
     length group (its base and three runs) at most 10, the hold group (12 runs of 100 steps at four
     times the batch; 31 min measured with 2 workers) at most 60."""
     for quick, limit in ((True, 20), (False, 90)):
-        g = rp.build_grid(quick)
+        g = rp.build_grid(quick, pid_group=True)
         study = [r for r in g.runs if r.group not in ("controller", "length", "hold")]
         est = rp.estimate(g, study, [b for b in g.bases if b.variant == "default"], workers=2)
         assert est["wall_s"] <= limit * 60, (quick, est)
@@ -99,8 +99,9 @@ def test_plan_fits_the_time_budget(rp):
 def test_controller_group_pairs_the_option_with_the_paper(rp):
     """The controller group: budget_mode=pid (budget_down=60) at 0.5 and 2 x H0 on the first seed's, the
     weak and the strong base of the full grid, and for each of them a run of the paper's controller at the same base, seed and target somewhere
-    in the grid (the report compares the two)."""
-    g = rp.build_grid(False)
+    in the grid (the report compares the two). Only with --with-pid (pid_group)."""
+    assert not [r for r in rp.build_grid(False).runs if r.group == "controller"]
+    g = rp.build_grid(False, pid_group=True)
     group = [r for r in g.runs if r.group == "controller"]
     opt = [r for r in group if r.options]
     bases = ("seed0", "weak", "strong")
@@ -151,7 +152,7 @@ def test_grid_order_covers_every_group_with_one_seed_first(rp):
     controller and length groups (on it and on the weak/strong/length bases), then its 'mix'
     reading, then the other seeds; the hold group (the issue's bar) with the first seed's groups, on
     every seed; each run's spec is what build_grid made, only the order moves."""
-    g = rp.build_grid(False)
+    g = rp.build_grid(False, pid_group=True)
     klass = []
     for r in g.runs:
         if r.group == "hold":
@@ -307,7 +308,9 @@ def test_bad_grid_file_names_the_problem(rp, tmp_path):
 @pytest.mark.slow
 def test_tiny_grid_end_to_end_then_resumes(rp, tmp_path):
     """A real tiny grid (base build, two runs, evaluations, report), then the same command again:
-    everything is skipped; then one run's result is removed and only that run is evaluated again."""
+    everything is skipped; then one run's result is removed: its trained outputs are read back, not
+    retrained; then its result and its in-run validation are removed: the separate evaluation runs
+    and gives the numbers the run's own validation gave."""
     (tmp_path / "grid.json").write_text(json.dumps({**TINY, "runs": TINY["runs"][:2]}))
     cmd = [sys.executable, str(TOOLS / "reproduce.py"), "--grid", str(tmp_path / "grid.json"), "--work", str(tmp_path / "w"),
            "--out", str(tmp_path / "out"), "--no-theory"]
@@ -319,11 +322,27 @@ def test_tiny_grid_end_to_end_then_resumes(rp, tmp_path):
     for r in data["runs"]:
         assert len(r["series"]["entropy"]) == 4 and 0 <= r["eval"]["avg_at_n"] <= 1
         assert set(r["eval"]["pass_at_k"]) == {"1", "2", "4"}
-    (tmp_path / "w" / "runs" / "half" / "result.json").unlink()
+    for r in data["runs"]:  # evaluated by the trainer's own validation of its last step (one process a run)
+        assert (tmp_path / "w" / "runs" / r["name"] / "validation" / "step_4.json").is_file()
+        assert r["eval"]["per_problem_correct"] and r["cpu_s"]["eval"] > 0 and r["wall_s"]["eval"] > 0
+        assert r["eval"]["problems"] == TINY["eval"]["problems"] and r["eval"]["n"] == TINY["eval"]["n"]
+    half = tmp_path / "w" / "runs" / "half"
+    (half / "result.json").unlink()
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "[half] evaluating" in second.stdout and "[done]" not in second.stdout
-    assert "training" not in second.stdout  # the trained run is not retrained
+    assert "[half] done" in second.stdout and "[done]" not in second.stdout
+    assert "training" not in second.stdout and "evaluating" not in second.stdout  # read back: nothing redone
+    assert json.loads((half / "result.json").read_text())["eval"] == data["runs"][1]["eval"]
+    (half / "result.json").unlink()
+    (half / "validation" / "step_4.json").unlink()
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "[half] evaluating" in third.stdout and "training" not in third.stdout
+    # python -m aepo_jax.eval: the same samples and scores, per problem too; the mean log-prob of the
+    # sampled tokens to float32 rounding (the two servers pad generations to other lengths)
+    separate, fused = json.loads((half / "result.json").read_text())["eval"], data["runs"][1]["eval"]
+    assert separate.pop("entropy_nll") == pytest.approx(fused.pop("entropy_nll"), rel=1e-6)
+    assert separate == fused
 
 
 # --- the report from stored rows ------------------------------------------------------------------------------
@@ -450,7 +469,7 @@ def test_report_compares_the_controller_option_with_the_paper(rp, report, tmp_pa
     """The controller group's table and claim: each option run beside the paper's run on the same
     base, seed and target; the verdict follows the option's held shares."""
     rng = np.random.default_rng(2)
-    full = rp.build_grid(False, steps=20)
+    full = rp.build_grid(False, steps=20, pid_group=True)
     data = _study(rp, tmp_path, rng)
     h0, runs = 0.4, []
     for r in full.runs:

@@ -19,10 +19,11 @@ The grid (``build_grid``): AEPO at five targets relative to the base model's ent
 coefficients, Entropy-Adv, Clip-Cov and KL-Cov (verl's defaults; full grid only) and the ablations Eq. (2) / Eq. (3) (at 1.5 x H0); AEPO at 0.5 and 1.5 x
 H0 and GRPO on a weaker and a stronger base model. The full grid repeats the held-target and
 baseline runs for three seeds (the seed of the run and of its base model); ``--quick`` runs one.
-Beyond the paper (full grid only): the ``pid`` budget beside the paper's controller at 0.5 and
-2 x H0 (the controller group), ``configs/toy_hold.yaml``'s option at 0.5 and 1.5 x H0 for the default
+Beyond the paper (full grid only): ``configs/toy_hold.yaml``'s option at 0.5 and 1.5 x H0 for the default
 run's 100 steps on every base with the paper's controller and GRPO at the same batch and length (the
-hold group: a run may have its own step count), and the length target on the length variant.
+hold group: a run may have its own step count), and the length target on the length variant;
+with ``--with-pid`` also the ``pid`` budget beside the paper's controller at 0.5 and 2 x H0 (the
+controller group, superseded by the hold group's option and left out of the default grid's time).
 
 Resume: the work directory keeps every run. A run is finished when its ``result.json`` exists
 and records the same spec (method, options, steps, evaluation settings): it is skipped. A run
@@ -218,8 +219,10 @@ def _num(x: float) -> str:
 
 
 def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | None = None, eval_n: int = 256,
-               seeds: Sequence[int] | None = None) -> Grid:
-    """The study's grid. quick: one seed; full: seeds 0, 1, 2 for the held-target and baseline runs."""
+               seeds: Sequence[int] | None = None, pid_group: bool = False) -> Grid:
+    """The study's grid. quick: one seed; full: seeds 0, 1, 2 for the held-target and baseline runs.
+    pid_group: add the controller group (full grid only; superseded by the hold group's option, and
+    left out by default so that the whole grid fits 90 minutes on 2 cores)."""
     seeds = tuple(seeds) if seeds is not None else ((0,) if quick else (0, 1, 2))
     steps = steps or (30 if quick else 60)
     ev = EvalSpec(problems=eval_problems or (24 if quick else 64), n=eval_n)
@@ -259,9 +262,10 @@ def build_grid(quick: bool, *, steps: int | None = None, eval_problems: int | No
     # The controller group, last (the study's own rows come first): the option that holds a target
     # (budget_mode=pid, budget_down=60) at the lowest and highest target on every base, each compared with the
     # paper's controller at the same target (the held and robust groups' rows, plus the paper at
-    # 2 x H0 on the weak and strong bases, which the robust group does not run). Full grid only
-    # (--quick keeps its time budget).
-    if not quick:
+    # 2 x H0 on the weak and strong bases, which the robust group does not run). Full grid only and
+    # on request (--with-pid): the hold group's option holds its targets where pid did not (8 runs,
+    # 12 CPU-min of the grid's time budget).
+    if pid_group and not quick:
         for s in seeds[:1]:
             for t in CONTROLLER_TARGETS:
                 runs.append(RunSpec(f"{CONTROLLER_OPTION}-t{_num(t)}-s{s}", "controller", f"seed{s}", "aepo",
@@ -523,11 +527,42 @@ def evaluate(model: Path, out: Path, ev: EvalSpec, env: Env, log_path: Path) -> 
     rep = read_json(out)
     if not isinstance(rep, dict) or not rep.get("benchmarks"):
         raise ReproduceError(f"evaluation of {model} wrote no report to {out}")
-    bench = next(iter(rep["benchmarks"].values()))
+    return _eval_json(next(iter(rep["benchmarks"].values()))), secs
+
+
+def _eval_json(bench: dict) -> dict:
+    """The study's record of one evaluation, from a benchmark summary of ``python -m aepo_jax.eval``'s
+    report layout (which the trainer's validation reports share)."""
     return {"avg_at_n": bench["avg_at_n"], "pass_at_k": bench["pass_at_k"], "n": bench["n"],
             "problems": bench["num_problems"], "entropy_nll": bench.get("mean_token_nll"),
             "response_tokens": bench.get("mean_response_tokens"),
-            "per_problem_correct": bench.get("per_problem_correct")}, secs
+            "per_problem_correct": bench.get("per_problem_correct")}
+
+
+def final_validation_args(ev: EvalSpec, steps: int, heldout: Path) -> list[str]:
+    """Trainer options that evaluate the final policy inside the run, exactly as ``evaluate`` would
+    (the same sampling and estimators, the same held-out file, reward and seed): one process a run
+    instead of two, which saves the second one's start-up (about 9 CPU-s a run)."""
+    return [f"--eval.every={steps}", "--eval.before_train=false", f"--eval.files={heldout}", f"--eval.n={ev.n}",
+            f"--eval.k={','.join(map(str, ev.ks))}", f"--eval.temperature={ev.temperature}", f"--eval.top_p={ev.top_p}",
+            f"--eval.max_new_tokens={ev.max_new_tokens}", f"--eval.seed={ev.seed}"]
+
+
+def read_final_validation(run_dir: Path, steps: int, ev: EvalSpec) -> dict | None:
+    """The run's validation of its last step (``RUN_DIR/validation/step_N.json``) when it was made with
+    ``ev``'s settings; None otherwise (then the separate evaluation runs)."""
+    # the trainer's documented layout (aepo_jax.trainer.validation.report_path, not imported: it brings
+    # jax into this process, which only forks others)
+    rep = read_json(run_dir / "validation" / f"step_{steps}.json")
+    if not isinstance(rep, dict) or len(rep.get("benchmarks") or {}) != 1:
+        return None
+    st = rep.get("settings") or {}
+    want = {"n": ev.n, "ks": ev.ks, "temperature": ev.temperature, "top_p": ev.top_p,
+            "max_new_tokens": ev.max_new_tokens, "seed": ev.seed}
+    if any(st.get(k) != v for k, v in want.items()):
+        return None
+    bench = next(iter(rep["benchmarks"].values()))
+    return _eval_json(bench) if bench.get("num_problems") == ev.problems else None
 
 
 def build_base(grid: Grid, base: BaseSpec, env: Env, cpu: int | None) -> dict:
@@ -581,18 +616,27 @@ def train_and_eval(grid: Grid, run: RunSpec, env: Env) -> dict:
             write_json(d / SPEC_FILE, spec)
         how = "from scratch" if state in ("new", "restart") else f"resuming from its checkpoint at step {state[7:]}"
         env.log(f"[{run.name}] training {how}")
+        ev_spec = grid.eval_for(grid.base(run.base))
         cmd = [env.python, "-m", "aepo_jax.train", f"--model.path={base_dir}", f"--train.run_dir={d}",
                f"--train.steps={steps}", f"--checkpoint.every={grid.checkpoint_every}", "--checkpoint.keep=1",
-               f"--rollout.sync_dir={d / 'weights'}", *[f"--{k}={v}" for k, v in grid.common], *run.train_args()]
+               f"--rollout.sync_dir={d / 'weights'}", *[f"--{k}={v}" for k, v in grid.common], *run.train_args(),
+               *final_validation_args(ev_spec, steps, heldout_file(env.work, ev_spec))]
         train = _run(cmd, log_path, env)
     weights = final_weights(d, steps)
     if weights is None:
         raise ReproduceError(f"[{run.name}] training ended without the final weights {d / 'weights'}/weights_v{steps}")
-    env.log(f"[{run.name}] evaluating")
-    ev, evs = evaluate(weights, d / "eval.json", grid.eval_for(grid.base(run.base)), env, log_path)
     rows = read_metrics(d)
     if len(rows) < steps:
         raise ReproduceError(f"[{run.name}] metrics.jsonl has {len(rows)} steps, expected {steps}")
+    ev_spec = grid.eval_for(grid.base(run.base))
+    ev = read_final_validation(d, steps, ev_spec)
+    if ev is not None:  # the trainer's own validation of its last step: its time out of the training's
+        last = rows[-1]
+        evs = (float(last.get("timing_s/validation") or 0.0), float(last.get("perf/validation_cpu_s") or 0.0))
+        train = (max(0.0, train[0] - evs[0]), max(0.0, train[1] - evs[1])) if train != (0.0, 0.0) else train
+    else:  # trained before the trainer validated (a resume past its last step, older outputs)
+        env.log(f"[{run.name}] evaluating")
+        ev, evs = evaluate(weights, d / "eval.json", ev_spec, env, log_path)
     series = {k: [r.get(k) for r in rows] for k in SERIES_KEYS}
     res = {"spec": spec, "complete": True, "name": run.name, "run": dataclasses.asdict(run), "steps": [r["step"] for r in rows],
            "series": series, "eval": ev, "resumed_from": state,
@@ -650,7 +694,9 @@ def estimate(grid: Grid, todo_runs: Sequence[RunSpec], todo_bases: Sequence[Base
              measured: Sequence[dict] = (), cores: int = 2) -> dict:
     """CPU-seconds of what is left and the wall time they take on ``cores`` otherwise idle cores.
     Training scales with each run's steps and prompts a step (:func:`_work_units`)."""
-    per_eval = EST_EVAL_START_CPU_S + EST_EVAL_SAMPLE_CPU_S * grid.eval.problems * grid.eval.n
+    # a run's evaluation is its trainer's validation of the last step; a base model's is a process of its own
+    per_eval = EST_EVAL_SAMPLE_CPU_S * grid.eval.problems * grid.eval.n
+    base_eval = EST_EVAL_START_CPU_S + per_eval
     start, per_unit = EST_TRAIN_START_CPU_S, EST_STEP_CPU_S
     source = "built-in per-step estimate"
     done = [m for m in measured if m.get("cpu_s", {}).get("train")]
@@ -661,7 +707,7 @@ def estimate(grid: Grid, todo_runs: Sequence[RunSpec], todo_bases: Sequence[Base
         source = f"mean of {len(done)} finished run(s) of this study"
     costs = [start + per_unit * _work_units(grid.steps_for(r), r.options) + per_eval for r in todo_runs]
     per_run = start + per_unit * grid.steps + per_eval
-    cpu = sum(costs) + len(todo_bases) * (EST_BASE_BUILD_CPU_S + per_eval)
+    cpu = sum(costs) + len(todo_bases) * (EST_BASE_BUILD_CPU_S + base_eval)
     used = min(max(1, workers), cores) * (PARALLEL_EFFICIENCY if workers > 1 else 1.0)
     return {"per_run_cpu_s": per_run, "cpu_s": cpu, "wall_s": cpu / used, "source": source, "workers": workers}
 
@@ -848,6 +894,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="steps per run (default: 30 quick, 60 full)")
     ap.add_argument("--eval-problems", type=int, default=0, help="held-out problems (default: 24 quick, 64 full)")
     ap.add_argument("--eval-n", type=int, default=256, help="samples per held-out problem (pass@k up to k = n)")
+    ap.add_argument("--with-pid", action="store_true",
+                    help="full grid: add the controller group (the pid budget at 0.5 and 2 x H0 on three bases, 8 runs)")
     ap.add_argument("--grid", default="", help="a grid as JSON instead of the built-in one (see grid_from_json)")
     ap.add_argument("--plan", action="store_true", help="print the plan and estimated time, run nothing")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from OUT/runs.json")
@@ -865,7 +913,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         grid = grid_from_json(args.grid) if args.grid else build_grid(
-            args.quick, steps=args.steps or None, eval_problems=args.eval_problems or None, eval_n=args.eval_n)
+            args.quick, steps=args.steps or None, eval_problems=args.eval_problems or None, eval_n=args.eval_n,
+            pid_group=args.with_pid)
     except ReproduceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -915,7 +964,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         wall = sum(r["wall_s"]["train"] + r["wall_s"]["eval"] for r in runs) / max(1, args.workers)
     data = {
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python tools/reproduce.py" + (" --quick" if args.quick else "") + f" --out {args.out}",
+        "command": "python tools/reproduce.py" + (" --quick" if args.quick else "") + (" --with-pid" if args.with_pid else "")
+                   + f" --out {args.out}",
         "commit": git_commit(), "machine": machine(), "quick": args.quick, "workers": args.workers,
         "grid": {"steps": grid.steps, "eval": dataclasses.asdict(grid.eval), "targets": list(TARGETS),
                  "entropy_reg_coefs": list(ENTROPY_REG_COEFS), "ablation_target": ABLATION_TARGET,
