@@ -657,29 +657,38 @@ def time_section(data: dict, st: Study) -> str:
     fresh = [r for r in runs if r.get("resumed_from") in ("new", "restart")]
     wall = [r["wall_s"]["train"] + r["wall_s"]["eval"] for r in fresh]
     cpu = [r.get("cpu_s", {}).get("train", 0) + r.get("cpu_s", {}).get("eval", 0) for r in fresh]
-    steps = data["grid"]["steps"]
     m = data.get("machine", {})
-    lines = [f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, AVX-512 {'yes' if m.get('avx512') else 'no'}; "
-             f"shared with other jobs (load average at the end {', '.join(f'{x:.1f}' for x in (m.get('loadavg_end') or []))})."]
+    cores = m.get("cores") or 2
+    load = m.get("loadavg_end") or []
+    lines = [f"Machine: {m.get('cpu', '?')}, {cores} cores, AVX-512 {'yes' if m.get('avx512') else 'no'}; load average at "
+             f"the end {', '.join(f'{x:.1f}' for x in load)} (1, 5, 15 min; {cores}.0 = every core busy)."]
     if fresh:
+        base_cpu = sum(sum((b.get("cpu_s") or {}).values()) for b in data.get("bases", []))
+        total_cpu = sum(cpu) + base_cpu
         if data.get("collected"):
             lines.append(f"This report was assembled (`--collect`) from the {len(runs)} finished runs of the work directory "
                          f"({data['grid'].get('n_runs', '?')} in the grid).")
         else:
-            lines.append(f"This study: {len(runs)} runs of {steps} steps with {data.get('workers')} workers in "
-                         f"{data['wall_s'] / 60:.1f} min (estimate printed at the start: "
-                         f"{data.get('estimate_s', float('nan')) / 60:.0f} min on idle cores).")
+            w = data["wall_s"]
+            lines.append(f"This study, in one invocation: {len(runs)} runs and {len(data.get('bases', []))} base models with "
+                         f"{data.get('workers')} workers in **{w / 60:.1f} min** (the estimate printed at the start: "
+                         f"{data.get('estimate_s', float('nan')) / 60:.0f} min); {total_cpu / 60:.0f} CPU-min of jobs "
+                         f"({base_cpu / 60:.0f} of them building and evaluating the base models), so {cores} cores were "
+                         f"{100 * total_cpu / (w * cores):.0f}% busy with them.")
         lines.append(f"Per run (training + held-out evaluation, {len(fresh)} runs made from scratch): wall "
                      f"{_mean(wall):.0f} s (min {min(wall):.0f}, max {max(wall):.0f}), CPU {_mean(cpu):.0f} s "
                      f"(training {_mean([r['cpu_s']['train'] for r in fresh if r.get('cpu_s')]):.0f}, evaluation "
                      f"{_mean([r['cpu_s']['eval'] for r in fresh if r.get('cpu_s')]):.0f}).")
-        cpu_step = _mean([(r["cpu_s"]["train"]) / steps for r in fresh if r.get("cpu_s")])
-        lines.append(f"CPU time is what extrapolates across loads: {cpu_step:.2f} CPU-s per training step including start-up. "
-                     f"At the measured CPU per run the quick grid ({data['grid'].get('n_runs', '?')} runs) is "
-                     f"{_mean(cpu) * (data['grid'].get('n_runs') or 0) / 60:.0f} CPU-min, about "
-                     f"{_mean(cpu) * (data['grid'].get('n_runs') or 0) / 60 / 1.6:.0f} min on 2 otherwise idle cores."
-                     if data.get("quick") else
-                     f"CPU time is what extrapolates across loads: {cpu_step:.2f} CPU-s per training step including start-up.")
+        by_len: dict[int, list[float]] = {}
+        for r in fresh:
+            if r.get("cpu_s") and r.get("steps"):
+                by_len.setdefault(len(r["steps"]), []).append(r["cpu_s"]["train"] / len(r["steps"]))
+        per_step = "; ".join(f"{_mean(v):.2f} over the {len(v)} runs of {n} steps" for n, v in sorted(by_len.items()))
+        lines.append(f"CPU time is what extrapolates across loads: CPU-s per training step, start-up included: {per_step}.")
+        if data.get("quick"):
+            lines.append(f"At the measured CPU per run the quick grid ({data['grid'].get('n_runs', '?')} runs) is "
+                         f"{_mean(cpu) * (data['grid'].get('n_runs') or 0) / 60:.0f} CPU-min, about "
+                         f"{_mean(cpu) * (data['grid'].get('n_runs') or 0) / 60 / 1.6:.0f} min on 2 otherwise idle cores.")
         lines.append("`python tools/reproduce.py --plan` prints the estimate for any grid (from this study's own finished runs "
                      "once there are some).")
     return "\n".join(lines)
