@@ -298,6 +298,83 @@ def test_finished_grid_runs_nothing(rp, tmp_path):
     assert errors == [] and len(runs) == len(grid.runs) and len(bases) == 1
 
 
+def _trained_outputs(rp, grid, run, d, validation: dict | None) -> None:
+    """What a finished training leaves: spec, last checkpoint, final weights, metrics, its validation."""
+    n = grid.steps
+    rp.write_json(d / rp.SPEC_FILE, grid.run_spec_dict(run))
+    (d / "checkpoints" / str(n)).mkdir(parents=True)
+    w = d / "weights" / f"weights_v{n}"
+    w.mkdir(parents=True)
+    (w / "config.json").write_text("{}")
+    (w / "model.safetensors").write_bytes(b"x")
+    rows = [{"step": i, **{k: 0.5 for k in rp.SERIES_KEYS}} for i in range(1, n + 1)]
+    rows[-1].update({"timing_s/validation": 3.0, "perf/validation_cpu_s": 5.0})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if validation is not None:
+        rp.write_json(d / "validation" / f"step_{n}.json", validation)
+
+
+def _validation_report(ev, **settings) -> dict:
+    """A trainer's validation report (python -m aepo_jax.eval's --output layout) made with ``ev``."""
+    st = {"n": ev.n, "ks": ev.ks, "temperature": ev.temperature, "top_p": ev.top_p, "max_new_tokens": ev.max_new_tokens,
+          "seed": ev.seed, **settings}
+    bench = {"avg_at_n": 0.25, "pass_at_k": {str(k): 0.5 for k in ev.ks}, "n": ev.n, "num_problems": ev.problems,
+             "mean_token_nll": 0.4, "mean_response_tokens": 9.0, "per_problem_correct": [1, 0]}
+    return {"settings": st, "benchmarks": {"heldout-2": bench}}
+
+
+def test_trained_run_is_read_back_from_its_own_validation(rp, tmp_path):
+    """A run whose training ended with the study's validation (result.json lost): its result is
+    assembled from the run's files, no process started, the validation's time moved out of training."""
+    (tmp_path / "grid.json").write_text(json.dumps(TINY))
+    grid = rp.grid_from_json(tmp_path / "grid.json")
+    run = grid.runs[1]
+    d = tmp_path / "work" / "runs" / run.name
+    _trained_outputs(rp, grid, run, d, _validation_report(grid.eval))
+    env = rp.Env(tmp_path / "work", python="/nonexistent/python", log=lambda m: None)  # any process would fail
+    res = rp.train_and_eval(grid, run, env)
+    assert res["eval"] == {"avg_at_n": 0.25, "pass_at_k": {str(k): 0.5 for k in grid.eval.ks}, "n": grid.eval.n,
+                           "problems": grid.eval.problems, "entropy_nll": 0.4, "response_tokens": 9.0,
+                           "per_problem_correct": [1, 0]}
+    assert res["wall_s"]["eval"] == 3.0 and res["cpu_s"]["eval"] == 5.0 and res["resumed_from"] == "evaluate"
+    assert rp.read_json(d / rp.RESULT_FILE)["complete"]
+
+
+@pytest.mark.parametrize("change", [{"n": 8}, {"seed": 1}, {"max_new_tokens": 7}, {"temperature": 0.6}, {"ks": [1, 2]}])
+def test_validation_with_other_settings_is_not_the_evaluation(rp, tmp_path, change):
+    """A validation report made with other settings than the grid's evaluation (or of another
+    problem count) is not read as it: the separate evaluation runs instead (here it cannot start)."""
+    (tmp_path / "grid.json").write_text(json.dumps(TINY))
+    grid = rp.grid_from_json(tmp_path / "grid.json")
+    assert rp.read_final_validation(tmp_path / "none", grid.steps, grid.eval) is None
+    d = tmp_path / "run"
+    rp.write_json(d / "validation" / f"step_{grid.steps}.json", _validation_report(grid.eval))
+    assert rp.read_final_validation(d, grid.steps, grid.eval) is not None
+    rp.write_json(d / "validation" / f"step_{grid.steps}.json", _validation_report(grid.eval, **change))
+    assert rp.read_final_validation(d, grid.steps, grid.eval) is None
+    other = rp.dataclasses.replace(grid.eval, problems=grid.eval.problems + 1)
+    rp.write_json(d / "validation" / f"step_{grid.steps}.json", _validation_report(grid.eval))
+    assert rp.read_final_validation(d, grid.steps, other) is None
+
+
+def test_final_validation_args_are_the_evaluation_settings(rp, tmp_path):
+    """The trainer options the study adds make the run validate once, after its last step, with each
+    of the evaluation's settings (as the trainer's config reads them)."""
+    from aepo_jax.config import build_config
+    from aepo_jax.trainer.config import ALIASES, RunConfig, validate
+    from aepo_jax.trainer.validation import ks_of, should_validate
+
+    ev = rp.EvalSpec(problems=5, n=16, temperature=0.9, top_p=0.95, max_new_tokens=40, seed=3)
+    held = tmp_path / "heldout.jsonl"
+    held.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    cfg = validate(build_config(RunConfig, ["--model.path=/x", "--train.steps=7", *rp.final_validation_args(ev, 7, held)],
+                                aliases=ALIASES))
+    e = cfg.eval
+    assert (e.n, e.temperature, e.top_p, e.max_new_tokens, e.seed, list(e.files)) == (16, 0.9, 0.95, 40, 3, [str(held)])
+    assert ks_of(cfg) == ev.ks == [1, 2, 4, 8, 16]
+    assert [s for s in range(8) if should_validate(cfg, s)] == [7]
+
+
 def test_bad_grid_file_names_the_problem(rp, tmp_path):
     bad = dict(TINY, runs=[dict(TINY["runs"][0], base="nope")])
     (tmp_path / "g.json").write_text(json.dumps(bad))
@@ -308,9 +385,9 @@ def test_bad_grid_file_names_the_problem(rp, tmp_path):
 @pytest.mark.slow
 def test_tiny_grid_end_to_end_then_resumes(rp, tmp_path):
     """A real tiny grid (base build, two runs, evaluations, report), then the same command again:
-    everything is skipped; then one run's result is removed: its trained outputs are read back, not
-    retrained; then its result and its in-run validation are removed: the separate evaluation runs
-    and gives the numbers the run's own validation gave."""
+    everything is skipped; then one run's result and its in-run validation are removed: that run
+    alone is evaluated again, by the separate evaluation, which gives the numbers the run's own
+    validation gave (reading a validation back without any process: test_trained_run_is_read_back)."""
     (tmp_path / "grid.json").write_text(json.dumps({**TINY, "runs": TINY["runs"][:2]}))
     cmd = [sys.executable, str(TOOLS / "reproduce.py"), "--grid", str(tmp_path / "grid.json"), "--work", str(tmp_path / "w"),
            "--out", str(tmp_path / "out"), "--no-theory"]
@@ -328,16 +405,11 @@ def test_tiny_grid_end_to_end_then_resumes(rp, tmp_path):
         assert r["eval"]["problems"] == TINY["eval"]["problems"] and r["eval"]["n"] == TINY["eval"]["n"]
     half = tmp_path / "w" / "runs" / "half"
     (half / "result.json").unlink()
+    (half / "validation" / "step_4.json").unlink()
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "[half] done" in second.stdout and "[done]" not in second.stdout
-    assert "training" not in second.stdout and "evaluating" not in second.stdout  # read back: nothing redone
-    assert json.loads((half / "result.json").read_text())["eval"] == data["runs"][1]["eval"]
-    (half / "result.json").unlink()
-    (half / "validation" / "step_4.json").unlink()
-    third = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    assert "[half] evaluating" in third.stdout and "training" not in third.stdout
+    assert "[half] evaluating" in second.stdout and "[done]" not in second.stdout
+    assert "training" not in second.stdout  # the trained run is not retrained
     # python -m aepo_jax.eval: the same samples and scores, per problem too; the mean log-prob of the
     # sampled tokens to float32 rounding (the two servers pad generations to other lengths)
     separate, fused = json.loads((half / "result.json").read_text())["eval"], data["runs"][1]["eval"]

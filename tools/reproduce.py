@@ -8,7 +8,9 @@
 Every number and figure of ``OUT/README.md`` comes from runs this tool made: it builds the base
 models (``tools/make_toy_base.py``), trains each run as a subprocess (``python -m aepo_jax.train``),
 evaluates the final policy of each run and each base model on the toy task's held-out test split
-(``python -m aepo_jax.eval``: avg@n and the unbiased pass@k up to k = n = 256 at T = 1), then
+(avg@n and the unbiased pass@k up to k = n = 256 at T = 1: a run's by its trainer's validation of
+the last step, ``RUN_DIR/validation/step_N.json``, a base model's by ``python -m aepo_jax.eval``,
+the same sampling and estimators; a run trained without that validation gets the latter), then
 writes ``OUT/runs.json`` (every run's spec, per-step entropy / target / reward / temperature,
 evaluation, wall time), the PNG figures and the README. The Appendix B checks
 (``tools/appendix_b.py``, a subprocess) run on the project's own loss, entropy head and
