@@ -159,6 +159,7 @@ class Trainer:
         self.learner = Learner(model, learner_spec, cfg.optim, total_updates, self.mesh)
         self.num_updates = 0
         self.start_step = 0
+        self.validation_compiles = 0  # the servers' programs compiled by validations (their own shapes)
         COMPILES.install()  # counts this process's compilations (perf/compiles); idempotent
         self.weights = WeightSync(cfg, self.model_path, self.is_main)
         # Held-out sets for validation inside the loop (eval.every > 0), tokenized once.
@@ -223,9 +224,17 @@ class Trainer:
             self.weights.finish(self.rollouts, m)
         if not self.is_main:
             return {}
-        return self.rollouts.loop.run_until_complete(validation.validate(
+        before = self.rollouts.server_compiles()
+        vm = self.rollouts.loop.run_until_complete(validation.validate(
             self.rollouts.client, self.tokenizer, self.val_sets, self.reward_pool, self.cfg,
             check_samples=self.rollouts.check_weight_version, report=validation.report_path(self.run_dir, step)))
+        if before is not None:
+            # validation samples shapes the training's rollouts never use (eval.n, eval.max_new_tokens):
+            # its compiles are its own metric, so perf/server_compiles still says whether training compiled
+            compiled = self.rollouts.server_compiles() - before
+            self.validation_compiles += compiled
+            vm["perf/validation_server_compiles"] = float(compiled)
+        return vm
 
     def _extras(self) -> dict:
         return {"controller": self.controller.to_dict(), "num_updates": self.num_updates}
@@ -282,10 +291,14 @@ class Trainer:
                     m.update(vm)
                     m.update(self.startup.report_once("first step", log))  # the start-up's phases, once
                     if self.is_main and step == self.start_step:
-                        server_compiles = self.rollouts.server_compiles()  # two round trips a run, not a step
+                        # two round trips a run, not a step; a validation's compiles are not the training's
+                        server_compiles = self.rollouts.server_compiles()
+                        if server_compiles is not None:
+                            server_compiles -= self.validation_compiles
                     if server_compiles is not None and step + 1 == cfg.train.steps:
                         # the programs the servers compiled after the first step (0: all were warmed)
-                        m["perf/server_compiles"] = float(self.rollouts.server_compiles() - server_compiles)
+                        m["perf/server_compiles"] = float(self.rollouts.server_compiles() - server_compiles
+                                                          - self.validation_compiles)
                     if last_ckpt_s is not None:
                         m["timing_s/checkpoint"] = last_ckpt_s  # the previous step's save
                     # Log before checkpointing: a run killed in between resumes at the previous

@@ -401,6 +401,9 @@ def test_tiny_grid_end_to_end_then_resumes(rp, tmp_path):
         assert set(r["eval"]["pass_at_k"]) == {"1", "2", "4"}
     for r in data["runs"]:  # evaluated by the trainer's own validation of its last step (one process a run)
         assert (tmp_path / "w" / "runs" / r["name"] / "validation" / "step_4.json").is_file()
+        # its shapes (2 problems x 4 samples) are not the training's: compiled, and not counted as training's
+        last = json.loads((tmp_path / "w" / "runs" / r["name"] / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["perf/validation_server_compiles"] > 0 and last["perf/server_compiles"] == 0
         assert r["eval"]["per_problem_correct"] and r["cpu_s"]["eval"] > 0 and r["wall_s"]["eval"] > 0
         assert r["eval"]["problems"] == TINY["eval"]["problems"] and r["eval"]["n"] == TINY["eval"]["n"]
     half = tmp_path / "w" / "runs" / "half"
