@@ -224,7 +224,7 @@ class Trainer:
             self.weights.finish(self.rollouts, m)
         if not self.is_main:
             return {}
-        before = self.rollouts.server_compiles()
+        before, cpu_before = self.rollouts.server_compiles(), self.rollouts.server_cpu_s()
         vm = self.rollouts.loop.run_until_complete(validation.validate(
             self.rollouts.client, self.tokenizer, self.val_sets, self.reward_pool, self.cfg,
             check_samples=self.rollouts.check_weight_version, report=validation.report_path(self.run_dir, step)))
@@ -234,6 +234,8 @@ class Trainer:
             compiled = self.rollouts.server_compiles() - before
             self.validation_compiles += compiled
             vm["perf/validation_server_compiles"] = float(compiled)
+        if cpu_before is not None:  # the servers' share of the validation's cost (this process's is in vm)
+            vm["perf/validation_cpu_s"] += self.rollouts.server_cpu_s() - cpu_before
         return vm
 
     def _extras(self) -> dict:

@@ -98,6 +98,8 @@ def test_health_and_info_endpoints(server, dirs):
     # ours, beyond SGLang's: the sampler's buckets and the programs compiled so far (the warm-up's at least)
     assert (sinfo["batch_buckets"], sinfo["prompt_buckets"], sinfo["gen_buckets"]) == ([16], [32], [16, 256])
     assert isinstance(sinfo["compiled_programs"], int) and sinfo["compiled_programs"] > 0
+    # and the CPU its process has used (it has loaded a model and compiled: not nothing), never going back
+    assert 0 < sinfo["process_cpu_s"] <= sinfo2["process_cpu_s"]
     if api is not None:
         api.GetModelInfoResponse.from_json_value(info)
         api.GetServerInfoResponse.from_json_value(sinfo)

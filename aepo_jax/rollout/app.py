@@ -273,9 +273,11 @@ class RolloutServer(WeightEndpoints):
             "random_seed": a.random_seed, "weight_version": self._weight_version(),
             # Not SGLang's: the sampler's compiled shapes (a client can warm every bucket its prompts
             # reach) and the programs this process has compiled or loaded so far (a test that no
-            # step after the first compiles).
+            # step after the first compiles), and the CPU seconds this process has used (a client
+            # can tell what a phase cost the server: the trainer's validation).
             **({f"{k}_buckets": v for k, v in s.buckets.items()} if s else {}),
             "compiled_programs": COMPILES.compiles,
+            "process_cpu_s": time.process_time(),
         })
 
     # ------------------------------------------------------------------ control

@@ -133,11 +133,19 @@ class Rollouts:
                 done += 1
         return done
 
+    def _server_sum(self, key: str) -> float | None:
+        infos = [self.loop.run_until_complete(self.client.server_info(u)) for u in self.client.urls]
+        values = [i.get(key) for i in infos]
+        return None if any(v is None for v in values) else sum(values)
+
     def server_compiles(self) -> int | None:
         """Programs the servers have compiled so far (summed; None when they do not report it)."""
-        infos = [self.loop.run_until_complete(self.client.server_info(u)) for u in self.client.urls]
-        counts = [i.get("compiled_programs") for i in infos]
-        return None if any(c is None for c in counts) else int(sum(counts))
+        n = self._server_sum("compiled_programs")
+        return None if n is None else int(n)
+
+    def server_cpu_s(self) -> float | None:
+        """CPU seconds the servers' processes have used so far (summed; None when one does not report it)."""
+        return self._server_sum("process_cpu_s")
 
     def publish(self, path: str, version: str) -> None:
         """Every server loads the weights written at ``path``. No /model_info round trip: each sample

@@ -9,7 +9,8 @@ reward and logs, with the step's other metrics:
 * ``val/entropy``: mean -log p of the sampled tokens under the sampling distribution (at
   ``eval.temperature=1`` an unbiased estimate of the policy's token entropy, nats/token);
 * ``val/response_length_mean``, ``val/truncation_rate``, ``val/num_problems``;
-* ``timing_s/validation`` (wall) and ``perf/validation_cpu_s`` (this process's CPU seconds).
+* ``timing_s/validation`` (wall) and ``perf/validation_cpu_s`` (CPU seconds of this process and of
+  the servers that report theirs in ``/server_info``, as the project's own server does).
 
 With several ``eval.files`` the un-prefixed numbers are the unweighted mean over the files (the
 paper's "Average" column) and each file also gets ``val/<name>/...``. Sampling and scoring are
@@ -161,8 +162,8 @@ async def validate(client, tokenizer, sets: list[ValidationSet], reward_pool, cf
         tmp.write_text(json.dumps(report_json(results, ks, settings), indent=2) + "\n")
         tmp.replace(report)
     m["timing_s/validation"] = time.perf_counter() - t0
-    # this process's CPU over the validation (an embedded server's threads included): what a study
-    # needs to tell a run's evaluation cost from its training cost
+    # this process's CPU over the validation (the trainer adds the servers' when they report it): what a
+    # study needs to tell a run's evaluation cost from its training cost
     m["perf/validation_cpu_s"] = time.process_time() - c0
     return m
 
