@@ -676,9 +676,8 @@ def time_section(data: dict, st: Study) -> str:
                          f"({base_cpu / 60:.0f} of them building and evaluating the base models), so {cores} cores were "
                          f"{100 * total_cpu / (w * cores):.0f}% busy with them.")
         lines.append(f"Per run (training + held-out evaluation, {len(fresh)} runs made from scratch): wall "
-                     f"{_mean(wall):.0f} s (min {min(wall):.0f}, max {max(wall):.0f}), CPU {_mean(cpu):.0f} s "
-                     f"(training {_mean([r['cpu_s']['train'] for r in fresh if r.get('cpu_s')]):.0f}, evaluation "
-                     f"{_mean([r['cpu_s']['eval'] for r in fresh if r.get('cpu_s')]):.0f}).")
+                     f"{_mean(wall):.0f} s (min {min(wall):.0f}, max {max(wall):.0f}; the evaluation "
+                     f"{_mean([r['wall_s']['eval'] for r in fresh]):.0f} s of it), CPU {_mean(cpu):.0f} s.")
         by_len: dict[int, list[float]] = {}
         for r in fresh:
             if r.get("cpu_s") and r.get("steps"):
