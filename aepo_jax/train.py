@@ -224,18 +224,18 @@ class Trainer:
             self.weights.finish(self.rollouts, m)
         if not self.is_main:
             return {}
-        before, cpu_before = self.rollouts.server_compiles(), self.rollouts.server_cpu_s()
+        compiles0, cpu0 = self.rollouts.server_counters()
         vm = self.rollouts.loop.run_until_complete(validation.validate(
             self.rollouts.client, self.tokenizer, self.val_sets, self.reward_pool, self.cfg,
             check_samples=self.rollouts.check_weight_version, report=validation.report_path(self.run_dir, step)))
-        if before is not None:
+        compiles1, cpu1 = self.rollouts.server_counters()
+        if compiles0 is not None:
             # validation samples shapes the training's rollouts never use (eval.n, eval.max_new_tokens):
             # its compiles are its own metric, so perf/server_compiles still says whether training compiled
-            compiled = self.rollouts.server_compiles() - before
-            self.validation_compiles += compiled
-            vm["perf/validation_server_compiles"] = float(compiled)
-        if cpu_before is not None:  # the servers' share of the validation's cost (this process's is in vm)
-            vm["perf/validation_cpu_s"] += self.rollouts.server_cpu_s() - cpu_before
+            self.validation_compiles += compiles1 - compiles0
+            vm["perf/validation_server_compiles"] = float(compiles1 - compiles0)
+        if cpu0 is not None:  # the servers' share of the validation's cost (this process's is in vm)
+            vm["perf/validation_cpu_s"] += cpu1 - cpu0
         return vm
 
     def _extras(self) -> dict:

@@ -606,6 +606,7 @@ def train_and_eval(grid: Grid, run: RunSpec, env: Env) -> dict:
     log_path = env.work / "logs" / f"{run.name}.log"
     base_dir = env.work / "bases" / run.base / "model"
     train = (0.0, 0.0)
+    ev_spec = grid.eval_for(grid.base(run.base))
     if state == "stale":  # kept beside, not deleted: the old outputs may still be wanted
         old = _unused_path(d.with_name(f"{d.name}.stale"))
         d.rename(old)
@@ -618,7 +619,6 @@ def train_and_eval(grid: Grid, run: RunSpec, env: Env) -> dict:
             write_json(d / SPEC_FILE, spec)
         how = "from scratch" if state in ("new", "restart") else f"resuming from its checkpoint at step {state[7:]}"
         env.log(f"[{run.name}] training {how}")
-        ev_spec = grid.eval_for(grid.base(run.base))
         cmd = [env.python, "-m", "aepo_jax.train", f"--model.path={base_dir}", f"--train.run_dir={d}",
                f"--train.steps={steps}", f"--checkpoint.every={grid.checkpoint_every}", "--checkpoint.keep=1",
                f"--rollout.sync_dir={d / 'weights'}", *[f"--{k}={v}" for k, v in grid.common], *run.train_args(),
@@ -630,12 +630,12 @@ def train_and_eval(grid: Grid, run: RunSpec, env: Env) -> dict:
     rows = read_metrics(d)
     if len(rows) < steps:
         raise ReproduceError(f"[{run.name}] metrics.jsonl has {len(rows)} steps, expected {steps}")
-    ev_spec = grid.eval_for(grid.base(run.base))
     ev = read_final_validation(d, steps, ev_spec)
-    if ev is not None:  # the trainer's own validation of its last step: its time out of the training's
+    if ev is not None:  # the trainer's own validation of its last step
         last = rows[-1]
         evs = (float(last.get("timing_s/validation") or 0.0), float(last.get("perf/validation_cpu_s") or 0.0))
-        train = (max(0.0, train[0] - evs[0]), max(0.0, train[1] - evs[1])) if train != (0.0, 0.0) else train
+        if state != "evaluate":  # trained (and so validated) in this invocation: its time out of the training's
+            train = (max(0.0, train[0] - evs[0]), max(0.0, train[1] - evs[1]))
     else:  # trained before the trainer validated (a resume past its last step, older outputs)
         env.log(f"[{run.name}] evaluating")
         ev, evs = evaluate(weights, d / "eval.json", ev_spec, env, log_path)

@@ -18,7 +18,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from reproduce import BAND, LENGTH_HELD_SHARE, summarize_length, summarize_run
+from reproduce import BAND, LENGTH_HELD_SHARE, PARALLEL_EFFICIENCY, summarize_length, summarize_run
 
 HELD_SHARE = 0.9
 COLLAPSE = 0.8
@@ -687,7 +687,8 @@ def time_section(data: dict, st: Study) -> str:
         if data.get("quick"):
             lines.append(f"At the measured CPU per run the quick grid ({data['grid'].get('n_runs', '?')} runs) is "
                          f"{_mean(cpu) * (data['grid'].get('n_runs') or 0) / 60:.0f} CPU-min, about "
-                         f"{_mean(cpu) * (data['grid'].get('n_runs') or 0) / 60 / 1.6:.0f} min on 2 otherwise idle cores.")
+                         f"{_mean(cpu) * (data['grid'].get('n_runs') or 0) / 60 / (2 * PARALLEL_EFFICIENCY):.0f} min on 2 "
+                         f"otherwise idle cores (at the plan's measured {PARALLEL_EFFICIENCY:.0%} core use).")
         lines.append("`python tools/reproduce.py --plan` prints the estimate for any grid (from this study's own finished runs "
                      "once there are some).")
     return "\n".join(lines)

@@ -133,19 +133,16 @@ class Rollouts:
                 done += 1
         return done
 
-    def _server_sum(self, key: str) -> float | None:
+    def server_counters(self) -> tuple[int | None, float | None]:
+        """The servers' programs compiled and CPU seconds used so far, each summed over the servers
+        (None where one does not report it); one /server_info round trip a server."""
         infos = [self.loop.run_until_complete(self.client.server_info(u)) for u in self.client.urls]
-        values = [i.get(key) for i in infos]
-        return None if any(v is None for v in values) else sum(values)
+        compiles, cpu = [i.get("compiled_programs") for i in infos], [i.get("process_cpu_s") for i in infos]
+        return (None if None in compiles else int(sum(compiles))), (None if None in cpu else float(sum(cpu)))
 
     def server_compiles(self) -> int | None:
         """Programs the servers have compiled so far (summed; None when they do not report it)."""
-        n = self._server_sum("compiled_programs")
-        return None if n is None else int(n)
-
-    def server_cpu_s(self) -> float | None:
-        """CPU seconds the servers' processes have used so far (summed; None when one does not report it)."""
-        return self._server_sum("process_cpu_s")
+        return self.server_counters()[0]
 
     def publish(self, path: str, version: str) -> None:
         """Every server loads the weights written at ``path``. No /model_info round trip: each sample
